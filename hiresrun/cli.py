@@ -1,0 +1,117 @@
+"""`hiresrun VERB [overrides]`: the verb becomes `task=VERB`, the rest is Hydra's own command line.
+
+Errors speak to the user: one line, exit 2 for bad usage or config, 1 for runtime failures, and a
+run folder that got nothing but Hydra's bookkeeping is removed. HYDRA_FULL_ERROR=1 shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from hiresrun.errors import UsageError
+
+VERBS = ("pretrain", "train", "sample", "eval")
+# `+method=x` is the documented form; the defaults list already holds method/accelerator, so Hydra
+# wants the plain form. Both are accepted and mean the same.
+ADDABLE = ("method", "accelerator")
+
+
+def fail(message: str, code: int) -> None:
+    print(f"hiresrun: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def normalise(argv: list[str]) -> list[str]:
+    """Verb -> `task=verb`; `+method=x` -> `method=x` (likewise accelerator)."""
+    args = list(argv) or ["--help"]
+    if not args[0].startswith("-") and "=" not in args[0]:
+        verb = args.pop(0)
+        if verb not in VERBS:
+            fail(f"unknown verb '{verb}'; use one of: {', '.join(VERBS)} (hiresrun --help)", 2)
+        args.insert(0, f"task={verb}")
+    return [a[1:] if any(a.startswith(f"+{g}=") for g in ADDABLE) else a for a in args]
+
+
+def validate(overrides: list[str]) -> None:
+    """Compose once before Hydra runs, to turn composition errors into one line with exit 2."""
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException, MissingConfigException
+
+    try:
+        with initialize_config_module("hiresrun.conf", version_base="1.3"):
+            compose("config", overrides=overrides)
+    except MissingConfigException as e:
+        fail(_missing_option(e, overrides), 2)
+    except (HydraException, ValueError) as e:
+        fail(str(e).strip().splitlines()[0], 2)
+
+
+def _missing_option(e, overrides: list[str]) -> str:
+    text = str(e)
+    for o in overrides:
+        group, _, option = o.lstrip("+~").partition("=")
+        if f"'{group}/{option}'" in text:
+            choices = ", ".join(e.options or []) if getattr(e, "options", None) else "see hiresrun --help"
+            return f"{group}={option} is not an option; choose from: {choices}"
+    return text.strip().splitlines()[0]
+
+
+def plain_overrides(args: list[str]) -> list[str] | None:
+    """The overrides when the command line is a plain run (no sweep or Hydra flag), else None."""
+    if any(a.startswith("-") for a in args):
+        return None
+    if any(a.startswith(("hydra.", "hydra/")) for a in args):
+        return [a for a in args if not a.startswith(("hydra.", "hydra/"))]
+    return args
+
+
+def _clean_failed_run() -> None:
+    """Remove this run's folder if it holds nothing but Hydra's bookkeeping (nothing half-written)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized() or os.environ.get("LOCAL_RANK", "0") != "0":
+        return
+    hc = HydraConfig.get()
+    if str(hc.mode) != "RunMode.RUN":
+        return
+    folder = Path(hc.runtime.output_dir)
+    if folder.is_dir() and all(p.name in (".hydra", f"{hc.job.name}.log") for p in folder.iterdir()):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def _entry(cfg: DictConfig):
+    from hiresrun import run
+
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return run.run(cfg)
+    try:
+        return run.run(cfg)
+    except UsageError as e:
+        _clean_failed_run()
+        fail(str(e), 2)
+    except Exception as e:  # runtime failure: one line; the log file in the run folder has the traceback
+        import logging
+
+        logging.getLogger("hiresrun").exception("failed")
+        fail(f"{type(e).__name__}: {e} (HYDRA_FULL_ERROR=1 shows the traceback)".replace("\n", " "),
+             getattr(e, "exit_code", 1))
+
+
+def main() -> None:
+    args = normalise(sys.argv[1:])
+    overrides = plain_overrides(args)
+    if overrides is not None:
+        validate(overrides)
+    sys.argv = [sys.argv[0], *args]
+    _entry()
+
+
+if __name__ == "__main__":
+    main()

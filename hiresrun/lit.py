@@ -1,0 +1,123 @@
+"""The one LightningModule: `training_step` -> method.loss, validation/test -> the sampling loop.
+
+Validation draws a fixed-seed grid every `grid_every` steps (with EMA weights: Lightning's weight-averaging
+callback swaps them in for validation). Test is `hiresrun sample`: seeds arrive as a dataloader, so
+DDP splits them across ranks; rank 0 gathers every image.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import WeightAveraging
+from torch import Tensor, nn
+
+from hiresrun import sampling
+from hiresrun.accelerators import Accelerator
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """[-1, 1] -> uint8 [0, 255], rounded as diffusers' pipelines do."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def ema_avg_fn(decay: float):
+    """EMA with the usual warm-up: decay_s = min(decay, (1 + s) / (10 + s)) after s updates."""
+
+    def avg(averaged: Tensor, current: Tensor, num_averaged: Tensor) -> Tensor:
+        d = min(decay, (1 + float(num_averaged)) / (10 + float(num_averaged)))
+        return averaged * d + current * (1 - d)
+
+    return avg
+
+
+class EMA(WeightAveraging):
+    """Exponential moving average of every weight, updated after each optimiser step."""
+
+    def __init__(self, decay: float = 0.999):
+        super().__init__(avg_fn=ema_avg_fn(decay), use_buffers=True)
+
+
+class LitModule(L.LightningModule):
+    """Trains `net` with `method.loss`; samples with `method.sample` under the accelerator."""
+
+    def __init__(self, net: nn.Module, method, scheduler, num_steps: int, accelerator: Accelerator | None = None,
+                 optimizer=None, seed: int = 0, grid_dir: str | None = None):
+        super().__init__()
+        self.net, self.method, self.scheduler, self.num_steps = net, method, scheduler, num_steps
+        self.accelerator_ = accelerator or Accelerator()
+        self.optimizer, self.seed, self.grid_dir = optimizer, seed, grid_dir
+        self._outputs: list[dict] = []
+        self.results: dict | None = None
+
+    # -- training ---------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        return self.optimizer([p for p in self.net.parameters() if p.requires_grad])
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # Every random draw of a step (t, eps, dropout) comes from a seed fixed by (seed, step, rank), so a
+        # run resumed from a checkpoint continues exactly as if it had never stopped.
+        torch.manual_seed(self.seed + 1_000_003 * self.global_step + 7919 * self.global_rank)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        out = self.method.loss(self.net, batch)
+        self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, prog_bar=True,
+                      batch_size=batch["image"].shape[0])
+        return out["loss"]
+
+    # -- sampling ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, seeds: list[int]) -> dict:
+        """Images for `seeds` (uint8), with the image evaluations and wall seconds they cost."""
+        counter, gens = sampling.Counter(), sampling.generators(seeds)
+        wrap = lambda f: self.accelerator_.wrap(counter(f))
+        loop = partial(sampling.sample, scheduler=self.scheduler, num_steps=self.num_steps, gens=gens, wrap=wrap)
+        handles = self.accelerator_.attach(self.net)
+        start = time.perf_counter()
+        try:
+            x = self.method.sample(self.net, gens, loop)
+        finally:
+            for h in handles:
+                h.remove()
+        seconds = time.perf_counter() - start
+        return {"seeds": torch.tensor(seeds), "images": to_uint8(x).cpu(),
+                "evals": torch.tensor(counter.evals), "seconds": torch.tensor(seconds, dtype=torch.float64)}
+
+    def validation_step(self, seeds: Tensor, batch_idx: int) -> None:
+        self._outputs.append(self.generate(seeds.tolist()))
+
+    def on_validation_epoch_end(self) -> None:
+        gathered = self._gather()
+        if self.trainer.is_global_zero and gathered is not None and self.grid_dir:
+            from hiresrun.outputs import save_grid
+
+            path = Path(self.grid_dir) / f"step_{self.global_step:07d}.png"
+            save_grid(gathered["images"], path)
+            if hasattr(self.logger, "log_image"):
+                self.logger.log_image("val/grid", [str(path)], step=self.global_step)
+
+    def test_step(self, seeds: Tensor, batch_idx: int) -> None:
+        self._outputs.append(self.generate(seeds.tolist()))
+
+    def on_test_epoch_end(self) -> None:
+        self.results = self._gather()
+
+    def _gather(self) -> dict | None:
+        """Concatenate this rank's outputs, gather across ranks, drop the DistributedSampler's padding."""
+        if not self._outputs:
+            return None
+        local = {k: torch.cat([o[k].reshape(-1, *o[k].shape[1:]) if o[k].ndim else o[k][None]
+                               for o in self._outputs]) for k in self._outputs[0]}
+        self._outputs = []
+        if self.trainer.world_size > 1:
+            local = {k: v.flatten(0, 1) for k, v in self.all_gather(local).items()}
+        order = torch.argsort(local["seeds"], stable=True)
+        seeds, first = torch.unique_consecutive(local["seeds"][order], return_counts=True)
+        keep = order[torch.cumsum(first, 0) - first]
+        return {"seeds": seeds, "images": local["images"][keep].cpu(),
+                "evals": int(local["evals"].sum()), "seconds": float(local["seconds"].sum()),
+                "generated": len(local["seeds"])}

@@ -1,0 +1,30 @@
+"""method=none: sample the frozen base directly at the target resolution (the zero-shot baseline)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from hiresrun import sampling
+from hiresrun.models import BaseModel, model_fn
+
+
+class NoneMethod:
+    """Zero-shot: the convolutional base UNet run at a resolution it was never trained on."""
+
+    trains = False
+
+    def __init__(self, resolution: int):  # target resolution in pixels
+        self.resolution = resolution
+
+    def wrap(self, base: BaseModel) -> nn.Module:
+        self.base = base
+        return base.unet.eval().requires_grad_(False)
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        size = resolution // self.base.latent_factor
+        return (self.base.unet.config.in_channels, size, size)
+
+    def sample(self, net: nn.Module, gens: list[torch.Generator], loop) -> Tensor:
+        x_T = sampling.noise(gens, self.latent_shape(self.resolution), net.device)
+        return self.base.decode(loop(model_fn(net, self.base.cond), x_T))

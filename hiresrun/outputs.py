@@ -1,0 +1,111 @@
+"""What a run leaves behind: samples/<seed>.png, grid.png, metrics.json, manifest.json (all atomic)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+PACKAGES = ("hiresrun", "torch", "torchvision", "diffusers", "lightning", "hydra-core", "omegaconf",
+            "torchmetrics", "clean-fid", "wandb", "numpy")
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """Temp file in the same folder + rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
+    os.replace(f.name, path)
+
+
+def save_png(image: Tensor, path: Path) -> None:
+    """uint8 (C, H, W) -> PNG, written atomically."""
+    a = image.permute(1, 2, 0).numpy()
+    im = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
+    tmp = path.with_suffix(".tmp.png")
+    im.save(tmp)
+    os.replace(tmp, path)
+
+
+def grid(images: Tensor, pad: int = 1) -> Tensor:
+    """uint8 (N, C, H, W) -> one uint8 (C, H', W') image, square-ish, white separators."""
+    n, c, h, w = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    out = torch.full((c, rows * (h + pad) + pad, cols * (w + pad) + pad), 255, dtype=torch.uint8)
+    for i, im in enumerate(images):
+        r, q = divmod(i, cols)
+        out[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = im
+    return out
+
+
+def save_grid(images: Tensor, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_png(grid(images), path)
+
+
+def save_samples(seeds: Tensor, images: Tensor, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for s, im in zip(seeds.tolist(), images):
+        save_png(im, folder / f"{s:06d}.png")
+
+
+def load_images(folder: Path) -> Tensor:
+    """Every PNG in `folder`, in name order, as uint8 (N, C, H, W)."""
+    arrays = [np.asarray(Image.open(f)) for f in sorted(folder.glob("*.png"))]
+    t = torch.from_numpy(np.stack(arrays))
+    return t[:, None] if t.ndim == 3 else t.permute(0, 3, 1, 2)
+
+
+def seed_ranges(seeds: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0-2,5,7-8" (the form `sample.seeds=` accepts)."""
+    seeds = sorted(seeds)
+    runs = [[seeds[0], seeds[0]]]
+    for s in seeds[1:]:
+        if s == runs[-1][1] + 1:
+            runs[-1][1] = s
+        else:
+            runs.append([s, s])
+    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in runs)
+
+
+def git_commit() -> str:
+    try:
+        here = Path(__file__).parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def manifest(weights_hash: str, model_source: str) -> dict:
+    """Enough to rerun: versions, commit, weights identity, the exact command line."""
+    versions = {}
+    for p in PACKAGES:
+        try:
+            versions[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            versions[p] = None
+    return {"command": " ".join(["hiresrun"] + sys.argv[1:]), "argv": sys.argv, "git_commit": git_commit(),
+            "packages": versions, "python": platform.python_version(), "platform": platform.platform(),
+            "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+            "model": {"source": model_source, "weights_sha256": weights_hash}}
+
+
+def file_hash(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -1,0 +1,219 @@
+"""The task functions behind the verbs: instantiate in data-flow order (ARCHITECTURE.md), nothing else.
+
+config -> model -> method -> Lightning -> loop -> metrics -> outputs.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from hiresrun import outputs
+from hiresrun.errors import UsageError
+from hiresrun.lit import EMA, LitModule
+from hiresrun.models import count_params, save_pipeline
+
+
+# -- small config readers ---------------------------------------------------------------------------------
+def parse_seeds(seeds, num_samples: int) -> list[int]:
+    """`null` -> 0..num_samples-1; `[3,7,11]`; `"0-999"` (inclusive); `"0-9,20-29"`; a single int."""
+    if seeds is None:
+        out = list(range(int(num_samples)))
+    elif isinstance(seeds, int):
+        out = [seeds]
+    elif isinstance(seeds, (list, tuple, ListConfig)):
+        out = [int(s) for s in seeds]
+    else:
+        out = []
+        for part in str(seeds).split(","):
+            m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+))?\s*", part)
+            if not m or (m[2] and int(m[2]) < int(m[1])):
+                raise UsageError(f"sample.seeds={seeds}: write a list [3,7,11] or ranges like 0-999")
+            out += list(range(int(m[1]), int(m[2] or m[1]) + 1))
+    if not out or min(out) < 0 or len(set(out)) != len(out):
+        raise UsageError(f"sample.seeds={seeds}: seeds must be non-negative, distinct and at least one")
+    return out
+
+
+def choice(cfg: DictConfig, group: str) -> str:
+    """The option picked for a config group (`none`, `ddim`, ...), from Hydra when it runs."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return str(HydraConfig.get().runtime.choices.get(group))
+    return str(cfg[group].get("_target_", "?")).rsplit(".", 1)[-1]
+
+
+def build_logger(cfg: DictConfig):
+    return instantiate(cfg.logger) if cfg.get("logger") and "_target_" in cfg.logger else False
+
+
+def build_trainer(cfg: DictConfig, logger, callbacks=(), **overrides):
+    extra = {}
+    if cfg.train.grid_every <= 0:  # no validation grids
+        extra = {"limit_val_batches": 0, "val_check_interval": 1.0, "check_val_every_n_epoch": 1}
+    return instantiate(cfg.trainer, logger=logger, callbacks=list(callbacks), **{**extra, **overrides})
+
+
+def resolve_ckpt(ckpt_path: str | None, output_root: str, task: str) -> str | None:
+    """A checkpoint file, a run folder (its checkpoints/last.ckpt), or `last`: the newest last.ckpt of
+    any earlier `hiresrun <task>` run under output_root."""
+    if ckpt_path is None:
+        return None
+    if ckpt_path == "last":
+        found = sorted(Path(output_root, task).glob("*/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise UsageError(f"ckpt_path=last: no earlier `hiresrun {task}` checkpoint under {output_root}/{task}; "
+                             f"give a checkpoint file or run folder")
+        return str(found[-1])
+    p = Path(ckpt_path)
+    if p.is_dir():
+        p = p / "checkpoints" / "last.ckpt"
+    if not p.is_file():
+        raise UsageError(f"ckpt_path={ckpt_path}: no such checkpoint; give a .ckpt file, a run folder or `last`")
+    return str(p)
+
+
+def load_net_weights(net: torch.nn.Module, ckpt: str) -> None:
+    """Weights of `net` from a Lightning checkpoint written by `hiresrun train` (EMA weights when on)."""
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    net.load_state_dict({k[len("net."):]: v for k, v in state.items() if k.startswith("net.")})
+
+
+def seed_loader(seeds: list[int], batch_size: int) -> DataLoader:
+    return DataLoader(torch.tensor(seeds), batch_size=batch_size, shuffle=False)
+
+
+def sampler_scheduler(cfg: DictConfig, base):
+    return instantiate(cfg.sampler.scheduler)(base.scheduler_config)
+
+
+# -- verbs ------------------------------------------------------------------------------------------------
+def sample(cfg: DictConfig) -> dict | None:
+    """Generate images with a method (and accelerator); write samples, grid, metrics and manifest."""
+    run_dir = Path(cfg.paths.run_dir)
+    seeds = parse_seeds(cfg.sample.seeds, cfg.sample.num_samples)
+    if cfg.sample.batch_size < 1:
+        raise UsageError(f"sample.batch_size={cfg.sample.batch_size}: must be at least 1")
+    # model -> method
+    base = instantiate(cfg.model)
+    base.check_resolution(cfg.data.resolution)
+    method = instantiate(cfg.method)
+    net = method.wrap(base)
+    if cfg.ckpt_path:
+        load_net_weights(net, resolve_ckpt(cfg.ckpt_path, cfg.paths.output_root, "train"))
+    # Lightning: test = sampling over a dataloader of seeds (DDP splits them)
+    lit = LitModule(net, method, sampler_scheduler(cfg, base), cfg.sampler.num_steps, instantiate(cfg.accelerator))
+    logger = build_logger(cfg)
+    trainer = build_trainer(cfg, logger)
+    trainer.test(lit, dataloaders=seed_loader(seeds, cfg.sample.batch_size), verbose=False)
+    if not trainer.is_global_zero:
+        return None
+    # outputs
+    r = lit.results
+    if cfg.sample.save_images:
+        outputs.save_samples(r["seeds"], r["images"], run_dir / "samples")
+    outputs.save_grid(r["images"][:64], run_dir / "grid.png")
+    metrics = {
+        "num_samples": len(r["seeds"]), "resolution": int(cfg.data.resolution),
+        "nfe_per_image": r["evals"] / r["generated"], "sec_per_image": r["seconds"] / r["generated"],
+        "method": choice(cfg, "method"), "accelerator": choice(cfg, "accelerator"),
+        "sampler": choice(cfg, "sampler"), "num_steps": int(cfg.sampler.num_steps),
+        "protocol": {"n": len(r["seeds"]), "seeds": outputs.seed_ranges(r["seeds"].tolist()),
+                     "model_weights_sha256": base.weights_hash, "world_size": trainer.world_size,
+                     "device": str(lit.device), "precision": str(cfg.trainer.precision),
+                     "sec_per_image": "wall seconds of method.sample summed over ranks / images generated"},
+    }
+    outputs.write_json(run_dir / "metrics.json", metrics)
+    outputs.write_json(run_dir / "manifest.json", outputs.manifest(base.weights_hash, base.source))
+    if logger:
+        logger.log_metrics({f"sample/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        logger.finalize("success")
+    print(f"hiresrun: {metrics['num_samples']} images at {metrics['resolution']}px, "
+          f"{metrics['nfe_per_image']:.1f} NFE and {metrics['sec_per_image']:.3f} s per image -> {run_dir}")
+    return metrics
+
+
+def _fit(cfg: DictConfig, base, method, data, task: str):
+    """Shared by train and pretrain: wrap, fit with EMA and checkpoints, return (trainer, net)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    run_dir = Path(cfg.paths.run_dir)
+    ckpt = resolve_ckpt(cfg.ckpt_path, cfg.paths.output_root, task)
+    net = method.wrap(base)
+    lit = LitModule(net, method, sampler_scheduler(cfg, base), cfg.sampler.num_steps,
+                    optimizer=instantiate(cfg.optimizer), seed=cfg.seed, grid_dir=str(run_dir / "grids"))
+    callbacks = [ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step_{step:07d}", save_last=True,
+                                 every_n_train_steps=cfg.train.checkpoint_every, save_top_k=-1,
+                                 auto_insert_metric_name=False)]
+    if cfg.train.ema_decay > 0:
+        callbacks.append(EMA(cfg.train.ema_decay))
+    logger = build_logger(cfg)
+    trainable = count_params(net)
+    print(f"hiresrun: {task} {'' if task == 'pretrain' else choice(cfg, 'method')}: {trainable:,} trainable parameters"
+          + (f", resuming from {ckpt}" if ckpt else ""))
+    trainer = build_trainer(cfg, logger, callbacks)
+    start = time.perf_counter()
+    data.setup("fit")
+    grid_loader = seed_loader(list(range(cfg.train.grid_seeds)), cfg.sample.batch_size)
+    trainer.fit(lit, train_dataloaders=data.train_dataloader(), val_dataloaders=grid_loader, ckpt_path=ckpt)
+    if logger:
+        logger.log_metrics({"train/trainable_params": trainable})
+    return trainer, net, {"trainable_params": trainable, "train_seconds": time.perf_counter() - start}
+
+
+def train(cfg: DictConfig) -> None:
+    """Train what the chosen method trains, at the target resolution, with the base frozen where it says."""
+    method = instantiate(cfg.method)
+    if not getattr(method, "trains", False):
+        raise UsageError(f"method={choice(cfg, 'method')} trains nothing; `hiresrun train` needs +method=<a method "
+                         f"that trains, e.g. +method=finetune>, or use `hiresrun sample`")
+    base = instantiate(cfg.model)
+    base.check_resolution(cfg.data.resolution)
+    data = instantiate(cfg.data, base_resolution=base.resolution)
+    trainer, net, stats = _fit(cfg, base, method, data, "train")
+    if trainer.is_global_zero:
+        _finish_training(cfg, trainer, net, base, stats)
+
+
+def pretrain(cfg: DictConfig) -> None:
+    """Train the base model from scratch at its own resolution (the architecture in model.path's config)."""
+    from hiresrun.methods.finetune import Finetune
+
+    base = instantiate(cfg.model, init="scratch")
+    data = instantiate(cfg.data, resolution=base.resolution, base_resolution=base.resolution)
+    trainer, net, stats = _fit(cfg, base, Finetune(base.resolution), data, "pretrain")
+    if trainer.is_global_zero:
+        _finish_training(cfg, trainer, net, base, stats)
+
+
+def _finish_training(cfg: DictConfig, trainer, net, base, stats: dict) -> None:
+    run_dir = Path(cfg.paths.run_dir)
+    if hasattr(net, "save_pretrained"):  # the whole UNet was trained: export it in diffusers format
+        save_pipeline(net, base.scheduler_config, run_dir / "model")
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+    outputs.write_json(run_dir / "metrics.json", {
+        "task": cfg.task, "method": choice(cfg, "method"), "resolution": int(cfg.data.resolution),
+        "steps": trainer.global_step, **stats, **logged})
+    outputs.write_json(run_dir / "manifest.json", outputs.manifest(base.weights_hash, base.source))
+    print(f"hiresrun: trained {trainer.global_step} steps -> {run_dir}")
+
+
+def evaluate(cfg: DictConfig) -> None:
+    raise UsageError("`hiresrun eval` is not built yet (it arrives with the metrics work); use `hiresrun sample`")
+
+
+TASKS = {"pretrain": pretrain, "train": train, "sample": sample, "eval": evaluate}
+
+
+def run(cfg: DictConfig):
+    if cfg.task not in TASKS:
+        raise UsageError(f"task={cfg.task}: choose one of {', '.join(TASKS)}")
+    OmegaConf.resolve(cfg)
+    return TASKS[cfg.task](cfg)

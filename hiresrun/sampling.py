@@ -1,0 +1,69 @@
+"""THE sampling loop: one function over `model_fn(x_t, t)` and a diffusers scheduler.
+
+Methods call it (twice, or from a mid-schedule start); they never copy it. Accelerators reach it only
+by wrapping `model_fn` (the `wrap` argument). NFE and time are counted by `Counter`, around the network.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from hiresrun.models import ModelFn
+
+
+def generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per image: image i's randomness depends on seed i only (ARCHITECTURE.md)."""
+    return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+
+
+def noise(gens: Sequence[torch.Generator], shape: Sequence[int], device: torch.device | str = "cpu") -> Tensor:
+    """Standard normal noise of `shape` (without the batch axis) per generator, stacked, then moved."""
+    return torch.stack([torch.randn(tuple(shape), generator=g) for g in gens]).to(device)
+
+
+def sample(model_fn: ModelFn, x: Tensor, scheduler, num_steps: int, start_step: int = 0,
+           gens: Sequence[torch.Generator] | None = None, wrap: Callable[[ModelFn], ModelFn] = lambda f: f,
+           callback: Callable[[int, Tensor, Tensor], None] | None = None) -> Tensor:
+    """Integrate from `x` (pure noise when start_step = 0, else a latent already noised to the start step's
+    level) down to t = 0. `callback(i, t, x)` observes each step; it must not change `x`."""
+    scheduler.set_timesteps(num_steps, device=x.device)
+    timesteps = scheduler.timesteps[start_step * scheduler.order:]
+    if hasattr(scheduler, "set_begin_index"):  # multistep/Karras schedulers index their state from here
+        scheduler.set_begin_index(start_step * scheduler.order)
+    if start_step == 0:
+        x = x * scheduler.init_noise_sigma
+    f = wrap(model_fn)
+    extra = {"generator": list(gens)} if gens is not None and _takes_generator(scheduler) else {}
+    for i, t in enumerate(timesteps):
+        out = f(scheduler.scale_model_input(x, t), t)
+        x = scheduler.step(out, t, x, **extra).prev_sample
+        if callback is not None:
+            callback(i, t, x)
+    return x
+
+
+def _takes_generator(scheduler) -> bool:
+    import inspect
+
+    return "generator" in inspect.signature(scheduler.step).parameters
+
+
+class Counter:
+    """Wraps the network call: counts image evaluations (NFE) and the seconds spent in the network."""
+
+    def __init__(self):
+        self.evals, self.seconds = 0, 0.0
+
+    def __call__(self, model_fn: ModelFn) -> ModelFn:
+        def counted(x: Tensor, t: Tensor) -> Tensor:
+            start = time.perf_counter()
+            out = model_fn(x, t)
+            self.seconds += time.perf_counter() - start
+            self.evals += x.shape[0]
+            return out
+
+        return counted
