@@ -14,7 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from hiresrun.errors import UsageError
+from hiresrun.errors import DataError, UsageError
 
 VERBS = ("pretrain", "train", "sample", "eval")
 # `+method=x` is the documented form; the defaults list already holds method/accelerator, so Hydra
@@ -93,15 +93,28 @@ def _entry(cfg: DictConfig):
         return run.run(cfg)
     try:
         return run.run(cfg)
-    except UsageError as e:
-        _clean_failed_run()
-        fail(str(e), 2)
-    except Exception as e:  # runtime failure: one line; the log file in the run folder has the traceback
-        import logging
+    except Exception as e:
+        ours = _our_error(e)
+        if isinstance(ours, UsageError):
+            _clean_failed_run()
+            fail(str(ours), 2)
+        import logging  # runtime failure: one line here; the run folder's log has the traceback
 
-        logging.getLogger("hiresrun").exception("failed")
-        fail(f"{type(e).__name__}: {e} (HYDRA_FULL_ERROR=1 shows the traceback)".replace("\n", " "),
-             getattr(e, "exit_code", 1))
+        logging.getLogger("hiresrun.traceback").exception("failed")
+        root = e
+        while root.__cause__ is not None:  # Hydra's InstantiationException wraps the real failure
+            root = root.__cause__
+        text = str(ours) if ours else f"{type(root).__name__}: {root} (HYDRA_FULL_ERROR=1 shows the traceback)"
+        fail(text.replace("\n", " "), getattr(ours, "exit_code", 1))
+
+
+def _our_error(e: BaseException) -> BaseException | None:
+    """hiresrun's own error behind `e`, if any (Hydra's instantiate wraps what constructors raise)."""
+    while e is not None:
+        if isinstance(e, (UsageError, DataError)):
+            return e
+        e = e.__cause__
+    return None
 
 
 def main() -> None:

@@ -1,0 +1,61 @@
+"""Shared fixtures: a tiny random diffusers model on disk and in-process config composition."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(2)
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "hiresrun" / "conf"
+
+
+def tiny_unet(sample_size: int = 8, channels: int = 1):
+    """A ~30k-parameter UNet2DModel with the embedded model's block layout (2 levels, attention at the bottom)."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=sample_size, in_channels=channels, out_channels=channels, layers_per_block=1,
+                       block_out_channels=(8, 16), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8, attention_head_dim=8)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random tiny model saved as a diffusers pipeline folder (unet/, scheduler/, model_index.json)."""
+    from hiresrun.models import save_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny-model")
+    save_pipeline(tiny_unet(), {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"}, folder)
+    return folder
+
+
+def compose(overrides: list[str], run_dir: Path | None = None):
+    """The config `hiresrun` would run with these overrides (no Hydra run folder: paths.run_dir is given)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    extra = [f"paths.run_dir={run_dir}", f"paths.output_root={run_dir.parent}"] if run_dir else []
+    with initialize_config_module("hiresrun.conf", version_base="1.3"):
+        return hydra_compose("config", overrides=overrides + extra)
+
+
+def tiny_overrides(model_dir: Path) -> list[str]:
+    """Fast settings: the tiny model, 2 DDIM steps, a few images, no logger."""
+    return ["model=diffusers", f"model.path={model_dir}", "data.resolution=16", "sampler.num_steps=2",
+            "sample.num_samples=3", "logger=none", "trainer.enable_progress_bar=false"]
+
+
+def cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the installed `hiresrun` console script."""
+    exe = Path(sys.executable).with_name("hiresrun")
+    full_env = {**os.environ, "HIRESRUN_OUTPUTS": str(cwd / "outputs"), **(env or {})}
+    return subprocess.run([str(exe), *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,90 @@
+"""The command line as a user meets it: verbs, Hydra flags, run folders, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import cli
+from PIL import Image
+
+
+def one_error_line(proc) -> str:
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("hiresrun: error:")]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def test_help_lists_verbs_and_groups(tmp_path):
+    out = cli("--help", cwd=tmp_path).stdout
+    for word in ("pretrain", "train", "sample", "eval", "method: finetune, none, upsample",
+                 "sampler: ddim, ddpm, dpmsolver, euler, heun, unipc", "trainer: cpu, ddp, gpu"):
+        assert word in out
+
+
+def test_cfg_job_prints_the_composed_config_and_plus_method_equals_method(tmp_path):
+    plus = cli("sample", "+method=upsample", "--cfg", "job", cwd=tmp_path)
+    plain = cli("sample", "method=upsample", "--cfg", "job", cwd=tmp_path)
+    assert plus.returncode == 0 and "hiresrun.methods.upsample.Upsample" in plus.stdout
+    assert plus.stdout == plain.stdout
+    assert "task: sample" in plus.stdout
+
+
+def test_sample_writes_the_run_folder(tiny_model_dir, tmp_path):
+    proc = cli("sample", "model=diffusers", f"model.path={tiny_model_dir}", "data.resolution=16",
+               "sampler.num_steps=2", "sample.seeds=[3,7,11]", "logger=csv", "hydra.run.dir=run", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    run = tmp_path / "run"
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["000003.png", "000007.png", "000011.png"]
+    assert Image.open(run / "samples" / "000007.png").size == (16, 16)
+    assert (run / "grid.png").is_file() and (run / ".hydra" / "config.yaml").is_file()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["num_samples"] == 3 and metrics["resolution"] == 16 and metrics["nfe_per_image"] == 2
+    assert metrics["sec_per_image"] > 0 and metrics["protocol"]["seeds"] == "3,7,11"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["packages"]["torch"] and manifest["model"]["weights_sha256"] and "sample" in manifest["command"]
+    assert not list(run.glob("*.tmp"))
+
+
+def test_unknown_group_option_is_one_line_exit_2(tmp_path):
+    proc = cli("sample", "sampler=nope", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "sampler=nope is not an option; choose from: ddim, ddpm, dpmsolver" in one_error_line(proc)
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_unknown_verb_and_unknown_key(tmp_path):
+    proc = cli("smaple", cwd=tmp_path)
+    assert proc.returncode == 2 and "unknown verb 'smaple'" in one_error_line(proc)
+    proc = cli("sample", "sample.nmu_samples=3", cwd=tmp_path)
+    assert proc.returncode == 2 and "nmu_samples" in one_error_line(proc)
+
+
+def test_resolution_the_unet_cannot_take(tiny_model_dir, tmp_path):
+    proc = cli("sample", "model=diffusers", f"model.path={tiny_model_dir}", "data.resolution=15", "logger=none",
+               cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "data.resolution=15 is not divisible by 2" in one_error_line(proc)
+    assert not list((tmp_path / "outputs").rglob("*.json"))
+    assert not list((tmp_path / "outputs").rglob(".hydra"))  # nothing half-written is left behind
+
+
+def test_missing_model_path(tmp_path):
+    proc = cli("sample", "model=diffusers", f"model.path={tmp_path}/no-such-model", "logger=none", cwd=tmp_path,
+               env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2 and "no-such-model" in one_error_line(proc)
+
+
+def test_train_without_a_method(tiny_model_dir, tmp_path):
+    proc = cli("train", "model=diffusers", f"model.path={tiny_model_dir}", "logger=none", cwd=tmp_path)
+    assert proc.returncode == 2 and "+method=" in one_error_line(proc)
+
+
+def test_runtime_failure_is_exit_1_and_full_error_shows_traceback(tmp_path):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{ not json")
+    proc = cli("sample", "model=diffusers", f"model.path={tmp_path}/broken", "logger=none", cwd=tmp_path)
+    assert proc.returncode == 1 and one_error_line(proc)
+    proc = cli("sample", "model=diffusers", f"model.path={tmp_path}/broken", "logger=none", cwd=tmp_path,
+               env={"HYDRA_FULL_ERROR": "1"})
+    assert proc.returncode == 1 and "Traceback" in proc.stderr
