@@ -58,6 +58,26 @@ class BaseModel:
             raise UsageError(f"data.resolution={resolution} is not divisible by {step}, the model's downsampling "
                              f"factor; use e.g. data.resolution={ok[-1]}")
 
+    @property
+    def num_classes(self) -> int:
+        return int(getattr(self.unet.config, "num_class_embeds", None) or 0)
+
+    def condition(self, gens: list[torch.Generator], device) -> dict:
+        """UNet keyword arguments for one sampling call. Class-conditional models draw each image's label
+        from its own seed's generator (uniform over classes), so the label too depends on the seed only."""
+        if self.conditioning != "class":
+            return dict(self.cond)
+        labels = torch.cat([torch.randint(self.num_classes, (1,), generator=g) for g in gens])
+        return {**self.cond, "class_labels": labels.to(device)}
+
+    def batch_condition(self, batch: dict) -> dict:
+        """UNet keyword arguments for a training batch (its labels, for class-conditional models)."""
+        if self.conditioning != "class":
+            return dict(self.cond)
+        if (batch["label"] < 0).any():
+            raise UsageError("model.conditioning=class needs labelled data (data=mnist); this data has no labels")
+        return {**self.cond, "class_labels": batch["label"]}
+
     def encode(self, image: Tensor) -> Tensor:
         """Image in [-1, 1] -> sample space (identity for pixel models)."""
         if self.vae is None:
@@ -124,6 +144,8 @@ def load_model(path: str, revision: str | None = None, init: str = "pretrained",
     """Load the base model. `init=scratch` builds the same architecture with fresh weights (pretrain)."""
     if init not in ("pretrained", "scratch"):
         raise UsageError(f"model.init={init}: choose pretrained or scratch")
+    if conditioning not in ("none", "class", "text"):
+        raise UsageError(f"model.conditioning={conditioning}: choose none, class or text")
     root = _resolve(path) or _fetch(path, revision)
     unet_dir = root / "unet" if (root / "unet" / "config.json").is_file() else root
     if not (unet_dir / "config.json").is_file():
@@ -141,6 +163,9 @@ def load_model(path: str, revision: str | None = None, init: str = "pretrained",
     size = unet.config.sample_size
     resolution = (size if isinstance(size, int) else size[0]) * (1 if autoencoder is None else
                                                                   2 ** (len(autoencoder.config.block_out_channels) - 1))
+    if conditioning == "class" and not getattr(unet.config, "num_class_embeds", None):
+        raise UsageError(f"model.conditioning=class but the UNet at {path} has no class embedding "
+                         f"(num_class_embeds); use model.conditioning=none")
     return BaseModel(unet=unet, scheduler_config=_scheduler_config(root), resolution=resolution,
                      channels=channels, weights_hash=digest, source=str(root), vae=autoencoder,
                      vae_scale=scale, conditioning=conditioning)

@@ -39,4 +39,4 @@ class Finetune(NoneMethod):
 
     def loss(self, net: nn.Module, batch: dict) -> dict[str, Tensor]:
         x0 = self.base.encode(batch["image"])
-        return {"loss": denoising_loss(net, self.train_scheduler, x0, self.base.cond)}
+        return {"loss": denoising_loss(net, self.train_scheduler, x0, self.base.batch_condition(batch))}
