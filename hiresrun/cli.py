@@ -34,8 +34,29 @@ def normalise(argv: list[str]) -> list[str]:
         verb = args.pop(0)
         if verb not in VERBS:
             fail(f"unknown verb '{verb}'; use one of: {', '.join(VERBS)} (hiresrun --help)", 2)
-        args.insert(0, f"task={verb}")
-    return [a[1:] if any(a.startswith(f"+{g}=") for g in ADDABLE) else a for a in args]
+        args.append(f"task={verb}")
+    args = [a[1:] if any(a.startswith(f"+{g}=") for g in ADDABLE) else a for a in args]
+    return flags_first(args)
+
+
+VALUED = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd",
+          "--experimental-rerun"}
+INFO = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+
+
+def flags_first(args: list[str]) -> list[str]:
+    """Hydra's parser wants its flags (with their values) before the overrides: `sample x=1 --cfg job` works."""
+    flags, rest, i = [], [], 0
+    while i < len(args):
+        a = args[i]
+        takes = a in VALUED or (a in ("--info", "-i") and i + 1 < len(args) and args[i + 1] in INFO)
+        if a.startswith("-"):
+            flags += args[i:i + 1 + takes]
+            i += 1 + takes
+        else:
+            rest.append(a)
+            i += 1
+    return flags + rest
 
 
 def validate(overrides: list[str]) -> None:

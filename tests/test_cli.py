@@ -88,3 +88,12 @@ def test_runtime_failure_is_exit_1_and_full_error_shows_traceback(tmp_path):
     proc = cli("sample", "model=diffusers", f"model.path={tmp_path}/broken", "logger=none", cwd=tmp_path,
                env={"HYDRA_FULL_ERROR": "1"})
     assert proc.returncode == 1 and "Traceback" in proc.stderr
+
+
+def test_multirun_sweeps_plus_method(tiny_model_dir, tmp_path):
+    proc = cli("sample", "-m", "+method=none,upsample", "model=diffusers", f"model.path={tiny_model_dir}",
+               "data.resolution=16", "sampler.num_steps=2", "sample.num_samples=2", "logger=none",
+               "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    methods = sorted(json.loads((tmp_path / "sweep" / str(i) / "metrics.json").read_text())["method"] for i in (0, 1))
+    assert methods == ["none", "upsample"]

@@ -87,3 +87,13 @@ def test_noise_depends_only_on_its_seed():
     a = sampling.noise(sampling.generators([3, 9]), (1, 4, 4))
     b = sampling.noise(sampling.generators([9]), (1, 4, 4))
     assert torch.equal(a[1], b[0])
+
+
+def test_bf16_precision_switch_samples(tiny_model_dir, tmp_path):
+    from conftest import tiny_overrides
+
+    from hiresrun import run
+
+    cfg = compose(tiny_overrides(tiny_model_dir) + ["trainer.precision=bf16-mixed"], tmp_path / "bf16")
+    metrics = run.run(cfg)
+    assert metrics["protocol"]["precision"] == "bf16-mixed" and metrics["num_samples"] == 3
