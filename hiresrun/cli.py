@@ -138,7 +138,18 @@ def _our_error(e: BaseException) -> BaseException | None:
     return None
 
 
+def _completion_without_verb() -> None:
+    """Hydra's shell completion reads the typed line from COMP_LINE; drop our verb so it sees overrides only."""
+    words = os.environ.get("COMP_LINE", "").split(" ")
+    if len(words) > 1 and words[1] in VERBS:
+        cut = len(words[1]) + 1
+        os.environ["COMP_LINE"] = " ".join(words[:1] + words[2:])
+        os.environ["COMP_POINT"] = str(max(0, int(os.environ.get("COMP_POINT", "0")) - cut))
+
+
 def main() -> None:
+    if "-sc" in sys.argv or "--shell-completion" in sys.argv:
+        _completion_without_verb()
     args = normalise(sys.argv[1:])
     overrides = plain_overrides(args)
     if overrides is not None:

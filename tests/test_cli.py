@@ -97,3 +97,9 @@ def test_multirun_sweeps_plus_method(tiny_model_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     methods = sorted(json.loads((tmp_path / "sweep" / str(i) / "metrics.json").read_text())["method"] for i in (0, 1))
     assert methods == ["none", "upsample"]
+
+
+def test_tab_completion_sees_past_the_verb(tmp_path):
+    line = "hiresrun sample sampler="
+    proc = cli("-sc", "query=bash", cwd=tmp_path, env={"COMP_LINE": line, "COMP_POINT": str(len(line))})
+    assert "sampler=dpmsolver" in proc.stdout.split()
