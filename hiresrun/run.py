@@ -179,7 +179,8 @@ def train(cfg: DictConfig) -> None:
     data = instantiate(cfg.data, base_resolution=base.resolution)
     trainer, net, stats = _fit(cfg, base, method, data, "train")
     if trainer.is_global_zero:
-        _finish_training(cfg, trainer, net, base, stats)
+        _finish_training(cfg, trainer, net, base, {"method": choice(cfg, "method"),
+                                                   "resolution": int(cfg.data.resolution), **stats})
 
 
 def pretrain(cfg: DictConfig) -> None:
@@ -190,7 +191,7 @@ def pretrain(cfg: DictConfig) -> None:
     data = instantiate(cfg.data, resolution=base.resolution, base_resolution=base.resolution)
     trainer, net, stats = _fit(cfg, base, Finetune(base.resolution), data, "pretrain")
     if trainer.is_global_zero:
-        _finish_training(cfg, trainer, net, base, stats)
+        _finish_training(cfg, trainer, net, base, {"method": "pretrain", "resolution": base.resolution, **stats})
 
 
 def _finish_training(cfg: DictConfig, trainer, net, base, stats: dict) -> None:
@@ -199,8 +200,7 @@ def _finish_training(cfg: DictConfig, trainer, net, base, stats: dict) -> None:
         save_pipeline(net, base.scheduler_config, run_dir / "model")
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
     outputs.write_json(run_dir / "metrics.json", {
-        "task": cfg.task, "method": choice(cfg, "method"), "resolution": int(cfg.data.resolution),
-        "steps": trainer.global_step, **stats, **logged})
+        "task": cfg.task, "steps": trainer.global_step, **stats, **logged})
     outputs.write_json(run_dir / "manifest.json", outputs.manifest(base.weights_hash, base.source))
     print(f"hiresrun: trained {trainer.global_step} steps -> {run_dir}")
 
