@@ -147,7 +147,16 @@ def _completion_without_verb() -> None:
         os.environ["COMP_POINT"] = str(max(0, int(os.environ.get("COMP_POINT", "0")) - cut))
 
 
+def _quiet_known_warnings() -> None:
+    """Third-party deprecation notices that say nothing to a hiresrun user (they fill every run's console)."""
+    import warnings
+
+    for text in (".*isinstance\\(treespec, LeafSpec\\).*", ".*set_vital.*", ".*does not have many workers.*"):
+        warnings.filterwarnings("ignore", message=text)
+
+
 def main() -> None:
+    _quiet_known_warnings()
     if "-sc" in sys.argv or "--shell-completion" in sys.argv:
         _completion_without_verb()
     args = normalise(sys.argv[1:])
