@@ -1,0 +1,99 @@
+"""accelerator=skiptuning: scale the UNet's encoder-to-decoder long skips by rho_i <= 1 at sampling time.
+
+Ma et al., "The Surprising Effectiveness of Skip-Tuning in Diffusion Sampling", ICML 2024 (arXiv 2402.15170):
+concat(u_i, d_i) -> concat(u_i, rho_i * d_i) for every long skip d_i, nothing else. Applied through
+out-of-place forward pre-hooks on the up blocks (positional tuple in UNet2DModel, keyword tuple in
+UNet2DConditionModel); the time schedule reads t from the model_fn wrapper (the loop owns time).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from hiresrun.accelerators import Accelerator
+from hiresrun.errors import UsageError
+from hiresrun.models import ModelFn
+
+
+def num_skips(unet: nn.Module) -> int:
+    """K = 1 (conv_in) + per down block: its resnets + 1 if it downsamples (= len(down_block_res_samples))."""
+    return 1 + sum(len(b.resnets) + (1 if getattr(b, "downsamplers", None) else 0) for b in unet.down_blocks)
+
+
+class SkipTuning(Accelerator):
+    """Depth-ramped (or constant) skip scaling, optionally weighted over time (paper sec. 5.2)."""
+
+    def __init__(self, mode: str = "constant",       # constant | linear (depth ramp, endpoint-inclusive)
+                 rho: float = 0.8,                     # constant mode: every skip
+                 rho_bottom: float = 0.5,              # linear mode: the deepest skip (paper example 0.5)
+                 rho_top: float = 1.0,                 # linear mode: the conv_in skip
+                 time_schedule: str = "none",          # none | increasing | decreasing | window
+                 window: tuple[float, float] | None = None,  # window schedule: [t_lo, t_hi] on the train grid
+                 num_train_timesteps: int = 1000,      # T, to normalise t for the ramps
+                 allow_amplify: bool = False):         # rho > 1 injects noise (paper); refused unless set
+        if mode not in ("constant", "linear"):
+            raise UsageError(f"accelerator.mode={mode}: choose constant or linear")
+        if time_schedule not in ("none", "increasing", "decreasing", "window"):
+            raise UsageError(f"accelerator.time_schedule={time_schedule}: choose none, increasing, decreasing or window")
+        if time_schedule == "window" and (window is None or len(window) != 2):
+            raise UsageError("accelerator.time_schedule=window needs accelerator.window=[t_lo,t_hi]")
+        values = [rho] if mode == "constant" else [rho_bottom, rho_top]
+        if min(values) <= 0 or (max(values) > 1 and not allow_amplify):
+            raise UsageError(f"skip scales {values} must lie in (0, 1]; rho > 1 amplifies skips and injects noise "
+                             f"(set accelerator.allow_amplify=true to try anyway)")
+        self.mode, self.rho, self.rho_bottom, self.rho_top = mode, rho, rho_bottom, rho_top
+        self.time_schedule, self.window, self.T = time_schedule, window, num_train_timesteps
+        self._t: list[float | None] = [None]
+
+    def rhos(self, K: int) -> list[float]:
+        """rho_i for depth i = 0 (deepest skip) .. K-1 (conv_in): rho_i = rho_bottom + i (rho_top - rho_bottom)/(K-1)."""
+        if self.mode == "constant":
+            return [self.rho] * K
+        step = (self.rho_top - self.rho_bottom) / max(K - 1, 1)
+        return [self.rho_bottom + i * step for i in range(K)]
+
+    def weight(self, t: float | None) -> float:
+        """w(t) in [0, 1]: how much of (1 - rho_i) applies at t. increasing: rho rises to 1 at t = T."""
+        if self.time_schedule == "none" or t is None:
+            return 1.0
+        s = min(max(t / self.T, 0.0), 1.0)
+        if self.time_schedule == "increasing":
+            return 1.0 - s
+        if self.time_schedule == "decreasing":
+            return s
+        return 1.0 if self.window[0] <= t <= self.window[1] else 0.0
+
+    def attach(self, net: nn.Module) -> list[RemovableHandle]:
+        if not hasattr(net, "up_blocks"):
+            raise UsageError(f"accelerator=skiptuning needs a UNet with up_blocks; {type(net).__name__} has none")
+        K, rhos, consumed, handles = num_skips(net), self.rhos(num_skips(net)), 0, []
+        self._t = [None]  # fresh per sampling call; wrap() writes t here
+        for block in net.up_blocks:
+            L = len(block.resnets)
+            # tuple position p is popped at depth consumed + (L - 1 - p)
+            factors = [rhos[consumed + L - 1 - p] for p in range(L)]
+            handles.append(block.register_forward_pre_hook(self._hook(factors), with_kwargs=True))
+            consumed += L
+        if consumed != K:
+            raise UsageError(f"skiptuning: up blocks consume {consumed} skips but the encoder makes {K}")
+        return handles
+
+    def _hook(self, factors: list[float]):
+        def scale(module, args, kwargs):
+            w = self.weight(self._t[0])
+            scaled = lambda skips: tuple(d * (1 - (1 - r) * w) for d, r in zip(skips, factors))  # out of place
+            if "res_hidden_states_tuple" in kwargs:
+                return args, {**kwargs, "res_hidden_states_tuple": scaled(kwargs["res_hidden_states_tuple"])}
+            return (args[0], scaled(args[1]), *args[2:]), kwargs
+
+        return scale
+
+    def wrap(self, model_fn: ModelFn) -> ModelFn:
+        state = self._t
+
+        def timed(x: Tensor, t: Tensor) -> Tensor:
+            state[0] = float(t.flatten()[0]) if isinstance(t, Tensor) else float(t)
+            return model_fn(x, t)
+
+        return timed
