@@ -35,7 +35,8 @@ class SkipTuning(Accelerator):
         if mode not in ("constant", "linear"):
             raise UsageError(f"accelerator.mode={mode}: choose constant or linear")
         if time_schedule not in ("none", "increasing", "decreasing", "window"):
-            raise UsageError(f"accelerator.time_schedule={time_schedule}: choose none, increasing, decreasing or window")
+            raise UsageError(f"accelerator.time_schedule={time_schedule}: "
+                             f"choose none, increasing, decreasing or window")
         if time_schedule == "window" and (window is None or len(window) != 2):
             raise UsageError("accelerator.time_schedule=window needs accelerator.window=[t_lo,t_hi]")
         values = [rho] if mode == "constant" else [rho_bottom, rho_top]
@@ -47,7 +48,7 @@ class SkipTuning(Accelerator):
         self._t: list[float | None] = [None]
 
     def rhos(self, K: int) -> list[float]:
-        """rho_i for depth i = 0 (deepest skip) .. K-1 (conv_in): rho_i = rho_bottom + i (rho_top - rho_bottom)/(K-1)."""
+        """rho_i for depth i = 0 (deepest) .. K-1 (conv_in): rho_bottom + i (rho_top - rho_bottom) / (K - 1)."""
         if self.mode == "constant":
             return [self.rho] * K
         step = (self.rho_top - self.rho_bottom) / max(K - 1, 1)
