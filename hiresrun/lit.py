@@ -42,12 +42,20 @@ class EMA(WeightAveraging):
         super().__init__(avg_fn=ema_avg_fn(decay), use_buffers=True)
 
 
+def fill_frozen(checkpoint: dict, full: dict) -> None:
+    """Checkpoints leave out frozen weights; take them from the model as built (same base, checked by hash)."""
+    for key in ("state_dict", "current_model_state"):
+        if key in checkpoint:
+            checkpoint[key] = {**{k: v for k, v in full.items() if k not in checkpoint[key]}, **checkpoint[key]}
+
+
 class LitModule(L.LightningModule):
     """Trains `net` with `method.loss`; samples with `method.sample` under the accelerator."""
 
     def __init__(self, net: nn.Module, method, scheduler, num_steps: int, accelerator: Accelerator | None = None,
-                 optimizer=None, seed: int = 0, grid_dir: str | None = None):
+                 optimizer=None, seed: int = 0, grid_dir: str | None = None, val_metric=None):
         super().__init__()
+        self.val_metric = val_metric  # images -> {"val/fid_proxy": ..., "val/fid_proxy_n": ...} (metrics.FidProxy)
         self.net, self.method, self.scheduler, self.num_steps = net, method, scheduler, num_steps
         self.accelerator_ = accelerator or Accelerator()
         self.optimizer, self.seed, self.grid_dir = optimizer, seed, grid_dir
@@ -68,6 +76,19 @@ class LitModule(L.LightningModule):
         self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, prog_bar=True,
                       batch_size=batch["image"].shape[0])
         return out["loss"]
+
+    # -- checkpoints: only what trains, plus the base's identity --------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        frozen = {f"net.{n}" for n, p in self.net.named_parameters() if not p.requires_grad}
+        for key in ("state_dict", "current_model_state"):
+            if key in checkpoint:
+                checkpoint[key] = {k: v for k, v in checkpoint[key].items() if k not in frozen}
+        base = getattr(self.method, "base", None)
+        checkpoint["base"] = {"weights_sha256": getattr(base, "weights_hash", None),
+                              "source": getattr(base, "source", None)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        fill_frozen(checkpoint, self.state_dict())
 
     # -- sampling ---------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -99,6 +120,8 @@ class LitModule(L.LightningModule):
             save_grid(gathered["images"], path)
             if hasattr(self.logger, "log_image"):
                 self.logger.log_image("val/grid", [str(path)], step=self.global_step)
+        if self.trainer.is_global_zero and gathered is not None and self.val_metric is not None and self.logger:
+            self.logger.log_metrics(self.val_metric(gathered["images"]), step=self.global_step)
 
     def test_step(self, seeds: Tensor, batch_idx: int) -> None:
         self._outputs.append(self.generate(seeds.tolist()))

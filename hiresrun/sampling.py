@@ -27,15 +27,19 @@ def noise(gens: Sequence[torch.Generator], shape: Sequence[int], device: torch.d
 
 def sample(model_fn: ModelFn, x: Tensor, scheduler, num_steps: int, start_step: int = 0,
            gens: Sequence[torch.Generator] | None = None, wrap: Callable[[ModelFn], ModelFn] = lambda f: f,
-           callback: Callable[[int, Tensor, Tensor], None] | None = None) -> Tensor:
-    """Integrate from `x` (pure noise when start_step = 0, else a latent already noised to the start step's
-    level) down to t = 0. `callback(i, t, x)` observes each step; it must not change `x`."""
+           callback: Callable[[int, Tensor, Tensor], None] | None = None, renoise: Tensor | None = None) -> Tensor:
+    """Integrate from `x` down to t = 0. `x` is pure noise when start_step = 0; otherwise a latent already
+    noised to the start step's level, or, with `renoise` (an eps of x's shape), a clean sample the loop noises
+    to the first kept timestep with the scheduler's own `add_noise` (SDEdit-style starts: Self-Cascade).
+    `callback(i, t, x)` observes each step; it must not change `x`."""
     scheduler.set_timesteps(num_steps, device=x.device)
     timesteps = scheduler.timesteps[start_step * scheduler.order:]
     if hasattr(scheduler, "set_begin_index"):  # multistep/Karras schedulers index their state from here
         scheduler.set_begin_index(start_step * scheduler.order)
     if start_step == 0:
         x = x * scheduler.init_noise_sigma
+    elif renoise is not None and len(timesteps):
+        x = scheduler.add_noise(x, renoise, timesteps[:1])
     f = wrap(model_fn)
     extra = {"generator": list(gens)} if gens is not None and _takes_generator(scheduler) else {}
     for i, t in enumerate(timesteps):

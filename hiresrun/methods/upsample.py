@@ -9,6 +9,11 @@ from torch import Tensor, nn
 from hiresrun.methods.none import NoneMethod
 
 
+def upscale(x: Tensor, size: int, mode: str = "bicubic") -> Tensor:
+    """Resize a sample-space batch up to `size` (nearest | bilinear | bicubic); no clamping (latents)."""
+    return F.interpolate(x, size=(size, size), mode=mode, align_corners=None if mode == "nearest" else False)
+
+
 class Upsample(NoneMethod):
     """Base-resolution sample, resized with `mode` (bicubic by default, antialias irrelevant upwards)."""
 
@@ -19,7 +24,4 @@ class Upsample(NoneMethod):
     def sample(self, net: nn.Module, gens: list[torch.Generator], loop) -> Tensor:
         low = NoneMethod(self.base.resolution)
         low.base = self.base
-        x = low.sample(net, gens, loop)
-        align = None if self.mode == "nearest" else False
-        return F.interpolate(x, size=(self.resolution, self.resolution), mode=self.mode,
-                             align_corners=align).clamp(-1, 1)
+        return upscale(low.sample(net, gens, loop), self.resolution, self.mode)

@@ -1,0 +1,124 @@
+"""Self-Cascade: identities (strength 1 = none, strength 0 = upsample, min_t above all t = tuning-free),
+upsampler sizes and init, skips untouched, both UNet classes, gradients only into upsamplers, CLI training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import cli, tiny_unet
+from diffusers import DDIMScheduler, UNet2DConditionModel
+
+from hiresrun.errors import UsageError
+from hiresrun.lit import LitModule
+from hiresrun.methods.none import NoneMethod
+from hiresrun.methods.selfcascade import CascadeNet, LightUpsampler, ResBlockUpsampler, SelfCascade, attach_upsamplers
+from hiresrun.methods.upsample import Upsample
+from hiresrun.models import BaseModel, load_model
+
+SCHED = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"}
+
+
+def base(unet=None):
+    unet = (unet or tiny_unet()).eval()
+    return BaseModel(unet=unet, scheduler_config=SCHED, resolution=8, channels=unet.config.in_channels,
+                     weights_hash="t", source="t")
+
+
+def images(method, seeds=(0, 1, 2), steps=6, b=None):
+    b = b or base()
+    net = method.wrap(b)
+    return LitModule(net, method, DDIMScheduler.from_config(SCHED), num_steps=steps).generate(list(seeds))["images"]
+
+
+def test_strength_one_is_direct_sampling_and_zero_is_upsample():
+    assert torch.equal(images(SelfCascade(16, mode="tuning_free", strength=1.0)), images(NoneMethod(16)))
+    assert torch.equal(images(SelfCascade(16, mode="tuning_free", strength=0.0)), images(Upsample(16)))
+    mid = images(SelfCascade(16, mode="tuning_free", strength=0.5))
+    assert not torch.equal(mid, images(NoneMethod(16))) and not torch.equal(mid, images(Upsample(16)))
+
+
+def test_two_stages_shapes_and_resolution_check():
+    assert images(SelfCascade(32, mode="tuning_free", stages=2)).shape == (3, 1, 32, 32)
+    with pytest.raises(UsageError, match="method.stages=1 doubles 8 to 16"):
+        SelfCascade(32, mode="tuning_free").wrap(base())
+
+
+def test_tuned_with_branch_off_equals_tuning_free_and_detach_restores():
+    b = base()
+    tuned = SelfCascade(16, mode="tuned", strength=0.5, lr_branch_min_t=10_000)
+    free = images(SelfCascade(16, mode="tuning_free", strength=0.5), b=b)
+    assert torch.equal(images(tuned, b=b), free)
+    on = SelfCascade(16, mode="tuned", strength=0.5)  # upsamplers at init inject nearest-upsampled LR features
+    assert not torch.equal(images(on, b=b), free)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in b.unet.modules())
+
+
+def test_upsampler_parameter_counts_and_identity_at_init():
+    unet = load_model("tiny-mnist").unet
+    widths = list(unet.config.block_out_channels) + [unet.config.block_out_channels[-1]]
+    E = unet.time_embedding.linear_2.out_features
+    assert E == 128
+    count = lambda cls: sum(p.numel() for C in widths for p in cls(C, E).parameters())
+    assert count(ResBlockUpsampler) == 2 * sum(18 * C * C + (E + 7) * C for C in widths) == 539_712
+    assert count(LightUpsampler) == sum(10 * C + E + 1 for C in widths) == 2_756
+    h, emb = torch.randn(2, 64, 4, 4), torch.randn(2, E)
+    for cls in (ResBlockUpsampler, LightUpsampler):
+        assert torch.equal(cls(64, E)(h, emb), F.interpolate(h, scale_factor=2, mode="nearest"))
+
+
+def test_skips_untouched_and_no_hook_fires_in_the_lr_pass():
+    net = CascadeNet(tiny_unet(), "resblock", 1)
+    for p in net.upsamplers.parameters():
+        torch.nn.init.normal_(p, std=0.1)  # make every injection non-trivial
+    seen = []
+    hook = net.unet.down_blocks[0].register_forward_hook(lambda m, a, o: seen.append(o))
+    handles, _ = attach_upsamplers(net, 0, torch.randn(1, 1, 8, 8))
+    with torch.no_grad():
+        net.unet(torch.randn(1, 1, 16, 16), torch.tensor(500))
+    for h in handles + [hook]:
+        h.remove()
+    lr_out, hr_out = seen  # the LR pass (8x8 pivot) ran once, inside the HR call
+    assert lr_out[0].shape[-1] == 4 and hr_out[0].shape[-1] == 8
+    # down block 0 has a downsampler: its last skip is the block's own hidden state, not the injected one
+    raw_hidden = hr_out[1][-1]
+    assert raw_hidden.shape == hr_out[0].shape
+
+
+def test_condition_unet_and_only_upsamplers_get_gradients():
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                                block_out_channels=(8, 16), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=8,
+                                norm_num_groups=8, attention_head_dim=2)
+    b = base(unet)
+    b.cond = {"encoder_hidden_states": torch.zeros(2, 1, 8)}
+    method = SelfCascade(16, mode="tuned", upsampler="light")
+    net = method.wrap(b)
+    loss = method.loss(net, {"image": torch.rand(2, 1, 16, 16) * 2 - 1, "label": torch.tensor([-1, -1])})["loss"]
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is None for p in net.unet.parameters())
+    assert all(p.grad is not None for p in net.upsamplers.parameters())
+
+
+def test_train_then_sample_through_the_cli(tiny_model_dir, tmp_path):
+    common = ["model=diffusers", f"model.path={tiny_model_dir}", "data.resolution=16", "logger=none"]
+    proc = cli("train", "+method=selfcascade", "method.upsampler=light", "trainer.max_steps=2", "data.batch_size=4",
+               "train.grid_every=0", "hydra.run.dir=tr", *common, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    ckpt = torch.load(tmp_path / "tr" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert all(k.startswith("net.upsamplers.") for k in ckpt["state_dict"])  # only what trains
+    assert ckpt["base"]["weights_sha256"] == load_model(str(tiny_model_dir)).weights_hash
+    # light upsamplers after down blocks (8, 16) and the mid block (16), time embedding 32: 10 C + 33 each
+    assert json.loads((tmp_path / "tr" / "metrics.json").read_text())["trainable_params"] == 10 * 40 + 3 * 33
+    proc = cli("sample", "+method=selfcascade", "ckpt_path=tr", "sample.num_samples=2", *common, cwd=tmp_path)
+    assert proc.returncode == 2 and "method.upsampler=light" in proc.stderr  # names the training settings
+    proc = cli("sample", "+method=selfcascade", "method.upsampler=light", "ckpt_path=tr", "sampler.num_steps=4",
+               "sample.num_samples=2", "hydra.run.dir=sa", *common, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "sa" / "metrics.json").read_text())["num_samples"] == 2
+    proc = cli("sample", "+method=selfcascade", "sample.num_samples=2", *common, cwd=tmp_path)
+    assert proc.returncode == 2 and "ckpt_path" in proc.stderr
