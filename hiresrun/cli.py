@@ -20,6 +20,7 @@ VERBS = ("pretrain", "train", "sample", "eval")
 # `+method=x` is the documented form; the defaults list already holds method/accelerator, so Hydra
 # wants the plain form. Both are accepted and mean the same.
 ADDABLE = ("method", "accelerator")
+EVAL_ALIASES = {"gen": "eval.gen", "ref": "eval.ref"}
 
 
 def fail(message: str, code: int) -> None:
@@ -34,6 +35,10 @@ def normalise(argv: list[str]) -> list[str]:
         verb = args.pop(0)
         if verb not in VERBS:
             fail(f"unknown verb '{verb}'; use one of: {', '.join(VERBS)} (hiresrun --help)", 2)
+        if verb == "eval":  # clean-fid-like short forms: gen=, ref=, task=ref
+            args = [EVAL_ALIASES.get(a.partition("=")[0], a.partition("=")[0]) + "=" + a.partition("=")[2]
+                    if a.partition("=")[0] in EVAL_ALIASES else ("eval.mode=ref" if a == "task=ref" else a)
+                    for a in args]
         args.append(f"task={verb}")
     args = [a[1:] if any(a.startswith(f"+{g}=") for g in ADDABLE) else a for a in args]
     return flags_first(args)

@@ -80,10 +80,23 @@ def resolve_ckpt(ckpt_path: str | None, output_root: str, task: str) -> str | No
     return str(p)
 
 
-def load_net_weights(net: torch.nn.Module, ckpt: str) -> None:
-    """Weights of `net` from a Lightning checkpoint written by `hiresrun train` (EMA weights when on)."""
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
-    net.load_state_dict({k[len("net."):]: v for k, v in state.items() if k.startswith("net.")})
+def load_net_weights(net: torch.nn.Module, ckpt: str, base) -> None:
+    """Weights of `net` from a Lightning checkpoint written by `hiresrun train` (EMA weights when on). Frozen
+    base weights are not in it: they come from the model config, which must be the base it was trained on."""
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+    trained_on = checkpoint.get("base", {}).get("weights_sha256")
+    if trained_on and base.weights_hash != trained_on:
+        raise UsageError(f"ckpt_path={ckpt} was trained on base weights {trained_on[:12]} "
+                         f"({checkpoint['base'].get('source')}), but model= gives {base.weights_hash[:12]}; "
+                         f"pass the same model")
+    state = {k[len("net."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+    try:
+        net.load_state_dict({**net.state_dict(), **state})
+    except RuntimeError:
+        used = Path(ckpt).parents[1] / ".hydra" / "overrides.yaml"
+        hint = [o for o in OmegaConf.load(used) if "method" in str(o)] if used.is_file() else []
+        raise UsageError(f"ckpt_path={ckpt} does not fit this method's network: sample with the method settings "
+                         f"it was trained with{' (' + ' '.join(map(str, hint)) + ')' if hint else ''}") from None
 
 
 def seed_loader(seeds: list[int], batch_size: int) -> DataLoader:
@@ -107,7 +120,10 @@ def sample(cfg: DictConfig) -> dict | None:
     method = instantiate(cfg.method)
     net = method.wrap(base)
     if cfg.ckpt_path:
-        load_net_weights(net, resolve_ckpt(cfg.ckpt_path, cfg.paths.output_root, "train"))
+        load_net_weights(net, resolve_ckpt(cfg.ckpt_path, cfg.paths.output_root, "train"), base)
+    elif getattr(method, "trains", False):
+        raise UsageError(f"method={choice(cfg, 'method')} samples with trained weights: pass ckpt_path=<a "
+                         f"`hiresrun train` run folder, .ckpt or last>, or pick its training-free mode")
     # Lightning: test = sampling over a dataloader of seeds (DDP splits them)
     lit = LitModule(net, method, sampler_scheduler(cfg, base), cfg.sampler.num_steps, instantiate(cfg.accelerator))
     logger = build_logger(cfg)
@@ -130,6 +146,16 @@ def sample(cfg: DictConfig) -> dict | None:
                      "device": str(lit.device), "precision": str(cfg.trainer.precision),
                      "sec_per_image": "wall seconds of method.sample summed over ranks / images generated"},
     }
+    report = getattr(lit.accelerator_, "report", None)  # AdaptiveDiffusion: per-seed skip masks, NFE spread
+    report = report(seeds, cfg.sample.batch_size) if report and trainer.world_size == 1 else None
+    if report:
+        outputs.write_json(run_dir / "skip_masks.json", report[0])
+        metrics.update(report[1])
+    if "_target_" in (cfg.get("metrics") or {}):  # quality vs the real set (+ a reference run, same seeds)
+        real = instantiate(cfg.data, base_resolution=base.resolution)
+        quality = instantiate(cfg.metrics).evaluate(r["images"], real, cfg.get("reference"), r["seeds"].tolist())
+        metrics["protocol"].update(quality.pop("protocol"))
+        metrics.update(quality)
     outputs.write_json(run_dir / "metrics.json", metrics)
     outputs.write_json(run_dir / "manifest.json", outputs.manifest(base.weights_hash, base.source))
     if logger:
@@ -147,8 +173,11 @@ def _fit(cfg: DictConfig, base, method, data, task: str):
     run_dir = Path(cfg.paths.run_dir)
     ckpt = resolve_ckpt(cfg.ckpt_path, cfg.paths.output_root, task)
     net = method.wrap(base)
+    # metrics=...: a small-n FID of the validation grid against the real set, `val/fid_proxy` (a trend, not a result)
+    val_metric = instantiate(cfg.metrics).proxy(data) if "_target_" in (cfg.get("metrics") or {}) else None
     lit = LitModule(net, method, sampler_scheduler(cfg, base), cfg.sampler.num_steps,
-                    optimizer=instantiate(cfg.optimizer), seed=cfg.seed, grid_dir=str(run_dir / "grids"))
+                    optimizer=instantiate(cfg.optimizer), seed=cfg.seed, grid_dir=str(run_dir / "grids"),
+                    val_metric=val_metric)
     callbacks = [ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step_{step:07d}", save_last=True,
                                  every_n_train_steps=cfg.train.checkpoint_every, save_top_k=-1,
                                  auto_insert_metric_name=False)]
@@ -205,8 +234,33 @@ def _finish_training(cfg: DictConfig, trainer, net, base, stats: dict) -> None:
     print(f"hiresrun: trained {trainer.global_step} steps -> {run_dir}")
 
 
-def evaluate(cfg: DictConfig) -> None:
-    raise UsageError("`hiresrun eval` is not built yet (it arrives with the metrics work); use `hiresrun sample`")
+def evaluate(cfg: DictConfig) -> dict:
+    """`hiresrun eval eval.gen=<folder> [eval.ref=<folder>] [reference=<run dir>]` scores a folder of images
+    against real images (default: the data config's real set, features cached); `hiresrun eval eval.mode=ref`
+    computes and caches the real set's features once. Metrics options as for sample; metrics=default implied."""
+    from hiresrun.metrics import Metrics, load_folder
+
+    has_target = "_target_" in (cfg.get("metrics") or {})
+    metrics = instantiate(cfg.metrics) if has_target else Metrics(cache_dir=cfg.paths.cache_dir)
+    real = cfg.eval.ref or instantiate(cfg.data)
+    if cfg.eval.mode == "ref":
+        result = metrics.reference_statistics(real, int(cfg.data.resolution), int(cfg.data.get("channels", 1)))
+        print(f"hiresrun: reference features of {result['real']} ({result['n_reference']} images, "
+              f"{result['computed']} computed, {result['reused']} reused) in {result['folder']}")
+    elif cfg.eval.mode == "score":
+        if not cfg.eval.gen:
+            raise UsageError("`hiresrun eval` needs eval.gen=<folder of generated images> (or eval.mode=ref to "
+                             "cache the real set's features)")
+        images, seeds = load_folder(cfg.eval.gen)
+        result = {"task": "eval", "gen": str(cfg.eval.gen), "num_samples": len(images),
+                  "resolution": int(images.shape[-1]), **metrics.evaluate(images, real, cfg.get("reference"), seeds)}
+        shown = [f"{k} {result[k]:.4g}" for k in ("fid", "kid", "patch_fid", "swd", "digit_acc", "lpips_to_ref")
+                 if k in result]
+        print(f"hiresrun: {len(images)} images: {', '.join(shown)} -> {cfg.paths.run_dir}")
+    else:
+        raise UsageError(f"eval.mode={cfg.eval.mode}: choose score (eval.gen vs eval.ref) or ref")
+    outputs.write_json(Path(cfg.paths.run_dir) / "metrics.json", result)
+    return result
 
 
 TASKS = {"pretrain": pretrain, "train": train, "sample": sample, "eval": evaluate}

@@ -17,7 +17,7 @@ def one_error_line(proc) -> str:
 
 def test_help_lists_verbs_and_groups(tmp_path):
     out = cli("--help", cwd=tmp_path).stdout
-    for word in ("pretrain", "train", "sample", "eval", "method: finetune, none, upsample",
+    for word in ("pretrain", "train", "sample", "eval", "method: finetune, none, selfcascade, upsample",
                  "sampler: ddim, ddpm, dpmsolver, euler, heun, unipc", "trainer: cpu, ddp, gpu"):
         assert word in out
 
@@ -103,3 +103,12 @@ def test_tab_completion_sees_past_the_verb(tmp_path):
     line = "hiresrun sample sampler="
     proc = cli("-sc", "query=bash", cwd=tmp_path, env={"COMP_LINE": line, "COMP_POINT": str(len(line))})
     assert "sampler=dpmsolver" in proc.stdout.split()
+
+
+def test_eval_short_forms_become_eval_keys():
+    from hiresrun.cli import normalise
+
+    args = normalise(["eval", "gen=out/samples", "ref=real/", "task=ref", "reference=run"])
+    assert args == ["eval.gen=out/samples", "eval.ref=real/", "eval.mode=ref", "reference=run", "task=eval"]
+    # other verbs leave them alone (there they would be unknown keys, reported as such)
+    assert normalise(["sample", "gen=x"]) == ["gen=x", "task=sample"]

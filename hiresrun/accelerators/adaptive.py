@@ -1,0 +1,213 @@
+"""accelerator=adaptive: AdaptiveDiffusion, reuse the previous raw model output where the trajectory is smooth.
+
+Ye et al., "Training-Free Adaptive Diffusion with Bounded Difference Approximation Strategy", NeurIPS 2024
+(arXiv 2410.09873). The default is the skip rule of the official code (`estimate_skipping` in sparse_pipeline.py),
+which differs from the paper's text; the paper's vector third difference is `estimator=vector3`. Spec:
+specs/adaptive-diffusion.md. Step level only: `wrap(model_fn)`; all sampling state lives in the call's closure.
+
+The latents z_k are the x the loop hands to model_fn, i.e. `scheduler.scale_model_input(z_k)`: the scheduler's
+own latent for DDIM, DDPM, DPM-Solver(++) and UniPC (official), the VP-scaled z_k / sqrt(sigma^2 + 1) for
+Euler-type samplers (Euler, Heun, KDPM2, LMS), where the official code measures the unscaled z_k (spec §9).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from hiresrun.accelerators import Accelerator
+from hiresrun.errors import UsageError
+from hiresrun.models import ModelFn
+
+OFFICIAL_CAP_AFTER = 4  # the official cap acts only once more than 4 decisions exist (spec §4, "cap quirk")
+
+
+def magnitude(z: Tensor, prev: Tensor, per_sample: bool) -> Tensor:
+    """m_k = mean |z_k - z_{k-1}| in fp32: per image [B] (scope sample) or over the whole batch [1] (official)."""
+    d = (z.float() - prev.float()).abs()
+    return d.flatten(1).mean(1) if per_sample else d.mean().reshape(1)
+
+
+def official_reuse(m: list[Tensor], delta: float) -> Tensor:
+    """Official rule (spec §3.4): reuse iff |(m_k + m_{k-2}) / 2 - m_{k-1}| <= delta m_{k-1}; m oldest first."""
+    m2, m1, m0 = m
+    return ((m0 + m2) / 2 - m1).abs() <= delta * m1
+
+
+def vector3_reuse(z: list[Tensor], delta: float, per_sample: bool) -> Tensor:
+    """Paper form: compute iff ||z_k - 3 z_{k-1} + 3 z_{k-2} - z_{k-3}|| >= delta ||z_k - z_{k-1}||; z oldest first."""
+    z3, z2, z1, z0 = z
+    d3, d1 = z0 - 3 * z1 + 3 * z2 - z3, z0 - z1
+    norm = (lambda v: v.flatten(1).norm(dim=1)) if per_sample else (lambda v: v.norm().reshape(1))
+    return norm(d3) < delta * norm(d1)
+
+
+def forced(run: Tensor, num_decisions: int, c_max: int, cap: str) -> Tensor:
+    """The cap on consecutive reuses (`run` = reuses in a row so far). strict: compute after c_max of them.
+    official: only once more than 4 decisions exist, then when the last c_max decisions (all, if fewer) reused."""
+    if cap == "strict":
+        return run >= c_max
+    if num_decisions <= OFFICIAL_CAP_AFTER:
+        return torch.zeros_like(run, dtype=torch.bool)
+    return (run >= c_max) | (run == num_decisions)
+
+
+def _same(a, b) -> bool:
+    """Equal timesteps (tensors or numbers)."""
+    return torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+
+
+class AdaptiveDiffusion(Accelerator):
+    """Per full step: run the model, or feed the scheduler the previous raw output (its counter and multistep
+    history advance as usual). Decided from the last three latent-change magnitudes; first `warmup` steps run."""
+
+    def __init__(self, delta: float = 0.01,              # threshold of the skip rule; 0 = never reuse (identity)
+                 c_max: int = 4,                       # C_max: most reuses in a row (see `cap`)
+                 cap: str = "official",                # official (active after > 4 decisions) | strict
+                 estimator: str = "official",          # official (scalar 2nd difference) | vector3 (paper's form)
+                 decision_scope: str = "sample",       # sample (per image, sub-batched calls) | batch (official)
+                 warmup: int = 4,                      # first full steps always computed (the rule needs m_{k-3})
+                 calls_per_step: int = 0):             # model calls per full step; 0 infers (Heun 2); KDPM2: 2
+        if delta < 0:
+            raise UsageError(f"accelerator.delta={delta}: must be >= 0 (0 never reuses)")
+        if c_max < 1:
+            raise UsageError(f"accelerator.c_max={c_max}: must be at least 1")
+        for name, value, ok in (("cap", cap, ("official", "strict")), ("estimator", estimator, ("official", "vector3")),
+                                ("decision_scope", decision_scope, ("sample", "batch"))):
+            if value not in ok:
+                raise UsageError(f"accelerator.{name}={value}: choose {' or '.join(ok)}")
+        if warmup < 4:
+            raise UsageError(f"accelerator.warmup={warmup}: must be at least 4 (the rule needs three magnitudes)")
+        if calls_per_step < 0:
+            raise UsageError(f"accelerator.calls_per_step={calls_per_step}: 0 (infer), 1, or 2 for Heun/KDPM2")
+        self.delta, self.c_max, self.cap, self.estimator = float(delta), int(c_max), cap, estimator
+        self.decision_scope, self.warmup, self.calls_per_step = decision_scope, int(warmup), int(calls_per_step)
+        self.records: list[dict] = []  # one per sampling call: which images called the model at each call
+
+    def wrap(self, model_fn: ModelFn) -> ModelFn:
+        record = {"called": [], "order": self.calls_per_step or 1}
+        self.records.append(record)
+        steps = _Steps(self, record)  # fresh per sampling call: no reset, no leak between calls
+
+        def adaptive(x: Tensor, t: Tensor) -> Tensor:
+            return steps.evaluate(model_fn, x, t, steps.observe(x, t))
+
+        return adaptive
+
+    @property
+    def last_masks(self) -> list[list[bool]]:
+        """Per image of the last sampling call: True where the model ran at that full step."""
+        return masks(self.records[-1]) if self.records else []
+
+    def report(self, seeds: list[int], batch_size: int) -> tuple[dict, dict] | None:
+        """Per-seed skip masks ("1" = model called) and NFE, and nfe_min/max/speedup_nfe, from this process's
+        records: batches of `seeds` in order, each through the same number of loops. None if that does not fit."""
+        batches = [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
+        if not self.records or len(self.records) % len(batches):
+            return None
+        loops, per_seed, calls = len(self.records) // len(batches), {}, 0
+        for b, chunk in enumerate(batches):
+            recs = self.records[b * loops:(b + 1) * loops]
+            if any(len(r["called"]) and len(r["called"][0]) != len(chunk) for r in recs):
+                return None
+            for i, seed in enumerate(chunk):
+                per_seed[str(seed)] = {"masks": ["".join("1" if c else "0" for c in masks(r)[i]) for r in recs],
+                                       "nfe": sum(int(c[i]) for r in recs for c in r["called"])}
+                calls += sum(len(r["called"]) for r in recs)
+        nfe = [p["nfe"] for p in per_seed.values()]
+        return per_seed, {"nfe_min": min(nfe), "nfe_max": max(nfe), "speedup_nfe": calls / max(sum(nfe), 1)}
+
+
+def masks(record: dict) -> list[list[bool]]:
+    """A record's per-image masks, one entry per full step (the first call of each step decides it)."""
+    steps = record["called"][::record["order"]]
+    return [[bool(c[i]) for c in steps] for i in range(len(steps[0]) if steps else 0)]
+
+
+class _Steps:
+    """One sampling call's controller state; `AdaptiveDiffusion.wrap` makes a fresh one per call."""
+
+    def __init__(self, acc: AdaptiveDiffusion, record: dict):
+        self.acc, self.record, self.per_sample = acc, record, acc.decision_scope == "sample"
+        self.calls, self.order = 0, acc.calls_per_step   # order 0: inferred at the third call
+        self.prev_t = self.pending = None
+        self.latents: list[Tensor] = []                  # last step-start latents z (4 for vector3, else 1)
+        self.m: list[Tensor] = []                        # last three magnitudes m_k, oldest first
+        self.run: Tensor | None = None                   # reuses in a row, per decision unit
+        self.decisions = 0
+        self.compute: Tensor | None = None               # this full step's decision, per image
+        self.cache: Tensor | None = None                 # the last raw model output, per image
+
+    def observe(self, x: Tensor, t: Tensor) -> Tensor:
+        """Which images call the model now (bool [B]); a full step's later calls follow its first call."""
+        j = self.calls
+        self.calls += 1
+        if self.order == 0:  # Heun's timesteps read t0, t1, t1, t2, t2, ...: calls 1 and 2 share t
+            if j == 2:
+                self.order = self.record["order"] = 2 if _same(t, self.prev_t) else 1
+                if self.order == 1:
+                    self.push(self.pending)
+            self.pending, self.prev_t = (x if j == 1 else self.pending), t
+            if j < 2:  # step 0 (warm-up) either way
+                self.compute = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+                return self.compute
+        if j % self.order:
+            return self.compute
+        k = j // self.order
+        if k >= 1:  # the step-0 input is the initial noise, which the estimator never uses (spec §3)
+            self.push(x)
+        self.compute = self.decide(k, x)
+        return self.compute
+
+    def push(self, z: Tensor) -> None:
+        z = z.detach().float().clone()
+        if self.latents:
+            self.m = (self.m + [magnitude(z, self.latents[-1], self.per_sample)])[-3:]
+        self.latents = (self.latents + [z])[-(4 if self.acc.estimator == "vector3" else 1):]
+
+    def decide(self, k: int, x: Tensor) -> Tensor:
+        """Step k's decision: warm-up computes; then the cap (checked first), then the skip rule (spec §3.4)."""
+        acc, B = self.acc, x.shape[0]
+        if k < acc.warmup or acc.delta == 0:
+            return torch.ones(B, dtype=torch.bool, device=x.device)
+        if self.run is None:
+            self.run = torch.zeros(B if self.per_sample else 1, dtype=torch.long, device=x.device)
+        if acc.estimator == "vector3":
+            reuse = vector3_reuse(self.latents, acc.delta, self.per_sample)
+        else:
+            reuse = official_reuse(self.m, acc.delta)
+        compute = forced(self.run, self.decisions, acc.c_max, acc.cap) | ~reuse
+        self.run = torch.where(compute, torch.zeros_like(self.run), self.run + 1)
+        self.decisions += 1
+        return compute if self.per_sample else compute.expand(B)
+
+    def evaluate(self, model_fn: ModelFn, x: Tensor, t: Tensor, compute: Tensor) -> Tensor:
+        """The model on the images that need it (a sub-batch), the cached raw output for the others."""
+        if bool(compute.all()):
+            out = model_fn(x, t)
+        elif not bool(compute.any()):
+            out = self.cache
+        else:
+            idx = compute.nonzero().squeeze(1)
+            sub_t = t[idx] if isinstance(t, Tensor) and t.ndim and t.shape[0] == x.shape[0] else t
+            sub = _sub_batch(model_fn, x[idx], sub_t)
+            out = self.cache.clone()
+            out[idx] = sub
+        self.cache = out
+        self.record["called"].append(compute.cpu())
+        return out
+
+
+def _sub_batch(model_fn: ModelFn, x: Tensor, t: Tensor) -> Tensor:
+    """model_fn on part of the batch; conditioning bound for the whole batch cannot do that (one clear line)."""
+    hint = "set accelerator.decision_scope=batch (this model_fn's conditioning is bound to the whole batch)"
+    try:
+        out = model_fn(x, t)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as e:
+        raise UsageError(f"accelerator=adaptive could not run the model on a sub-batch "
+                         f"({str(e).splitlines()[0]}); {hint}") from e
+    if out.shape[0] != x.shape[0]:
+        raise UsageError(f"accelerator=adaptive ran the model on {x.shape[0]} images and got {out.shape[0]}; {hint}")
+    return out
