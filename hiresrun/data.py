@@ -68,7 +68,7 @@ class TensorImages(Dataset):
         return len(self.label)
 
     def __getitem__(self, i: int) -> dict:
-        return {"image": self.image[i], "base": self.base[i], "label": self.label[i]}
+        return {"image": self.image[i], "base": self.base[i], "label": self.label[i], "index": torch.tensor(i)}
 
 
 class _Module(L.LightningDataModule):
@@ -136,7 +136,7 @@ class FolderImages(Dataset):
     def __getitem__(self, i: int) -> dict:
         f = self.files[i]
         return {"image": self._load(f, self.resolution), "base": self._load(f, self.base_resolution),
-                "label": torch.tensor(-1)}
+                "label": torch.tensor(-1), "index": torch.tensor(i)}
 
 
 def readable_images(root: Path, on_error: str) -> list[Path]:

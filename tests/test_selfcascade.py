@@ -122,3 +122,29 @@ def test_train_then_sample_through_the_cli(tiny_model_dir, tmp_path):
     assert json.loads((tmp_path / "sa" / "metrics.json").read_text())["num_samples"] == 2
     proc = cli("sample", "+method=selfcascade", "sample.num_samples=2", *common, cwd=tmp_path)
     assert proc.returncode == 2 and "ckpt_path" in proc.stderr
+
+
+def test_generated_pivots_are_base_samples_of_the_index_seed_made_once():
+    b = base()
+    method = SelfCascade(16, mode="tuned", upsampler="light", pivot_source="generated", pivot_steps=4)
+    net = method.wrap(b)
+    calls = []
+    net.unet.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    batch = {"image": torch.rand(3, 1, 16, 16) * 2 - 1, "label": torch.tensor([-1] * 3),
+             "index": torch.tensor([5, 9, 5])}
+    pivots = method.generated_pivots(net.unet, batch)
+    # what `method=none` draws for seed 5 at the base size, 4 DDIM steps
+    expected = images(NoneMethod(8), seeds=(5, 9), steps=4)
+    assert pivots.shape == (3, 1, 8, 8)
+    assert torch.equal(pivots[0], pivots[2])
+    got = ((pivots.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    assert (got[:2].int() - expected.int()).abs().max() <= 1
+    assert calls == [3] * 4  # 3 images (index 5 twice, generated twice, kept once) x 4 steps
+    calls.clear()
+    method.generated_pivots(net.unet, {**batch, "index": torch.tensor([9, 5])})
+    assert calls == []  # cached: no UNet call
+    loss = method.loss(net, batch)["loss"]
+    loss.backward()
+    assert all(p.grad is not None for p in net.upsamplers.parameters())
+    with pytest.raises(UsageError, match="pivot_source=generated"):
+        SelfCascade(32, pivot_source="generated", stages=2)

@@ -153,7 +153,9 @@ class SelfCascade(NoneMethod):
                  strength: float = 0.7,                 # fraction of the N-step grid kept (official 0.7)
                  stages: int = 1,                       # doublings: 1 = 2x, 2 = 4x (base -> 2x -> 4x)
                  upsampler: str = "resblock",           # resblock (official) | light (ours, <= 0.01M)
-                 pivot_source: str = "downsampled",     # downsampled: the training image's own low-res view
+                 pivot_source: str = "downsampled",     # downsampled: the training image's own low-res view |
+                                                        # generated: a base sample (official), cached per seed
+                 pivot_steps: int = 50,                 # generated pivots: DDIM steps at the base resolution
                  pivot_upsample: str = "bicubic",       # resize of the pivot in sample space
                  lr_branch_min_t: float = 100):         # LR features off for t < this (official 100 of 1000)
         super().__init__(resolution)
@@ -163,9 +165,13 @@ class SelfCascade(NoneMethod):
             raise UsageError(f"method.strength={strength}: must lie in [0, 1]")
         if upsampler not in UPSAMPLERS:
             raise UsageError(f"method.upsampler={upsampler}: choose {' or '.join(UPSAMPLERS)}")
-        if pivot_source != "downsampled":
-            raise UsageError(f"method.pivot_source={pivot_source}: only `downsampled` is built so far")
+        if pivot_source not in ("downsampled", "generated"):
+            raise UsageError(f"method.pivot_source={pivot_source}: choose downsampled or generated")
+        if pivot_source == "generated" and stages != 1:
+            raise UsageError(f"method.pivot_source=generated trains one doubling; with method.stages={stages} "
+                             f"use pivot_source=downsampled")
         self.mode, self.strength, self.stages, self.upsampler = mode, strength, stages, upsampler
+        self.pivot_source, self.pivot_steps, self.pivots = pivot_source, pivot_steps, {}
         self.pivot_upsample, self.lr_branch_min_t = pivot_upsample, lr_branch_min_t
         self.trains = mode == "tuned"
 
@@ -222,11 +228,15 @@ class SelfCascade(NoneMethod):
                 h.remove()
 
     def loss(self, net: CascadeNet, batch: dict) -> dict[str, Tensor]:
-        """eps-MSE at each stage's resolution, the pivot being the image's own exact lower-resolution view."""
+        """eps-MSE at each stage's resolution, the pivot being the image's own exact lower-resolution view
+        (`downsampled`) or a base-model sample for the same condition (`generated`)."""
         image, out = batch["image"], {}
         for s in range(1, self.stages + 1):
             target = resize(image, self.base.resolution * 2 ** s)
-            pivot = self.base.encode(resize(image, self.base.resolution * 2 ** (s - 1)))
+            if self.pivot_source == "generated":
+                pivot = self.generated_pivots(net.unet, batch)
+            else:
+                pivot = self.base.encode(resize(image, self.base.resolution * 2 ** (s - 1)))
             handles, _ = attach_upsamplers(net, s - 1, pivot)
             try:
                 out[f"loss_stage{s}"] = denoising_loss(net.unet, self.train_scheduler, self.base.encode(target),
@@ -236,3 +246,23 @@ class SelfCascade(NoneMethod):
                     h.remove()
         out["loss"] = sum(out.values()) / self.stages
         return out
+
+    @torch.no_grad()
+    def generated_pivots(self, unet: nn.Module, batch: dict) -> Tensor:
+        """The official code's pivot: a base-resolution sample (sample space) for the training image's condition,
+        not aligned with the image. Seed = the image's dataset index, so the pivot is made once per image and
+        kept (the official code samples a fresh one every step; caching makes the cost one base sample per
+        training image). Frozen UNet, DDIM with `pivot_steps` steps."""
+        from diffusers import DDIMScheduler
+
+        index = batch["index"].tolist()
+        todo = [i for i, k in enumerate(index) if k not in self.pivots]
+        if todo:
+            gens = sampling.generators([index[i] for i in todo])
+            cond = {k: (v[todo] if k == "class_labels" else v) for k, v in self.base.batch_condition(batch).items()}
+            size = self.base.resolution // self.base.latent_factor
+            x = sampling.noise(gens, (unet.config.in_channels, size, size), unet.device)
+            scheduler = DDIMScheduler.from_config(self.base.scheduler_config)
+            x = sampling.sample(model_fn(unet, cond), x, scheduler, self.pivot_steps, gens=gens)
+            self.pivots.update({index[i]: p.cpu() for i, p in zip(todo, x)})
+        return torch.stack([self.pivots[k] for k in index]).to(unet.device)

@@ -1,0 +1,95 @@
+"""Self-Cascade on the embedded model, 16 -> 32: one table of every arm under one protocol.
+
+    python experiments/selfcascade/run.py [--n 500] [--steps 500] [--out /tmp/selfcascade]
+
+Trains the tuned arms (Self-Cascade `light` and `resblock` upsamplers for N steps, `finetune` of all weights
+for N and 5N steps), samples every arm on seeds 0..n-1 with `metrics=default`, and writes
+experiments/selfcascade/results.json and the markdown table printed at the end (pasted into the README).
+Every run is a plain `hiresrun` command, printed before it runs; run folders go under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+HIRESRUN = str(Path(sys.executable).with_name("hiresrun"))
+COMMON = ["data.resolution=32", "logger=csv", "trainer.enable_progress_bar=false"]
+COLUMNS = ("fid", "fid_floor", "kid", "digit_acc", "fd_digits", "swd", "nfe_per_image", "sec_per_image")
+
+
+def hiresrun(*args: str) -> None:
+    print("$ hiresrun", " ".join(args), flush=True)
+    subprocess.run([HIRESRUN, *args], check=True)
+
+
+def arms(n_steps: int) -> list[dict]:
+    """(name, training overrides or None, sampling overrides)."""
+    tuned = ["+method=selfcascade", "optimizer.lr=1e-3"]
+    rows = [dict(name="none", sample=["+method=none"]),
+            dict(name="upsample (bicubic)", sample=["+method=upsample"])]
+    rows += [dict(name=f"tuning-free, strength {s}", sample=["+method=selfcascade", "method.mode=tuning_free",
+                                                               f"method.strength={s}"])
+             for s in (0.1, 0.3, 0.5, 0.7)]
+    rows += [dict(name=f"tuned {u}, {n_steps} steps", train=[*tuned, f"method.upsampler={u}"],
+                  sample=["+method=selfcascade", f"method.upsampler={u}"]) for u in ("light", "resblock")]
+    rows += [dict(name=f"finetune (all weights), {k * n_steps} steps",
+                  train=["+method=finetune", f"trainer.max_steps={k * n_steps}"], sample=["+method=finetune"])
+             for k in (1, 5)]
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=500, help="samples per arm (seeds 0..n-1)")
+    p.add_argument("--steps", type=int, default=500, help="N: training steps of the tuned arms")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", default="/tmp/selfcascade")
+    p.add_argument("--only", nargs="*", help="arm names (prefix match) to (re)run; others are read back")
+    args = p.parse_args()
+    out = Path(args.out)
+    results = []
+    for arm in arms(args.steps):
+        slug = arm["name"].replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
+        run, train = out / slug, out / f"{slug}-train"
+        todo = not args.only or any(arm["name"].startswith(o) for o in args.only)
+        ckpt = []
+        if "train" in arm:
+            steps = [o for o in arm["train"] if o.startswith("trainer.max_steps=")] or \
+                [f"trainer.max_steps={args.steps}"]
+            if todo:
+                hiresrun("train", *arm["train"], *steps, *COMMON, f"data.batch_size={args.batch_size}",
+                         "train.grid_every=0", f"train.checkpoint_every={args.steps}", f"hydra.run.dir={train}")
+            ckpt = [f"ckpt_path={train}"]
+        if todo:
+            hiresrun("sample", *arm["sample"], *ckpt, *COMMON, f"sample.num_samples={args.n}", "metrics=default",
+                     f"hydra.run.dir={run}")
+        m = json.loads((run / "metrics.json").read_text())
+        t = json.loads((train / "metrics.json").read_text()) if "train" in arm else {}
+        results.append({"arm": arm["name"], **{k: m.get(k) for k in COLUMNS},
+                        "trainable_params": t.get("trainable_params", 0), "train_seconds": t.get("train_seconds", 0),
+                        "sample_command": "hiresrun sample " + " ".join([*arm["sample"], *ckpt, *COMMON]),
+                        "protocol": m["protocol"]})
+    (HERE / "results.json").write_text(json.dumps({"n": args.n, "train_steps": args.steps, "date": time.strftime(
+        "%Y-%m-%d"), "rows": results}, indent=2) + "\n")
+    print(table(results))
+    return 0
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| arm | FID ↓ | KID ×10³ ↓ | digit_acc ↑ | FD digits ↓ | SWD ↓ | NFE/img | s/img | trainable | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['arm']} | {r['fid']:.2f} | {1e3 * r['kid']:.1f} | {r['digit_acc']:.3f} | "
+                     f"{r['fd_digits']:.1f} | {r['swd']:.1f} | {r['nfe_per_image']:.0f} | {r['sec_per_image']:.3f} | "
+                     f"{r['trainable_params']:,} | {r['train_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
