@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from conftest import tiny_unet
@@ -114,3 +116,71 @@ def test_amplifying_and_nonsense_are_refused():
         SkipTuning(mode="ramp")
     with pytest.raises(UsageError, match="window"):
         SkipTuning(time_schedule="window")
+
+
+def sdxl_layout_unet():
+    """A tiny UNet2DConditionModel with SDXL's block layout: 3 levels, 2 layers each, no downsampler at the bottom."""
+    torch.manual_seed(0)
+    return UNet2DConditionModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=2,
+                                block_out_channels=(8, 16, 16), cross_attention_dim=8, norm_num_groups=8,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                                attention_head_dim=2).eval()
+
+
+def up_block_inputs(unet, call, acc=None):
+    """Every skip tensor the up blocks receive (after `acc`'s hooks), in down_block_res_samples order."""
+    seen = []
+    handles = acc.attach(unet) if acc else []
+    record = lambda m, a, kw: seen.append(kw.get("res_hidden_states_tuple", a[1] if len(a) > 1 else None))
+    post = [b.register_forward_pre_hook(record, with_kwargs=True) for b in unet.up_blocks]
+    with torch.no_grad():
+        call()
+    for h in handles + post:
+        h.remove()
+    return [d for skips in reversed(seen) for d in skips]  # the first up block takes the deepest (last) skips
+
+
+def test_scaled_skips_are_all_of_down_block_res_samples_on_sdxl_layout():
+    unet = sdxl_layout_unet()
+    x, t, ehs = torch.randn(1, 1, 8, 8), torch.tensor(500), torch.randn(1, 1, 8)
+    raw = up_block_inputs(unet, lambda: unet(x, t, encoder_hidden_states=ehs))
+    scaled = up_block_inputs(unet, lambda: unet(x, t, encoder_hidden_states=ehs), SkipTuning(rho=0.5))
+    assert num_skips(unet) == len(raw) == len(scaled) == 9  # SDXL: 1 + (2 + 1) + (2 + 1) + 2
+    assert all(torch.allclose(s, 0.5 * r) for r, s in zip(raw, scaled))  # first up block's input is unchanged
+
+
+@pytest.mark.parametrize("scale_residuals", [True, False])
+def test_controlnet_residuals_scaled_or_kept_by_flag(scale_residuals):
+    unet, _ = cond_unet()
+    x, t, ehs = torch.randn(1, 1, 8, 8), torch.tensor(500), torch.randn(1, 1, 8)
+    raw = up_block_inputs(unet, lambda: unet(x, t, encoder_hidden_states=ehs))  # d_q without ControlNet
+    torch.manual_seed(1)
+    c = tuple(torch.randn_like(d) for d in raw)
+    control = {"down_block_additional_residuals": c, "mid_block_additional_residual": torch.zeros(1, 16, 4, 4)}
+    acc = SkipTuning(rho=0.5, scale_controlnet_residuals=scale_residuals)
+    got = up_block_inputs(unet, lambda: unet(x, t, encoder_hidden_states=ehs, **control), acc)
+    want = [0.5 * (d + c_q) if scale_residuals else 0.5 * d + c_q for d, c_q in zip(raw, c)]
+    assert all(torch.allclose(g, w, atol=1e-6) for g, w in zip(got, want))
+    assert not unet._forward_pre_hooks  # the residual recorder is removed too
+
+
+def test_composes_with_a_net_that_holds_the_unet():
+    unet = tiny_unet().eval()
+    holder = torch.nn.ModuleDict({"upsampler": torch.nn.Conv2d(1, 1, 1), "unet": unet})  # like CascadeNet
+    handles = SkipTuning(rho=0.8).attach(holder)
+    assert len(handles) == len(unet.up_blocks) and all(b._forward_pre_hooks for b in unet.up_blocks)
+    for h in handles:
+        h.remove()
+    with pytest.raises(UsageError, match="up_blocks"):
+        SkipTuning().attach(torch.nn.Conv2d(1, 1, 1))
+
+
+def test_time_schedule_reads_t_from_the_loop():
+    """increasing: the hook applies rho at t = 0 and 1 at t = T, with t written by wrap()."""
+    unet, x = tiny_unet().eval(), torch.ones(1, 1, 8, 8)
+    acc = SkipTuning(rho=0.5, time_schedule="increasing")
+    for t, factor in ((torch.tensor(0), 0.5), (torch.tensor(1000), 1.0)):
+        raw = up_block_inputs(unet, partial(unet, x, t))
+        got = up_block_inputs(unet, partial(acc.wrap(lambda x, t: unet(x, t)), x, t), acc)
+        assert all(torch.allclose(g, factor * r) for r, g in zip(raw, got))

@@ -4,6 +4,8 @@ Ma et al., "The Surprising Effectiveness of Skip-Tuning in Diffusion Sampling", 
 concat(u_i, d_i) -> concat(u_i, rho_i * d_i) for every long skip d_i, nothing else. Applied through
 out-of-place forward pre-hooks on the up blocks (positional tuple in UNet2DModel, keyword tuple in
 UNet2DConditionModel); the time schedule reads t from the model_fn wrapper (the loop owns time).
+ControlNet residuals are added to the skips before the up blocks (diffusers), so they are scaled with them
+unless `scale_controlnet_residuals=false`, which scales only the UNet's own part: rho (s - c) + c.
 """
 
 from __future__ import annotations
@@ -14,6 +16,14 @@ from torch.utils.hooks import RemovableHandle
 from hiresrun.accelerators import Accelerator
 from hiresrun.errors import UsageError
 from hiresrun.models import ModelFn
+
+
+def find_unet(net: nn.Module) -> nn.Module:
+    """The UNet inside what a method trains (the net itself, or e.g. Self-Cascade's CascadeNet.unet)."""
+    unet = next((m for m in net.modules() if hasattr(m, "up_blocks") and hasattr(m, "down_blocks")), None)
+    if unet is None:
+        raise UsageError(f"this accelerator needs a UNet with down_blocks and up_blocks; {type(net).__name__} has none")
+    return unet
 
 
 def num_skips(unet: nn.Module) -> int:
@@ -31,7 +41,8 @@ class SkipTuning(Accelerator):
                  time_schedule: str = "none",          # none | increasing | decreasing | window
                  window: tuple[float, float] | None = None,  # window schedule: [t_lo, t_hi] on the train grid
                  num_train_timesteps: int = 1000,      # T, to normalise t for the ramps
-                 allow_amplify: bool = False):         # rho > 1 injects noise (paper); refused unless set
+                 allow_amplify: bool = False,          # rho > 1 injects noise (paper); refused unless set
+                 scale_controlnet_residuals: bool = True):  # false: rho (s - c) + c, ControlNet's c untouched
         if mode not in ("constant", "linear"):
             raise UsageError(f"accelerator.mode={mode}: choose constant or linear")
         if time_schedule not in ("none", "increasing", "decreasing", "window"):
@@ -45,7 +56,8 @@ class SkipTuning(Accelerator):
                              f"(set accelerator.allow_amplify=true to try anyway)")
         self.mode, self.rho, self.rho_bottom, self.rho_top = mode, rho, rho_bottom, rho_top
         self.time_schedule, self.window, self.T = time_schedule, window, num_train_timesteps
-        self._t: list[float | None] = [None]
+        self.scale_controlnet_residuals = scale_controlnet_residuals
+        self._state: dict = {"t": None, "residuals": None}
 
     def rhos(self, K: int) -> list[float]:
         """rho_i for depth i = 0 (deepest) .. K-1 (conv_in): rho_bottom + i (rho_top - rho_bottom) / (K - 1)."""
@@ -66,24 +78,39 @@ class SkipTuning(Accelerator):
         return 1.0 if self.window[0] <= t <= self.window[1] else 0.0
 
     def attach(self, net: nn.Module) -> list[RemovableHandle]:
-        if not hasattr(net, "up_blocks"):
-            raise UsageError(f"accelerator=skiptuning needs a UNet with up_blocks; {type(net).__name__} has none")
-        K, rhos, consumed, handles = num_skips(net), self.rhos(num_skips(net)), 0, []
-        self._t = [None]  # fresh per sampling call; wrap() writes t here
-        for block in net.up_blocks:
+        unet = find_unet(net)
+        K, consumed, handles = num_skips(unet), 0, []
+        rhos = self.rhos(K)
+        self._state.update(t=None, residuals=None)  # fresh per sampling call, in place: wrap() may come first
+        if not self.scale_controlnet_residuals:
+            handles.append(unet.register_forward_pre_hook(self._record_residuals, with_kwargs=True))
+        for block in unet.up_blocks:
             L = len(block.resnets)
-            # tuple position p is popped at depth consumed + (L - 1 - p)
+            # this block's tuple is down_block_res_samples[K - consumed - L : K - consumed]; position p is popped
+            # at depth i = consumed + (L - 1 - p) (deepest = 0)
             factors = [rhos[consumed + L - 1 - p] for p in range(L)]
-            handles.append(block.register_forward_pre_hook(self._hook(factors), with_kwargs=True))
+            handles.append(block.register_forward_pre_hook(self._hook(factors, K - consumed - L), with_kwargs=True))
             consumed += L
         if consumed != K:
             raise UsageError(f"skiptuning: up blocks consume {consumed} skips but the encoder makes {K}")
         return handles
 
-    def _hook(self, factors: list[float]):
+    def _record_residuals(self, module, args, kwargs):
+        """ControlNet's per-skip residuals c_q (diffusers adds them only when the mid residual is given too)."""
+        control = kwargs.get("mid_block_additional_residual") is not None
+        self._state["residuals"] = kwargs.get("down_block_additional_residuals") if control else None
+
+    def _hook(self, factors: list[float], first: int):
+        state = self._state
+
         def scale(module, args, kwargs):
-            w = self.weight(self._t[0])
-            scaled = lambda skips: tuple(d * (1 - (1 - r) * w) for d, r in zip(skips, factors))  # out of place
+            w, c = self.weight(state["t"]), state["residuals"]
+            r = [1 - (1 - rho) * w for rho in factors]
+            if c is None:  # out of place: rho_i d_i
+                scaled = lambda skips: tuple(d * r_p for d, r_p in zip(skips, r))
+            else:  # rho_i (s_i - c_i) + c_i: the UNet's own skip scaled, ControlNet's residual kept
+                scaled = lambda skips: tuple((s - c[first + p]) * r_p + c[first + p]
+                                             for p, (s, r_p) in enumerate(zip(skips, r)))
             if "res_hidden_states_tuple" in kwargs:
                 return args, {**kwargs, "res_hidden_states_tuple": scaled(kwargs["res_hidden_states_tuple"])}
             return (args[0], scaled(args[1]), *args[2:]), kwargs
@@ -91,10 +118,10 @@ class SkipTuning(Accelerator):
         return scale
 
     def wrap(self, model_fn: ModelFn) -> ModelFn:
-        state = self._t
+        state = self._state
 
         def timed(x: Tensor, t: Tensor) -> Tensor:
-            state[0] = float(t.flatten()[0]) if isinstance(t, Tensor) else float(t)
+            state["t"] = float(t.flatten()[0]) if isinstance(t, Tensor) else float(t)
             return model_fn(x, t)
 
         return timed
