@@ -103,8 +103,10 @@ def seed_loader(seeds: list[int], batch_size: int) -> DataLoader:
     return DataLoader(torch.tensor(seeds), batch_size=batch_size, shuffle=False)
 
 
-def sampler_scheduler(cfg: DictConfig, base):
-    return instantiate(cfg.sampler.scheduler)(base.scheduler_config)
+def sampler_scheduler(cfg: DictConfig, base, method=None):
+    """The sampler's step rule on the schedule the net was trained with: the base's, or the method's own (simple)."""
+    config = method.scheduler_config(base) if hasattr(method, "scheduler_config") else base.scheduler_config
+    return instantiate(cfg.sampler.scheduler)(config)
 
 
 # -- verbs ------------------------------------------------------------------------------------------------
@@ -125,7 +127,8 @@ def sample(cfg: DictConfig) -> dict | None:
         raise UsageError(f"method={choice(cfg, 'method')} samples with trained weights: pass ckpt_path=<a "
                          f"`hiresrun train` run folder, .ckpt or last>, or pick its training-free mode")
     # Lightning: test = sampling over a dataloader of seeds (DDP splits them)
-    lit = LitModule(net, method, sampler_scheduler(cfg, base), cfg.sampler.num_steps, instantiate(cfg.accelerator))
+    lit = LitModule(net, method, sampler_scheduler(cfg, base, method), cfg.sampler.num_steps,
+                    instantiate(cfg.accelerator))
     logger = build_logger(cfg)
     trainer = build_trainer(cfg, logger)
     trainer.test(lit, dataloaders=seed_loader(seeds, cfg.sample.batch_size), verbose=False)
@@ -175,7 +178,7 @@ def _fit(cfg: DictConfig, base, method, data, task: str):
     net = method.wrap(base)
     # metrics=...: a small-n FID of the validation grid against the real set, `val/fid_proxy` (a trend, not a result)
     val_metric = instantiate(cfg.metrics).proxy(data) if "_target_" in (cfg.get("metrics") or {}) else None
-    lit = LitModule(net, method, sampler_scheduler(cfg, base), cfg.sampler.num_steps,
+    lit = LitModule(net, method, sampler_scheduler(cfg, base, method), cfg.sampler.num_steps,
                     optimizer=instantiate(cfg.optimizer), seed=cfg.seed, grid_dir=str(run_dir / "grids"),
                     val_metric=val_metric)
     callbacks = [ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step_{step:07d}", save_last=True,
@@ -206,6 +209,9 @@ def train(cfg: DictConfig) -> None:
     base = instantiate(cfg.model)
     base.check_resolution(cfg.data.resolution)
     data = instantiate(cfg.data, base_resolution=base.resolution)
+    precompute = getattr(method, "precompute", None)  # a stage that only computes and caches (PaGoDA's encoder)
+    if precompute is not None and precompute(base, data, Path(cfg.paths.run_dir)):
+        return
     trainer, net, stats = _fit(cfg, base, method, data, "train")
     if trainer.is_global_zero:
         _finish_training(cfg, trainer, net, base, {"method": choice(cfg, "method"),
@@ -263,7 +269,15 @@ def evaluate(cfg: DictConfig) -> dict:
     return result
 
 
-TASKS = {"pretrain": pretrain, "train": train, "sample": sample, "eval": evaluate}
+def calibrate(cfg: DictConfig) -> dict:
+    """`hiresrun calibrate +accelerator=adaptive target.psnr=30`: the largest delta keeping the target against the
+    full-step outputs of `calibrate.seeds`, saved for `accelerator.calibration=<file>` (hiresrun/calibrate.py)."""
+    from hiresrun.calibrate import calibrate as search
+
+    return search(cfg)
+
+
+TASKS = {"pretrain": pretrain, "train": train, "sample": sample, "eval": evaluate, "calibrate": calibrate}
 
 
 def run(cfg: DictConfig):
