@@ -61,9 +61,13 @@ class LitModule(L.LightningModule):
         self.optimizer, self.seed, self.grid_dir = optimizer, seed, grid_dir
         self._outputs: list[dict] = []
         self.results: dict | None = None
+        # A method with its own `training_step(lit, batch)` steps its optimisers itself (PaGoDA's G and D).
+        self.automatic_optimization = not hasattr(method, "training_step")
 
     # -- training ---------------------------------------------------------------------------------------
     def configure_optimizers(self):
+        if hasattr(self.method, "optimizers"):  # several optimisers, built by the method from the configured class
+            return self.method.optimizers(self.net, self.optimizer)
         return self.optimizer([p for p in self.net.parameters() if p.requires_grad])
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
@@ -72,10 +76,11 @@ class LitModule(L.LightningModule):
         torch.manual_seed(self.seed + 1_000_003 * self.global_step + 7919 * self.global_rank)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        out = self.method.loss(self.net, batch)
+        auto = self.automatic_optimization
+        out = self.method.loss(self.net, batch) if auto else self.method.training_step(self, batch)
         self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, prog_bar=True,
                       batch_size=batch["image"].shape[0])
-        return out["loss"]
+        return out["loss"] if auto else None
 
     # -- checkpoints: only what trains, plus the base's identity --------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
