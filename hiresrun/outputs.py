@@ -57,6 +57,20 @@ def save_grid(images: Tensor, path: Path) -> None:
     save_png(grid(images), path)
 
 
+def side_by_side(grids: list[tuple[str, Path]], path: Path, top: int = 18, pad: int = 8) -> None:
+    """Several runs' grid.png next to each other, each under its name (demo and study figures)."""
+    from PIL import ImageDraw
+
+    images = [Image.open(p).convert("RGB") for _, p in grids]
+    w, h = max(im.width for im in images), max(im.height for im in images)
+    canvas = Image.new("RGB", (len(images) * (w + pad) - pad, h + top), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, ((name, _), im) in enumerate(zip(grids, images)):
+        canvas.paste(im, (i * (w + pad), top))
+        draw.text((i * (w + pad) + 2, 3), name, fill="black")
+    canvas.save(path)
+
+
 def save_samples(seeds: Tensor, images: Tensor, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for s, im in zip(seeds.tolist(), images):

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from hiresrun.outputs import side_by_side
 
 TRAIN = ["+method=selfcascade", "method.upsampler=resblock", "trainer.max_steps=300", "optimizer.lr=1e-3",
          "data.batch_size=32", "train.grid_every=0", "train.checkpoint_every=300"]
@@ -25,18 +25,6 @@ METRICS = ["metrics=default", "metrics.patch_fid=false"]  # patch-FID adds nothi
 def hiresrun(*args: str) -> None:
     print("$ hiresrun", " ".join(args), flush=True)
     subprocess.run([str(Path(sys.executable).with_name("hiresrun")), *args], check=True)
-
-
-def side_by_side(grids: list[tuple[str, Path]], path: Path) -> None:
-    """The methods' grid.png next to each other, each under its name."""
-    images = [Image.open(p).convert("RGB") for _, p in grids]
-    w, h, pad, top = images[0].width, images[0].height, 8, 18
-    canvas = Image.new("RGB", (len(images) * (w + pad) - pad, h + top), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, ((name, _), im) in enumerate(zip(grids, images)):
-        canvas.paste(im, (i * (w + pad), top))
-        draw.text((i * (w + pad) + 2, 3), name, fill="black")
-    canvas.save(path)
 
 
 def main() -> int:

@@ -17,9 +17,12 @@ import sys
 import time
 from pathlib import Path
 
+from hiresrun.outputs import side_by_side
+
 HERE = Path(__file__).resolve().parent
 HIRESRUN = str(Path(sys.executable).with_name("hiresrun"))
 COMMON = ["data.resolution=32", "logger=csv", "trainer.enable_progress_bar=false"]
+METRICS = ["metrics=default", "metrics.patch_fid=false"]  # patch-FID (16 px crops) says nothing at 32 px
 COLUMNS = ("fid", "fid_floor", "kid", "digit_acc", "fd_digits", "swd", "nfe_per_image", "sec_per_image")
 
 
@@ -38,6 +41,10 @@ def arms(n_steps: int) -> list[dict]:
              for s in (0.1, 0.3, 0.5, 0.7)]
     rows += [dict(name=f"tuned {u}, {n_steps} steps", train=[*tuned, f"method.upsampler={u}"],
                   sample=["+method=selfcascade", f"method.upsampler={u}"]) for u in ("light", "resblock")]
+    # the tuned upsamplers sampled at a lower strength: a sweep of the method's own knob, same checkpoints
+    rows += [dict(name=f"tuned {u}, {n_steps} steps, strength 0.3", reuse=f"tuned {u}, {n_steps} steps",
+                  sample=["+method=selfcascade", f"method.upsampler={u}", "method.strength=0.3"])
+             for u in ("light", "resblock")]
     rows += [dict(name=f"finetune (all weights), {k * n_steps} steps",
                   train=["+method=finetune", f"trainer.max_steps={k * n_steps}"], sample=["+method=finetune"])
              for k in (1, 5)]
@@ -47,30 +54,33 @@ def arms(n_steps: int) -> list[dict]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=500, help="samples per arm (seeds 0..n-1)")
-    p.add_argument("--steps", type=int, default=500, help="N: training steps of the tuned arms")
+    p.add_argument("--steps", type=int, default=300, help="N: training steps of the tuned arms")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--out", default="/tmp/selfcascade")
-    p.add_argument("--only", nargs="*", help="arm names (prefix match) to (re)run; others are read back")
+    p.add_argument("--only", nargs="*", help="arm names (prefix match) to (re)run; by default arms whose run folder "
+                   "already holds metrics.json are read back, the rest run")
     args = p.parse_args()
     out = Path(args.out)
     results = []
     for arm in arms(args.steps):
-        slug = arm["name"].replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
-        run, train = out / slug, out / f"{slug}-train"
-        todo = not args.only or any(arm["name"].startswith(o) for o in args.only)
-        ckpt = []
+        run, train = out / slug(arm['name']), out / f"{slug(arm.get('reuse', arm['name']))}-train"
+        todo = any(arm["name"].startswith(o) for o in args.only) if args.only else not (run / "metrics.json").exists()
+        ckpt = [f"ckpt_path={train}"] if "reuse" in arm else []
         if "train" in arm:
             steps = [o for o in arm["train"] if o.startswith("trainer.max_steps=")] or \
                 [f"trainer.max_steps={args.steps}"]
-            if todo:
+            if todo and (args.only or not (train / "metrics.json").exists()):
                 hiresrun("train", *arm["train"], *steps, *COMMON, f"data.batch_size={args.batch_size}",
                          "train.grid_every=0", f"train.checkpoint_every={args.steps}", f"hydra.run.dir={train}")
             ckpt = [f"ckpt_path={train}"]
         if todo:
-            hiresrun("sample", *arm["sample"], *ckpt, *COMMON, f"sample.num_samples={args.n}", "metrics=default",
+            hiresrun("sample", *arm["sample"], *ckpt, *COMMON, f"sample.num_samples={args.n}", *METRICS,
                      f"hydra.run.dir={run}")
+        if not (run / "metrics.json").exists():
+            print(f"missing: {arm['name']} ({run})")
+            continue
         m = json.loads((run / "metrics.json").read_text())
-        t = json.loads((train / "metrics.json").read_text()) if "train" in arm else {}
+        t = json.loads((train / "metrics.json").read_text()) if ckpt else {}
         results.append({"arm": arm["name"], **{k: m.get(k) for k in COLUMNS},
                         "trainable_params": t.get("trainable_params", 0), "train_seconds": t.get("train_seconds", 0),
                         "sample_command": "hiresrun sample " + " ".join([*arm["sample"], *ckpt, *COMMON]),
@@ -78,7 +88,17 @@ def main() -> int:
     (HERE / "results.json").write_text(json.dumps({"n": args.n, "train_steps": args.steps, "date": time.strftime(
         "%Y-%m-%d"), "rows": results}, indent=2) + "\n")
     print(table(results))
+    shown = ["none", "upsample (bicubic)", "tuning-free, strength 0.1", f"tuned resblock, {args.steps} steps",
+             f"finetune (all weights), {5 * args.steps} steps"]
+    grids = [(name.split(",")[0].split(" (")[0] + ("" if "," not in name else "," + name.split(",")[1]),
+              out / slug(name) / "grid.png") for name in shown]
+    if all(p.exists() for _, p in grids):
+        side_by_side(grids, HERE / "grids.png")  # seeds 0..63 of each arm
     return 0
+
+
+def slug(name: str) -> str:
+    return name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
 
 
 def table(rows: list[dict]) -> str:
