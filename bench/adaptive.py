@@ -1,14 +1,16 @@
 """bench: AdaptiveDiffusion on the embedded model against the full-step run and fixed schedules at equal NFE.
 
-    .venv/bin/python bench/adaptive.py [--n 64] [--quick] [--delta 0.01] [--c-max 4]
+    nice -n 5 .venv/bin/python bench/adaptive.py [--n 64] [--quick] [--delta 0.01] [--c-max 4]
 
-For tiny-mnist at 16x16 and 32x32 (method none), DDIM / DPM-Solver++ / Euler, 50 steps: NFE and wall-clock
+For tiny-mnist at 16x16 and 32x32 (method none) and 32x32 with Self-Cascade (tuning-free: the pivot loop at
+16x16 and the truncated loop at 32x32 both wrapped), DDIM / DPM-Solver++ / Euler, 50 steps: NFE and wall-clock
 speed-up against the full run of the same seeds, fidelity to the full-step outputs (PSNR on uint8 values,
 SSIM, LPIPS-alex when its weights resolve offline: the official protocol), the per-seed NFE spread, the
 estimator's overhead (delta = 0, same NFE as the full run), and at equal NFE (i) the sampler run with fewer
-steps, (ii) reuse every other step, (iii) periodic reuse (a call every k steps). Timings are side by side in
-one process; results go to bench/results/adaptive.json. Euler: the accelerator measures latent changes on the
-model input scale_model_input(z) (see hiresrun/accelerators/adaptive.py).
+steps, (ii) reuse every other step, (iii) periodic reuse (a call every k steps). Variants run interleaved, batch
+by batch, so that load from other processes on a shared machine falls on all of them alike; batch 1 by default
+(the official scripts' setting). Then the delta x c_max sweep (16x16, DDIM) beside DDIM with fewer steps,
+drawn to bench/results/adaptive_sweep.png. Results go to bench/results/adaptive.json.
 """
 
 from __future__ import annotations
@@ -17,21 +19,24 @@ import argparse
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_module
-from hydra.utils import instantiate
 
 from hiresrun import outputs, sampling
 from hiresrun.accelerators import Accelerator
 from hiresrun.accelerators.adaptive import AdaptiveDiffusion
+from hiresrun.calibrate import fidelity
 from hiresrun.errors import UsageError
 from hiresrun.lit import to_uint8
-from hiresrun.metrics.lpips import LPIPS, fidelity
-from hiresrun.models import load_model, model_fn
+from hiresrun.methods.none import NoneMethod
+from hiresrun.methods.selfcascade import SelfCascade
+from hiresrun.metrics.lpips import LPIPS
+from hiresrun.models import load_model
 
 SAMPLERS = ("ddim", "dpmsolver", "euler")
+SETTINGS = ((16, "none"), (32, "none"), (32, "selfcascade"))
 OUT = Path(__file__).parent / "results" / "adaptive.json"
 
 
@@ -56,122 +61,249 @@ class FixedSchedule(Accelerator):
 
 def scheduler_factory(name: str):
     """The scheduler `hiresrun sample sampler=<name>` builds (conf/sampler/<name>.yaml), as a from_config partial."""
+    from hydra import compose, initialize_config_module
+    from hydra.utils import instantiate
+
     with initialize_config_module("hiresrun.conf", version_base="1.3"):
         return instantiate(compose("config", overrides=[f"sampler={name}"]).sampler.scheduler)
 
 
-def generate(fn, make_scheduler, seeds, size, steps, acc, batch) -> dict:
-    """uint8 images for `seeds` in batches, with NFE per image, wall seconds and (adaptive) per-image masks."""
-    images, evals, masks, seconds = [], [], [], 0.0
-    for i in range(0, len(seeds), batch):
-        chunk, counter = seeds[i:i + batch], sampling.Counter()
-        gens = sampling.generators(chunk)
-        x_T = sampling.noise(gens, (1, size, size))
-        wrap = (lambda f, c=counter: acc.wrap(c(f))) if acc else counter
-        start = time.perf_counter()
-        with torch.no_grad():
-            x = sampling.sample(fn, x_T, make_scheduler(), steps, gens=gens, wrap=wrap)
-        seconds += time.perf_counter() - start
-        images.append(to_uint8(x))
-        evals.append(counter.evals)
-        if isinstance(acc, AdaptiveDiffusion):
-            masks += acc.last_masks
-    nfe = [sum(m) for m in masks]
-    return {"images": torch.cat(images), "nfe": sum(evals) / len(seeds), "sec": seconds, "masks": masks,
-            "nfe_per_seed": nfe}
+def build(base, size: int, method: str):
+    """(net, method) as `hiresrun sample +method=<method> data.resolution=<size>` builds them."""
+    m = SelfCascade(size, mode="tuning_free") if method == "selfcascade" else NoneMethod(size)
+    return m.wrap(base), m
 
 
-def score(run: dict, full: dict, lpips) -> dict:
-    """Fidelity to the full-step images of the same seeds, plus NFE and seconds."""
-    out = {"nfe": run["nfe"], "sec": run["sec"]}
-    if lpips is not None:
-        out.update(fidelity(run["images"], full["images"], lpips))
-    else:
-        from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+def generate(net, method, make_scheduler, chunk: list[int], steps: int, acc) -> dict:
+    """uint8 images for one batch of seeds, its NFE and wall seconds, and per image its NFE and skip masks."""
+    counter, gens = sampling.Counter(), sampling.generators(chunk)
+    wrap = (lambda f: acc.wrap(counter(f))) if acc else counter
+    loop = partial(sampling.sample, scheduler=make_scheduler(), num_steps=steps, gens=gens, wrap=wrap)
+    before = len(acc.records) if isinstance(acc, AdaptiveDiffusion) else 0
+    start = time.perf_counter()
+    with torch.no_grad():
+        x = method.sample(net, gens, loop)
+    out = {"images": to_uint8(x), "evals": counter.evals, "sec": time.perf_counter() - start,
+           "nfe": [counter.evals / len(chunk)] * len(chunk), "masks": []}
+    if isinstance(acc, AdaptiveDiffusion):  # every loop of this batch (Self-Cascade: pivot, then the 2x pass)
+        from hiresrun.accelerators.adaptive import masks
 
-        a, b = run["images"].double() / 255, full["images"].double() / 255
-        out["psnr_to_ref"] = float(peak_signal_noise_ratio(a, b, data_range=1.0, dim=(1, 2, 3),
-                                                           reduction="none").mean())
-        out["ssim_to_ref"] = float(structural_similarity_index_measure(a, b, data_range=1.0).mean())
+        recs = acc.records[before:]
+        out["nfe"] = [sum(int(c[i]) for r in recs for c in r["called"]) for i in range(len(chunk))]
+        out["masks"] = ["|".join("".join("1" if c else "0" for c in masks(r)[i]) for r in recs)
+                        for i in range(len(chunk))]
     return out
 
 
-def one_setting(fn, sampler: str, size: int, args, lpips) -> dict:
-    """Every variant for one (resolution, sampler), side by side on the same seeds."""
+def interleaved(variants: dict, net, method, make_scheduler, seeds: list[int], batch: int) -> dict:
+    """Each variant (name -> (steps, accelerator or None)) on every batch of seeds, the variants taking turns
+    batch by batch: a load change on a shared machine then hits them all alike."""
+    acc_ = {name: {"images": [], "evals": 0, "sec": 0.0, "nfe": [], "masks": []} for name in variants}
+    for i in range(0, len(seeds), batch):
+        for name, (steps, acc) in variants.items():
+            r, a = generate(net, method, make_scheduler, seeds[i:i + batch], steps, acc), acc_[name]
+            a["images"].append(r["images"])
+            a["evals"], a["sec"] = a["evals"] + r["evals"], a["sec"] + r["sec"]
+            a["nfe"] += r["nfe"]
+            a["masks"] += r["masks"]
+    for a in acc_.values():
+        a["images"], a["nfe_mean"] = torch.cat(a["images"]), a["evals"] / len(seeds)
+    return acc_
+
+
+def score(run: dict, full: dict, lpips) -> dict:
+    """Fidelity to the full-step images of the same seeds (PSNR capped for identical images), NFE and seconds."""
+    same = int((run["images"] == full["images"]).flatten(1).all(1).sum())
+    return {"nfe": run["nfe_mean"], "sec": run["sec"], "n_identical": same,
+            **fidelity(run["images"], full["images"], lpips)}
+
+
+def one_setting(base, size: int, method_name: str, sampler: str, args, lpips) -> dict:
+    """Every variant for one (resolution, method, sampler), side by side on the same seeds."""
+    net, method = build(base, size, method_name)
     make, seeds, N = scheduler_factory(sampler), list(range(args.n)), args.steps
-    make_scheduler = lambda: make(args.scheduler_config)
-    run = lambda steps, acc=None: generate(fn, make_scheduler, seeds, size, steps, acc, args.batch)
-    run(N)  # warm-up (allocator, kernels), untimed
-    full = run(N)
-    identity = run(N, AdaptiveDiffusion(delta=0))
-    adaptive = run(N, AdaptiveDiffusion(delta=args.delta, c_max=args.c_max, decision_scope=args.scope))
-    n_eq = max(1, round(adaptive["nfe"]))
-    k = max(2, round(N / adaptive["nfe"]))
-    row = {"resolution": size, "sampler": sampler, "steps": N, "n": args.n,
-           "full": {"nfe": full["nfe"], "sec": full["sec"]},
-           "adaptive": score(adaptive, full, lpips),
-           "fewer_steps": {"steps": n_eq, **score(run(n_eq), full, lpips)},
-           "every_other": score(run(N, FixedSchedule([i % 2 == 0 for i in range(N)])), full, lpips),
-           "periodic": {"k": k, **score(run(N, FixedSchedule([i % k == 0 for i in range(N)])), full, lpips)}}
-    nfe = adaptive["nfe_per_seed"]
-    row["adaptive"].update(speedup_nfe=full["nfe"] / adaptive["nfe"], speedup_wall=full["sec"] / adaptive["sec"],
-                           nfe_min=min(nfe), nfe_median=statistics.median(nfe), nfe_max=max(nfe),
-                           masks=["".join("1" if c else "0" for c in m) for m in adaptive["masks"]])
-    row["estimator_overhead"] = identity["sec"] / full["sec"]  # same NFE: the cost of the bookkeeping
-    row["identity_exact"] = bool(torch.equal(identity["images"], full["images"]))
+    go = lambda variants, s=seeds: interleaved(variants, net, method, lambda: make(base.scheduler_config), s,
+                                               args.batch)
+    go({"warm-up": (N, None)}, seeds[:2])  # allocator, kernels; untimed
+    first = {"full": (N, None),
+             "adaptive": (N, AdaptiveDiffusion(delta=args.delta, c_max=args.c_max, decision_scope=args.scope))}
+    overhead = method_name == "none" and sampler == "ddim"
+    if overhead:  # delta = 0: same NFE as the full run, so the time ratio is the estimator's bookkeeping
+        first["identity"] = (N, AdaptiveDiffusion(delta=0))
+    a = go(first)
+    full, adaptive = a["full"], a["adaptive"]
+    n_eq = max(1, round(N * adaptive["nfe_mean"] / full["nfe_mean"]))
+    k = max(2, round(full["nfe_mean"] / adaptive["nfe_mean"]))
+    baselines = {"fewer_steps": (n_eq, None), "every_other": (N, FixedSchedule([i % 2 == 0 for i in range(N)]))}
+    if k != 2:  # k = 2 is reuse every other step
+        baselines["periodic"] = (N, FixedSchedule([i % k == 0 for i in range(N)]))
+    b = go(baselines)
+    b.setdefault("periodic", b["every_other"])
+    nfe = adaptive["nfe"]
+    row = {"resolution": size, "method": method_name, "sampler": sampler, "steps": N, "n": args.n,
+           "full": {"nfe": full["nfe_mean"], "sec": full["sec"]},
+           "adaptive": {**score(adaptive, full, lpips), "speedup_nfe": full["nfe_mean"] / adaptive["nfe_mean"],
+                        "speedup_wall": full["sec"] / adaptive["sec"], "nfe_min": min(nfe),
+                        "nfe_median": statistics.median(nfe), "nfe_max": max(nfe), "masks": adaptive["masks"]},
+           "fewer_steps": {"steps": n_eq, **score(b["fewer_steps"], full, lpips)},
+           "every_other": score(b["every_other"], full, lpips),
+           "periodic": {"k": k, **score(b["periodic"], full, lpips)}}
+    if overhead:
+        row["estimator_overhead"] = a["identity"]["sec"] / full["sec"]
+        row["identity_exact"] = bool(torch.equal(a["identity"]["images"], full["images"]))
     return row
+
+
+def sweep(base, args, lpips) -> dict:
+    """delta x c_max at 16x16, DDIM, method none, beside DDIM with fewer steps: the speed/fidelity frontier."""
+    net, method = build(base, 16, "none")
+    make, seeds, N = scheduler_factory("ddim"), list(range(args.n)), args.steps
+    variants = {"full": (N, None)}
+    variants |= {f"{d}/{c}": (N, AdaptiveDiffusion(delta=d, c_max=c, decision_scope=args.scope))
+                 for c in args.sweep_c_max for d in args.sweep_delta}
+    variants |= {f"steps={n}": (n, None) for n in args.sweep_steps}
+    interleaved({"warm-up": (N, None)}, net, method, lambda: make(base.scheduler_config), seeds[:2], args.batch)
+    r = interleaved(variants, net, method, lambda: make(base.scheduler_config), seeds, args.batch)
+    full = r["full"]
+    point = lambda name: {**score(r[name], full, lpips), "speedup_nfe": full["nfe_mean"] / r[name]["nfe_mean"],
+                          "speedup_wall": full["sec"] / r[name]["sec"]}
+    return {"resolution": 16, "sampler": "ddim", "method": "none", "steps": N, "n": args.n,
+            "adaptive": [{"delta": d, "c_max": c, **point(f"{d}/{c}")}
+                         for c in args.sweep_c_max for d in args.sweep_delta],
+            "fewer_steps": [{"steps_run": n, **point(f"steps={n}")} for n in args.sweep_steps]}
+
+
+def plot(sw: dict, path: Path) -> None:
+    """PSNR to the full run against NFE speed-up: one line per c_max (points: delta), and DDIM with fewer steps.
+    Drawn with PIL (matplotlib is not a dependency)."""
+    from PIL import Image, ImageDraw
+
+    W, H, L, R, T, B = 760, 480, 60, 170, 30, 50
+    pts = sw["adaptive"] + sw["fewer_steps"]
+    xs, ys = [p["speedup_nfe"] for p in pts], [p["psnr_to_ref"] for p in pts]
+    x0, x1, y0, y1 = 1.0, max(xs) * 1.05, min(ys) - 1, max(ys) + 1
+    X = lambda v: L + (v - x0) / (x1 - x0) * (W - L - R)
+    Y = lambda v: H - B - (v - y0) / (y1 - y0) * (H - T - B)
+    im = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(im)
+    d.rectangle([L, T, W - R, H - B], outline="black")
+    for v in range(int(x0), int(x1) + 1):
+        d.line([X(v), H - B, X(v), H - B + 4], fill="black")
+        d.text((X(v) - 4, H - B + 6), f"{v}x", fill="black")
+    for v in range(int(y0) + 1, int(y1) + 1, 2):
+        d.line([L - 4, Y(v), L, Y(v)], fill="black")
+        d.text((L - 34, Y(v) - 6), f"{v} dB", fill="black")
+    d.line([X(2.5), T, X(2.5), H - B], fill=(200, 200, 200))  # the goal: >= 2.5x at >= 32 dB
+    d.line([L, Y(32), W - R, Y(32)], fill=(200, 200, 200))
+    d.text((L, 8), f"AdaptiveDiffusion, tiny-mnist {sw['resolution']}px, {sw['steps']}-step DDIM, n={sw['n']}: "
+                   "PSNR to the full run vs NFE speed-up", fill="black")
+    d.text((L + 150, H - 20), "NFE speed-up (full NFE / NFE); grey: the goal 2.5x, 32 dB", fill="black")
+    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+    lines = [(f"c_max={c}", colours[i % 5], [p for p in sw["adaptive"] if p["c_max"] == c])
+             for i, c in enumerate(sorted({p["c_max"] for p in sw["adaptive"]}))]
+    lines.append(("DDIM, fewer steps", (0, 0, 0), sw["fewer_steps"]))
+    for i, (label, colour, ps) in enumerate(lines):
+        xy = [(X(p["speedup_nfe"]), Y(p["psnr_to_ref"])) for p in sorted(ps, key=lambda p: p["speedup_nfe"])]
+        d.line(xy, fill=colour, width=2)
+        for (x, y), p in zip(xy, sorted(ps, key=lambda p: p["speedup_nfe"])):
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+            tag = f"{p['delta']:g}" if "delta" in p else str(p["steps_run"])
+            d.text((x + 4, y - 12), tag, fill=colour)
+        d.line([W - R + 10, T + 10 + 16 * i, W - R + 30, T + 10 + 16 * i], fill=colour, width=2)
+        d.text((W - R + 34, T + 4 + 16 * i), label, fill=colour)
+    d.text((W - R + 10, T + 20 + 16 * len(lines)), "labels: delta | steps", fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path)
 
 
 def print_row(r: dict) -> None:
     a, f, e, p = r["adaptive"], r["fewer_steps"], r["every_other"], r["periodic"]
     lp = f" {a['lpips_to_ref']:.3f}" if "lpips_to_ref" in a else ""
-    print(f"{r['resolution']:>3}px {r['sampler']:<9} NFE {r['full']['nfe']:.0f}->{a['nfe']:5.1f} "
+    print(f"{r['resolution']:>3}px {r['method']:<11} {r['sampler']:<9} NFE {r['full']['nfe']:.0f}->{a['nfe']:5.1f} "
           f"[{a['nfe_min']}-{a['nfe_max']}] x{a['speedup_nfe']:.2f} wall x{a['speedup_wall']:.2f} | "
           f"PSNR {a['psnr_to_ref']:5.2f} SSIM {a['ssim_to_ref']:.3f}{lp} | fewer({f['steps']}) {f['psnr_to_ref']:5.2f} "
           f"| every-other({e['nfe']:.0f}) {e['psnr_to_ref']:5.2f} | periodic k={p['k']}({p['nfe']:.0f}) "
-          f"{p['psnr_to_ref']:5.2f} | overhead x{r['estimator_overhead']:.3f}"
-          + ("" if r["identity_exact"] else " (delta=0 NOT exact)"), flush=True)
+          f"{p['psnr_to_ref']:5.2f}" + (f" | overhead x{r['estimator_overhead']:.3f}" if "estimator_overhead" in r
+                                        else ""), flush=True)
+
+
+def merge(parts: list[Path], out: Path) -> int:
+    """One result file from parts run in parallel processes (each timed side by side within itself)."""
+    import json
+
+    loaded = [json.loads(p.read_text()) for p in parts]
+    order = {(s, m, x): i for i, (s, m, x) in enumerate((s, m, x) for s, m in SETTINGS for x in SAMPLERS)}
+    rows = sorted((r for d in loaded for r in d["results"]), key=lambda r: order[r["resolution"], r["method"],
+                                                                                   r["sampler"]])
+    protocol = {**loaded[0]["protocol"], "bench_seconds": [d["protocol"]["bench_seconds"] for d in loaded],
+                "parts": "parallel processes, one thread each; ratios are taken within a process"}
+    sweep_ = next((d["sweep"] for d in loaded if d.get("sweep")), None)
+    outputs.write_json(out, {"protocol": protocol, "results": rows, "sweep": sweep_})
+    print(f"bench: {len(rows)} settings from {len(parts)} parts -> {out}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=64, help="seeds 0..n-1")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 4 seeds, batch 4")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 4 seeds, 16px, DDIM, small sweep")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--delta", type=float, default=0.01)
     ap.add_argument("--c-max", type=int, default=4)
     ap.add_argument("--scope", default="sample", choices=("sample", "batch"))
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=1, help="1: the official scripts' setting, wall-clock ~ NFE")
     ap.add_argument("--resolutions", type=int, nargs="+", default=[16, 32])
-    ap.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=SAMPLERS)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--methods", nargs="+", default=["none", "selfcascade"], choices=("none", "selfcascade"))
+    ap.add_argument("--samplers", nargs="*", default=list(SAMPLERS), choices=SAMPLERS)
+    ap.add_argument("--sweep-delta", type=float, nargs="*", default=[0.005, 0.01, 0.02, 0.05, 0.1])
+    ap.add_argument("--sweep-c-max", type=int, nargs="*", default=[2, 4, 6])
+    ap.add_argument("--sweep-steps", type=int, nargs="*", default=[10, 15, 20, 25, 30, 40])
+    ap.add_argument("--threads", type=int, default=1, help="1 avoids thread oversubscription on a shared CPU")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--merge", type=Path, nargs="*", default=[], help="combine these result files into --out")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
     if args.quick:
-        args.n, args.batch = 4, 4
+        args.n, args.resolutions, args.methods, args.samplers = 4, [16], ["none"], ["ddim"]
+        args.sweep_delta, args.sweep_c_max, args.sweep_steps = [0.01, 0.05], [4], [20]
     torch.set_num_threads(args.threads)
     base = load_model("tiny-mnist")
-    args.scheduler_config = base.scheduler_config
-    fn = model_fn(base.unet.eval())
+    base.unet.eval()
     try:
         lpips = LPIPS(download=False)
     except UsageError as e:  # no offline LPIPS trunk: PSNR and SSIM only
         print(f"bench: LPIPS unavailable ({e}); PSNR and SSIM only", file=sys.stderr)
         lpips = None
-    rows = []
-    for size in args.resolutions:
+    start, rows = time.perf_counter(), []
+    settings = [(s, m) for s, m in SETTINGS if s in args.resolutions and m in args.methods
+                and (m == "none" or s == 2 * base.resolution)]
+    for size, method in settings:
         for sampler in args.samplers:
-            rows.append(one_setting(fn, sampler, size, args, lpips))
+            rows.append(one_setting(base, size, method, sampler, args, lpips))
             print_row(rows[-1])
-    protocol = {"model": "tiny-mnist", "model_weights_sha256": base.weights_hash, "method": "none",
+    sw = sweep(base, args, lpips) if args.sweep_delta and args.sweep_c_max else None
+    if sw:
+        plot(sw, args.out.with_name(args.out.stem + "_sweep.png"))
+        for p in sw["adaptive"] + sw["fewer_steps"]:
+            tag = f"delta {p['delta']:<6g} c_max {p['c_max']}" if "delta" in p else f"DDIM {p['steps_run']} steps"
+            print(f"sweep {tag:<22} x{p['speedup_nfe']:.2f} (wall x{p['speedup_wall']:.2f}) "
+                  f"PSNR {p['psnr_to_ref']:5.2f} SSIM {p['ssim_to_ref']:.3f}", flush=True)
+    protocol = {"model": "tiny-mnist", "model_weights_sha256": base.weights_hash,
+                "methods": {"none": "base UNet sampled at the target size",
+                            "selfcascade": "tuning-free (method.mode=tuning_free): 16px pivot loop, then the "
+                                           "truncated 32px loop (strength 0.7); the accelerator wraps both"},
                 "seeds": f"0-{args.n - 1}", "batch": args.batch, "delta": args.delta, "c_max": args.c_max,
                 "decision_scope": args.scope, "threads": args.threads, "device": "cpu", "quick": args.quick,
-                "reference": f"full {args.steps}-step outputs of the same seeds and sampler",
-                "fidelity": "PSNR (data range 1 on uint8 values) and SSIM per image, torchmetrics; LPIPS-alex v0.1",
-                "speedup_wall": "wall seconds of the full run / of the adaptive run, same batches, one process",
+                "reference": f"full {args.steps}-step outputs of the same seeds, method and sampler",
+                "fidelity": "per image then mean: PSNR on uint8 values (data range 1; identical images count as one "
+                            "grey level off in one pixel), SSIM (torchmetrics, 11x11 Gaussian), LPIPS-alex v0.1",
+                "speedup_wall": "wall seconds of the full run / of the adaptive run; variants interleaved batch by "
+                                "batch in one process",
+                "bench_seconds": time.perf_counter() - start,
                 "packages": outputs.manifest(base.weights_hash, base.source)["packages"]}
-    outputs.write_json(args.out, {"protocol": protocol, "results": rows})
-    print(f"bench: {len(rows)} settings -> {args.out}")
+    outputs.write_json(args.out, {"protocol": protocol, "results": rows, "sweep": sw})
+    print(f"bench: {len(rows)} settings in {protocol['bench_seconds']:.0f} s -> {args.out}")
     return 0
 
 

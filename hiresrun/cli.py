@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from hiresrun.errors import DataError, UsageError
 
-VERBS = ("pretrain", "train", "sample", "eval")
+VERBS = ("pretrain", "train", "sample", "eval", "calibrate")
 # `+method=x` is the documented form; the defaults list already holds method/accelerator, so Hydra
 # wants the plain form. Both are accepted and mean the same.
 ADDABLE = ("method", "accelerator")

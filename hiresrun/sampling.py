@@ -1,7 +1,8 @@
 """THE sampling loop: one function over `model_fn(x_t, t)` and a diffusers scheduler.
 
 Methods call it (twice, or from a mid-schedule start); they never copy it. Accelerators reach it only
-by wrapping `model_fn` (the `wrap` argument). NFE and time are counted by `Counter`, around the network.
+by wrapping `model_fn` (the `wrap` argument), and the wrapped function receives the scheduler's latent x_t
+(`scale_model_input` happens inside it). NFE and time are counted by `Counter`, around the network.
 """
 
 from __future__ import annotations
@@ -40,10 +41,12 @@ def sample(model_fn: ModelFn, x: Tensor, scheduler, num_steps: int, start_step: 
         x = x * scheduler.init_noise_sigma
     elif renoise is not None and len(timesteps):
         x = scheduler.add_noise(x, renoise, timesteps[:1])
-    f = wrap(model_fn)
+    # The accelerator sees the scheduler's own latent x_t: Euler-type samplers rescale the model input
+    # (x_t / sqrt(sigma^2 + 1)), and a step-level accelerator must measure x_t, not that (AdaptiveDiffusion spec §9).
+    f = wrap(lambda z, t: model_fn(scheduler.scale_model_input(z, t), t))
     extra = {"generator": list(gens)} if gens is not None and _takes_generator(scheduler) else {}
     for i, t in enumerate(timesteps):
-        out = f(scheduler.scale_model_input(x, t), t)
+        out = f(x, t)
         x = scheduler.step(out, t, x, **extra).prev_sample
         if callback is not None:
             callback(i, t, x)

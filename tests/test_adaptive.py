@@ -135,10 +135,11 @@ def official_loop(fn, sched_cls, config, seed, steps=50, delta=0.01, max_skip_st
     return latents, [True] * 4 + mask[:-1]
 
 
-@pytest.mark.parametrize("sched_cls", [DDIMScheduler, DPMSolverMultistepScheduler])
+@pytest.mark.parametrize("sched_cls", [DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler])
 def test_matches_the_official_loop_and_multistep_history_survives_reuse(mnist, sched_cls):
     """Same skip path and same image as the official code; for DPM-Solver++ this checks that a reuse hands the
-    scheduler the previous raw output (its multistep history then converts it with the current alpha/sigma)."""
+    scheduler the previous raw output (its multistep history then converts it with the current alpha/sigma); for
+    Euler, that the estimator measures the unscaled latents as the official code does."""
     fn, config = mnist
     with torch.no_grad():
         for seed in (0,):
@@ -149,6 +150,20 @@ def test_matches_the_official_loop_and_multistep_history_survives_reuse(mnist, s
             assert torch.allclose(ours, ref, atol=1e-5)
             full, _ = run(fn, sched_cls, [seed], config=config)
             assert 10 * torch.log10(4 / (ours.clamp(-1, 1) - full.clamp(-1, 1)).pow(2).mean()) > 20  # dB, [-1, 1]
+
+
+def test_the_accelerator_sees_the_unscaled_latent_with_euler():
+    """Spec §9: the wrapped model_fn receives the scheduler's x_t; the network gets x_t / sqrt(sigma^2 + 1)."""
+    seen, net_inputs, states = [], [], []
+    fn = lambda x, t: (net_inputs.append(x.clone()), 0.1 * x)[1]
+    spy = lambda f: lambda x, t: (seen.append(x.clone()), f(x, t))[1]
+    x_T = sampling.noise(sampling.generators([0]), (1, 4, 4))
+    scheduler = EulerDiscreteScheduler.from_config(SCHED)
+    sampling.sample(fn, x_T, scheduler, 6, wrap=spy, callback=lambda i, t, x: states.append(x.clone()))
+    assert torch.equal(seen[0], x_T * scheduler.init_noise_sigma)
+    assert all(torch.equal(z, x) for z, x in zip(seen[1:], states[:-1]))
+    for z, x, sigma in zip(seen, net_inputs, scheduler.sigmas):
+        assert torch.allclose(x, z / (sigma ** 2 + 1) ** 0.5) and not torch.allclose(x, z)
 
 
 def test_an_image_does_not_depend_on_its_batch_mates(mnist):

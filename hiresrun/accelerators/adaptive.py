@@ -5,9 +5,9 @@ Ye et al., "Training-Free Adaptive Diffusion with Bounded Difference Approximati
 which differs from the paper's text; the paper's vector third difference is `estimator=vector3`. Spec:
 specs/adaptive-diffusion.md. Step level only: `wrap(model_fn)`; all sampling state lives in the call's closure.
 
-The latents z_k are the x the loop hands to model_fn, i.e. `scheduler.scale_model_input(z_k)`: the scheduler's
-own latent for DDIM, DDPM, DPM-Solver(++) and UniPC (official), the VP-scaled z_k / sqrt(sigma^2 + 1) for
-Euler-type samplers (Euler, Heun, KDPM2, LMS), where the official code measures the unscaled z_k (spec §9).
+The latents z_k are the x the loop hands to the wrapped model_fn: the scheduler's own latent, unscaled
+(the loop calls `scheduler.scale_model_input` inside model_fn), as the official code measures it for every
+sampler, Euler-type ones included (spec §9).
 """
 
 from __future__ import annotations
@@ -67,7 +67,9 @@ class AdaptiveDiffusion(Accelerator):
                  estimator: str = "official",          # official (scalar 2nd difference) | vector3 (paper's form)
                  decision_scope: str = "sample",       # sample (per image, sub-batched calls) | batch (official)
                  warmup: int = 4,                      # first full steps always computed (the rule needs m_{k-3})
-                 calls_per_step: int = 0):             # model calls per full step; 0 infers (Heun 2); KDPM2: 2
+                 calls_per_step: int = 0,              # model calls per full step; 0 infers (Heun 2); KDPM2: 2
+                 calibration: str | None = None,       # a `hiresrun calibrate` file: its delta replaces `delta`
+                 setting: dict | None = None):         # this run (model, resolution, sampler, ...): the file must match
         if delta < 0:
             raise UsageError(f"accelerator.delta={delta}: must be >= 0 (0 never reuses)")
         if c_max < 1:
@@ -82,7 +84,17 @@ class AdaptiveDiffusion(Accelerator):
             raise UsageError(f"accelerator.calls_per_step={calls_per_step}: 0 (infer), 1, or 2 for Heun/KDPM2")
         self.delta, self.c_max, self.cap, self.estimator = float(delta), int(c_max), cap, estimator
         self.decision_scope, self.warmup, self.calls_per_step = decision_scope, int(warmup), int(calls_per_step)
+        if calibration is not None:  # hiresrun/calibrate.py: refuses a file made for another model or setting
+            from hiresrun.calibrate import load
+
+            self.delta = load(calibration, setting, self.rule)
         self.records: list[dict] = []  # one per sampling call: which images called the model at each call
+
+    @property
+    def rule(self) -> dict:
+        """Every setting but delta: what a calibrated delta is valid for."""
+        return {"c_max": self.c_max, "cap": self.cap, "estimator": self.estimator,
+                "decision_scope": self.decision_scope, "warmup": self.warmup, "calls_per_step": self.calls_per_step}
 
     def wrap(self, model_fn: ModelFn) -> ModelFn:
         record = {"called": [], "order": self.calls_per_step or 1}

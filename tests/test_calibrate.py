@@ -1,0 +1,140 @@
+"""`hiresrun calibrate`: the chosen delta keeps the target and the next grid value does not (checked by sampling
+again), delta = 0 when only the full run keeps it, the file round-trips, and a file for another setting is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import cli, compose, tiny_overrides, tiny_unet
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from hiresrun import run as task
+from hiresrun import sampling
+from hiresrun.accelerators.adaptive import AdaptiveDiffusion
+from hiresrun.errors import UsageError
+from hiresrun.lit import to_uint8
+from hiresrun.metrics.lpips import LPIPS
+from hiresrun.models import load_model, model_fn, save_pipeline
+
+GRID = [0.01, 0.03, 0.1, 0.3]
+SEEDS = [0, 1, 2, 3]
+
+
+def overrides(model_dir, *extra: str) -> list[str]:
+    """12 DDIM steps at 16x16 on the random tiny model; its fidelity falls from ~40 dB (0.01) to ~22 dB (0.3)."""
+    return tiny_overrides(model_dir) + ["task=calibrate", "accelerator=adaptive", "sampler.num_steps=12",
+                                        "calibrate.seeds=0-3", "sample.batch_size=4",
+                                        f"calibrate.deltas=[{','.join(map(str, GRID))}]", *extra]
+
+
+def calibrate(model_dir, run_dir, *extra: str) -> dict:
+    return task.run(compose(overrides(model_dir, *extra), run_dir))
+
+
+@pytest.fixture(scope="module")
+def psnr30(tiny_model_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("cal") / "run"
+    record = calibrate(tiny_model_dir, run_dir, "target.psnr=30")
+    return record, run_dir / "calibration.json"
+
+
+def resample(model_dir, delta: float) -> torch.Tensor:
+    """The 16x16 images of SEEDS, sampled again outside the verb (delta None: the full run)."""
+    base = load_model(str(model_dir))
+    unet, scheduler = base.unet.eval(), instantiate(compose(["sampler=ddim"]).sampler.scheduler)(base.scheduler_config)
+    acc = AdaptiveDiffusion(delta=delta) if delta is not None else None
+    gens = sampling.generators(SEEDS)
+    with torch.no_grad():
+        x = sampling.sample(model_fn(unet), sampling.noise(gens, (1, 16, 16)), scheduler, 12,
+                            wrap=acc.wrap if acc else (lambda f: f))
+    return to_uint8(x)
+
+
+def mean_psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = (a.double() - b.double()).pow(2).flatten(1).mean(1) / 255 ** 2
+    assert (mse > 0).all()  # no identical image here, so no cap is involved
+    return float((10 * torch.log10(1 / mse)).mean())
+
+
+@pytest.mark.parametrize("metric,value", [("psnr", 30.0), ("lpips", 0.001)])
+def test_chosen_delta_meets_the_target_and_the_next_grid_value_does_not(tiny_model_dir, tmp_path, psnr30,
+                                                                        metric, value):
+    record = psnr30[0] if metric == "psnr" else calibrate(tiny_model_dir, tmp_path / "r", f"target.lpips={value}")
+    chosen = record["delta"]
+    assert 0 < chosen < GRID[-1] and record["curve"][-1]["delta"] == GRID[GRID.index(chosen) + 1]
+    full = resample(tiny_model_dir, None)
+    kept, missed = resample(tiny_model_dir, chosen), resample(tiny_model_dir, GRID[GRID.index(chosen) + 1])
+    if metric == "psnr":
+        assert mean_psnr(kept, full) >= value > mean_psnr(missed, full)
+    else:
+        lpips = LPIPS()
+        assert float(lpips(kept, full).mean()) <= value < float(lpips(missed, full).mean())
+    assert record["full"]["nfe_per_image"] == 12 > record["curve"][GRID.index(chosen)]["nfe_per_image"]
+
+
+def test_a_target_only_the_full_run_meets_gives_delta_zero(tiny_model_dir, tmp_path):
+    record = calibrate(tiny_model_dir, tmp_path / "r", "target.psnr=60")
+    assert record["delta"] == 0.0 and [p["delta"] for p in record["curve"]] == GRID[:1]  # stopped at the first miss
+    cfg = compose(tiny_overrides(tiny_model_dir) + ["accelerator=adaptive", "sampler.num_steps=12",
+                                                    f"accelerator.calibration={tmp_path / 'r' / 'calibration.json'}"],
+                  tmp_path / "s")
+    OmegaConf.resolve(cfg)
+    assert instantiate(cfg.accelerator).delta == 0.0
+
+
+def test_the_file_round_trips_into_a_sample_run(tiny_model_dir, tmp_path, psnr30):
+    record, path = psnr30
+    saved = json.loads(path.read_text())
+    assert saved["delta"] == record["delta"] and saved["key"]["num_steps"] == 12 and saved["key"]["resolution"] == 16
+    assert saved["key"]["model_weights_sha256"] == load_model(str(tiny_model_dir)).weights_hash
+    cfg = compose(tiny_overrides(tiny_model_dir) + ["accelerator=adaptive", "sampler.num_steps=12",
+                                                    "sample.seeds=0-3", "sample.batch_size=4",
+                                                    f"accelerator.calibration={path}"], tmp_path / "s")
+    metrics = task.run(cfg)
+    chosen = next(p for p in record["curve"] if p["delta"] == record["delta"])
+    assert metrics["nfe_per_image"] == chosen["nfe_per_image"] < 12  # the calibrated delta, on the same seeds
+
+
+@pytest.mark.parametrize("change,field", [("sampler.num_steps=13", "num_steps"), ("sampler=euler", "sampler"),
+                                          ("accelerator.c_max=6", "rule"), ("data.resolution=32", "resolution"),
+                                          ("method=upsample", "method"), ("other model", "model_weights_sha256")])
+def test_a_file_for_another_setting_is_refused(tiny_model_dir, tmp_path, psnr30, change, field):
+    base = ["accelerator=adaptive", "sampler.num_steps=12", f"accelerator.calibration={psnr30[1]}"]
+    if change == "other model":
+        unet = tiny_unet()
+        with torch.no_grad():
+            next(unet.parameters()).add_(1e-3)
+        save_pipeline(unet, {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"}, tmp_path / "m")
+        cfg = compose(tiny_overrides(tmp_path / "m") + base, tmp_path / "s")
+    else:
+        cfg = compose(tiny_overrides(tiny_model_dir) + base + [change], tmp_path / "s")
+    OmegaConf.resolve(cfg)
+    with pytest.raises(Exception) as e:
+        instantiate(cfg.accelerator)
+    error = e.value
+    while error is not None and not isinstance(error, UsageError):  # Hydra wraps what constructors raise
+        error = error.__cause__
+    assert error is not None and f"calibrated for {field} " in str(error) and "run `hiresrun calibrate`" in str(error)
+
+
+@pytest.mark.parametrize("extra,match", [([], "one fidelity target"),
+                                         (["target.psnr=30", "target.lpips=0.1"], "one fidelity target"),
+                                         (["target.psnr=30", "accelerator=none"], r"\+accelerator=adaptive"),
+                                         (["target.psnr=30", "calibrate.deltas=[0.1,0.01]"], "ascending")])
+def test_bad_calibrations_are_refused(tiny_model_dir, tmp_path, extra, match):
+    with pytest.raises(UsageError, match=match):
+        calibrate(tiny_model_dir, tmp_path / "r", *extra)
+    assert not (tmp_path / "r" / "calibration.json").exists()
+
+
+def test_the_verb_prints_the_file_it_saved(tiny_model_dir, tmp_path, psnr30):
+    chosen = psnr30[0]["delta"]
+    grid = f"calibrate.deltas=[{chosen},{GRID[GRID.index(chosen) + 1]}]"  # the two grid values that decide it
+    args = [a for a in overrides(tiny_model_dir, "target.psnr=30") if a != "task=calibrate" and "deltas" not in a]
+    proc = cli("calibrate", *args, grid, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    path = proc.stdout.strip().splitlines()[-1].split("accelerator.calibration=")[-1].rstrip(")")
+    assert str(tmp_path / "outputs" / "calibrate") in path and json.loads(open(path).read())["delta"] == chosen
