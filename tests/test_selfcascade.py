@@ -4,12 +4,14 @@ upsampler sizes and init, skips untouched, both UNet classes, gradients only int
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import cli, tiny_unet
 from diffusers import DDIMScheduler, UNet2DConditionModel
+from hydra.utils import instantiate
 
 from hiresrun.errors import UsageError
 from hiresrun.lit import LitModule
@@ -148,3 +150,25 @@ def test_generated_pivots_are_base_samples_of_the_index_seed_made_once():
     assert all(p.grad is not None for p in net.upsamplers.parameters())
     with pytest.raises(UsageError, match="pivot_source=generated"):
         SelfCascade(32, pivot_source="generated", stages=2)
+
+
+SAMPLERS = Path(__file__).parents[1] / "hiresrun" / "conf" / "sampler"
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in SAMPLERS.glob("*.yaml")))
+def test_every_sampler_strength_one_is_none_and_tuned_runs(name):
+    """With every conf/sampler: strength 1 reproduces method=none (so the mid-schedule start is the only change),
+    and tuning-free / tuned at strength 0.5 give images of the target size."""
+    from omegaconf import OmegaConf
+
+    make = instantiate(OmegaConf.load(SAMPLERS / f"{name}.yaml").scheduler)
+    b = base()
+
+    def run(method, steps=4):
+        net = method.wrap(b)
+        return LitModule(net, method, make(SCHED), num_steps=steps).generate([0, 1])["images"]
+
+    assert torch.equal(run(SelfCascade(16, mode="tuning_free", strength=1.0)), run(NoneMethod(16)))
+    for mode in ("tuning_free", "tuned"):
+        images = run(SelfCascade(16, mode=mode, strength=0.5))
+        assert images.shape == (2, 1, 16, 16), (name, mode)
