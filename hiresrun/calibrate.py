@@ -115,7 +115,7 @@ def calibrate(cfg: DictConfig) -> dict:
     missed; writes calibration.json (key, delta, the curve) to the run folder and prints its path."""
     from hiresrun.lit import LitModule
     from hiresrun.metrics.lpips import LPIPS
-    from hiresrun.run import load_net_weights, parse_seeds, resolve_ckpt, sampler_scheduler
+    from hiresrun.run import parse_seeds, sampler_scheduler, sampling_net
 
     target = parse_target(cfg.target)
     if "delta" not in cfg.accelerator:
@@ -125,15 +125,7 @@ def calibrate(cfg: DictConfig) -> dict:
         raise UsageError(f"calibrate.deltas={list(deltas)}: give positive values in ascending order, e.g. "
                          f"[0.002,0.005,0.01,0.02]")
     seeds = parse_seeds(cfg.calibrate.seeds, 0)
-    base = instantiate(cfg.model)
-    base.check_resolution(cfg.data.resolution)
-    method = instantiate(cfg.method)
-    net = method.wrap(base)
-    if cfg.ckpt_path:
-        load_net_weights(net, resolve_ckpt(cfg.ckpt_path, cfg.paths.output_root, "train"), base)
-    elif getattr(method, "trains", False):
-        raise UsageError("this method samples with trained weights: pass ckpt_path=<a `hiresrun train` run>, or "
-                         "pick its training-free mode")
+    base, method, net = sampling_net(cfg)
     device = "cuda" if cfg.trainer.get("accelerator") in ("gpu", "cuda") and torch.cuda.is_available() else "cpu"
     lpips = LPIPS(cache_dir=cfg.paths.cache_dir).to(device) if target[0] == "lpips" else None
 

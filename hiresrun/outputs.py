@@ -107,14 +107,20 @@ def git_commit() -> str:
         return "unknown"
 
 
+def package_versions(names) -> dict:
+    """Installed version of each distribution (None where it is not installed)."""
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
 def manifest(weights_hash: str, model_source: str) -> dict:
     """Enough to rerun: versions, commit, weights identity, the exact command line."""
-    versions = {}
-    for p in PACKAGES:
-        try:
-            versions[p] = metadata.version(p)
-        except metadata.PackageNotFoundError:
-            versions[p] = None
+    versions = package_versions(PACKAGES)
     return {"command": " ".join(["hiresrun"] + sys.argv[1:]), "argv": sys.argv, "git_commit": git_commit(),
             "packages": versions, "python": platform.python_version(), "platform": platform.platform(),
             "cuda": torch.version.cuda if torch.cuda.is_available() else None,

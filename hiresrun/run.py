@@ -109,14 +109,8 @@ def sampler_scheduler(cfg: DictConfig, base, method=None):
     return instantiate(cfg.sampler.scheduler)(config)
 
 
-# -- verbs ------------------------------------------------------------------------------------------------
-def sample(cfg: DictConfig) -> dict | None:
-    """Generate images with a method (and accelerator); write samples, grid, metrics and manifest."""
-    run_dir = Path(cfg.paths.run_dir)
-    seeds = parse_seeds(cfg.sample.seeds, cfg.sample.num_samples)
-    if cfg.sample.batch_size < 1:
-        raise UsageError(f"sample.batch_size={cfg.sample.batch_size}: must be at least 1")
-    # model -> method
+def sampling_net(cfg: DictConfig):
+    """model -> method -> the net to sample, with trained weights from `ckpt_path` where the method trains."""
     base = instantiate(cfg.model)
     base.check_resolution(cfg.data.resolution)
     method = instantiate(cfg.method)
@@ -126,6 +120,17 @@ def sample(cfg: DictConfig) -> dict | None:
     elif getattr(method, "trains", False):
         raise UsageError(f"method={choice(cfg, 'method')} samples with trained weights: pass ckpt_path=<a "
                          f"`hiresrun train` run folder, .ckpt or last>, or pick its training-free mode")
+    return base, method, net
+
+
+# -- verbs ------------------------------------------------------------------------------------------------
+def sample(cfg: DictConfig) -> dict | None:
+    """Generate images with a method (and accelerator); write samples, grid, metrics and manifest."""
+    run_dir = Path(cfg.paths.run_dir)
+    seeds = parse_seeds(cfg.sample.seeds, cfg.sample.num_samples)
+    if cfg.sample.batch_size < 1:
+        raise UsageError(f"sample.batch_size={cfg.sample.batch_size}: must be at least 1")
+    base, method, net = sampling_net(cfg)
     # Lightning: test = sampling over a dataloader of seeds (DDP splits them)
     lit = LitModule(net, method, sampler_scheduler(cfg, base, method), cfg.sampler.num_steps,
                     instantiate(cfg.accelerator))

@@ -9,7 +9,6 @@ per image set; the real set's are cached by key (reference.py).
 from __future__ import annotations
 
 from functools import cached_property
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -21,18 +20,13 @@ from hiresrun.metrics import digits as digit_metrics
 from hiresrun.metrics import swd as swd_metric
 from hiresrun.metrics.fid import RESIZE, InceptionPool3, crop_scheme, fid_floor, frechet_distance, kid, random_crops
 from hiresrun.metrics.reference import Cache, RealSet, folder_for, load_folder, real_set
+from hiresrun.outputs import package_versions
 
 LIBRARIES = ("torch", "torchvision", "clean-fid", "torchmetrics", "lpips", "scipy", "numpy", "pillow")
 
 
 def _versions() -> dict:
-    out = {}
-    for p in LIBRARIES:
-        try:
-            out[p] = metadata.version(p)
-        except metadata.PackageNotFoundError:
-            out[p] = None
-    return out
+    return package_versions(LIBRARIES)
 
 
 class _Lazy:
