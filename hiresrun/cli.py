@@ -36,9 +36,7 @@ def normalise(argv: list[str]) -> list[str]:
         if verb not in VERBS:
             fail(f"unknown verb '{verb}'; use one of: {', '.join(VERBS)} (hiresrun --help)", 2)
         if verb == "eval":  # clean-fid-like short forms: gen=, ref=, task=ref
-            args = [EVAL_ALIASES.get(a.partition("=")[0], a.partition("=")[0]) + "=" + a.partition("=")[2]
-                    if a.partition("=")[0] in EVAL_ALIASES else ("eval.mode=ref" if a == "task=ref" else a)
-                    for a in args]
+            args = [eval_short_form(a) for a in args]
         args.append(f"task={verb}")
     args = [a[1:] if any(a.startswith(f"+{g}=") for g in ADDABLE) else a for a in args]
     return flags_first(args)
@@ -47,6 +45,14 @@ def normalise(argv: list[str]) -> list[str]:
 VALUED = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd",
           "--experimental-rerun"}
 INFO = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+
+
+def eval_short_form(arg: str) -> str:
+    """`gen=x` -> `eval.gen=x`, `ref=x` -> `eval.ref=x`, `task=ref` -> `eval.mode=ref`; anything else as given."""
+    key, eq, value = arg.partition("=")
+    if arg == "task=ref":
+        return "eval.mode=ref"
+    return f"{EVAL_ALIASES[key]}{eq}{value}" if key in EVAL_ALIASES else arg
 
 
 def flags_first(args: list[str]) -> list[str]:
