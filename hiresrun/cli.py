@@ -34,7 +34,7 @@ def normalise(argv: list[str]) -> list[str]:
     if not args[0].startswith("-") and "=" not in args[0]:
         verb = args.pop(0)
         if verb not in VERBS:
-            fail(f"unknown verb '{verb}'; use one of: {', '.join(VERBS)} (hiresrun --help)", 2)
+            fail(f"unknown verb '{verb}'; use one of: {', '.join(VERBS + ('report',))} (hiresrun --help)", 2)
         if verb == "eval":  # clean-fid-like short forms: gen=, ref=, task=ref
             args = [eval_short_form(a) for a in args]
         args.append(f"task={verb}")
@@ -168,6 +168,13 @@ def _quiet_known_warnings() -> None:
 
 def main() -> None:
     _quiet_known_warnings()
+    if sys.argv[1:2] == ["report"]:  # not a Hydra task: it reads a finished sweep (hiresrun/report.py)
+        from hiresrun.report import main as report
+
+        try:
+            sys.exit(report(sys.argv[2:]))
+        except UsageError as e:
+            fail(str(e), 2)
     if "-sc" in sys.argv or "--shell-completion" in sys.argv:
         _completion_without_verb()
     args = normalise(sys.argv[1:])

@@ -2,10 +2,10 @@
 
     python experiments/skiptuning/report.py <multirun dir> [...] [--out experiments/skiptuning]
 
-Reads each run's metrics.json and .hydra/{config,overrides}.yaml. Runs that differ in anything but rho and
-NFE (method, resolution, sampler, depth mode, time schedule, FID computed or not) get their own table and
-plot. With --out it writes results.json (per-run metrics and overrides), report.md and vs_rho_<setting>.png
-(matplotlib: not a hiresrun dependency; the table needs only omegaconf).
+Runs are read with hiresrun.report.load_sweep (the general `hiresrun report`; this is its Skip-Tuning view).
+Runs that differ in anything but rho and NFE (method, resolution, sampler, depth mode, time schedule, FID
+computed or not) get their own table and plot. With --out it writes results.json (per-run metrics and
+overrides), report.md and vs_rho_<setting>.png.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from hiresrun.report import axes, fmt, load_sweep, save
 
 KEEP = ("fid", "fid_floor", "kid", "kid_std", "swd", "digit_acc", "digit_conf", "fd_digits", "num_samples",
         "resolution", "nfe_per_image", "sec_per_image", "method", "sampler", "accelerator")
@@ -36,18 +36,18 @@ def describe(acc: dict) -> tuple[float, str]:
 
 
 def load_runs(sweeps: list[Path]) -> list[dict]:
-    """One record per run folder (<sweep>/<job>/metrics.json): the metrics, rho, NFE, setting and overrides."""
+    """One record per finished run of each sweep (hiresrun.report.load_sweep, in folder-name order): the
+    metrics, rho, NFE, setting and overrides."""
     runs = []
     for sweep in sweeps:
-        for path in sorted(Path(sweep).glob("*/metrics.json"), key=lambda p: p.parent.name):
-            metrics, hydra = json.loads(path.read_text()), path.parent / ".hydra"
-            cfg = OmegaConf.to_container(OmegaConf.load(hydra / "config.yaml"), resolve=False)
-            rho, mode = describe(cfg.get("accelerator") or {})
+        for job in sorted((j for j in load_sweep(sweep) if j["status"] == "ok"), key=lambda j: j["run"]):
+            metrics = job["metrics"]
+            rho, mode = describe(job["config"].get("accelerator") or {})
             setting = f"{metrics['method']} {metrics['resolution']}px {metrics['sampler']} {mode}"
             setting += "" if metrics.get("fid") is not None else " (digit metrics only)"
-            runs.append({"run": f"{Path(sweep).name}/{path.parent.name}", "setting": setting, "rho": rho,
+            runs.append({"run": f"{Path(sweep).name}/{job['run']}", "setting": setting, "rho": rho,
                          "nfe": round(metrics["nfe_per_image"]), **{k: metrics.get(k) for k in KEEP},
-                         "overrides": OmegaConf.to_container(OmegaConf.load(hydra / "overrides.yaml"))})
+                         "overrides": job["overrides"]})
     return runs
 
 
@@ -69,10 +69,6 @@ def best_rho(runs: list[dict]) -> dict[int, float]:
     for r in sorted(runs, key=lambda r: r[key]):
         best.setdefault(r["nfe"], r["rho"])
     return dict(sorted(best.items()))
-
-
-def fmt(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
-    return "–" if value is None else f"{scale * value:.{digits}f}"
 
 
 def markdown_table(runs: list[dict]) -> str:
@@ -102,21 +98,14 @@ def markdown_table(runs: list[dict]) -> str:
 
 def plot(runs: list[dict], title: str, path: Path) -> None:
     """FID (or fd_digits) against rho, one line per NFE."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax, key = *plt.subplots(figsize=(5, 3.5)), ranking_key(runs)
+    fig, ax, key = *axes(), ranking_key(runs)
     for n in sorted({r["nfe"] for r in runs}):
         pts = sorted((r["rho"], r[key]) for r in runs if r["nfe"] == n)
         ax.plot(*zip(*pts), marker="o", label=f"{n} NFE")
     ax.set(xlabel="rho_bottom (linear ramp to rho_top)" if "linear" in title else "rho",
            ylabel=f"{key} (lower is better)", title=title)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def main() -> None:
