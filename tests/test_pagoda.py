@@ -334,3 +334,36 @@ def test_lit_hands_optimisation_to_the_method_even_steps_g_odd_steps_d(tmp_path)
         assert key in method.training_step(fake, batch)
         changed = {k for k, v in net.state_dict().items() if not torch.equal(v, before[k])}
         assert changed and all(k.startswith(part) for k in changed)
+
+
+def test_latent_base_encodes_trains_and_samples_in_its_latent_space(tmp_path):
+    """A latent base (4-channel UNet + AutoencoderKL): latents come from the VAE's encoding of the base view, G and D
+    work on latents, and a sample is one G call followed by one VAE decode to a 3-channel image."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8).eval().requires_grad_(False)
+    b = BaseModel(unet=tiny_unet(sample_size=4, channels=4).eval(), scheduler_config=SCHED, resolution=8, channels=3,
+                  weights_hash="t", source="t", vae=vae, vae_scale=0.5)
+    method = PaGoDA(8, inv_steps=2, flips=[0], rec_loss="l2_pyramid", cache_dir=str(tmp_path))
+    net = method.wrap(b)
+    images = torch.rand(2, 3, 8, 8) * 2 - 1
+    encode_dataset(method.encoder(b), [{"base": v, "label": -1} for v in images], method.cache(b), [0], 2,
+                   log=lambda s: None)
+    z = lookup(method.latents(), torch.tensor([0, 1]), torch.tensor([0, 0]), images)
+    assert z.shape == (2, 4, 4, 4)
+    assert torch.allclose(z, heun_invert(method.view, b.unet, b.encode(images), 2, 80.0), atol=1e-4)
+    batch = {"image": images, "base": images, "label": torch.tensor([-1, -1]), "index": torch.tensor([0, 1])}
+    assert method._real(batch, torch.zeros(2)).shape == (2, 4, 4, 4)  # the loss compares latents
+    out = method.loss(net, batch)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and all(p.grad is not None for p in net.gen.parameters())
+    assert torch.isfinite(method.discriminator_loss(net, batch))
+    decodes = []
+    hook = vae.decoder.register_forward_pre_hook(lambda m, a: decodes.append(a[0].shape))
+    lit = LitModule(net, method, DDIMScheduler.from_config(SCHED), num_steps=50)
+    out = lit.generate([0, 1, 2])
+    hook.remove()
+    assert out["images"].shape == (3, 3, 8, 8) and out["evals"] == 3 and decodes == [(3, 4, 4, 4)]
