@@ -129,3 +129,14 @@ def manifest(weights_hash: str, model_source: str) -> dict:
 
 def file_hash(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def write_block(path: Path, name: str, text: str) -> None:
+    """Replace what lies between `<!-- table:name -->` and `<!-- /table:name -->` in a markdown file with `text`
+    (how a study script keeps the README table it reports current). Both markers must be there, once each."""
+    start, end = f"<!-- table:{name} -->", f"<!-- /table:{name} -->"
+    doc = path.read_text()
+    if doc.count(start) != 1 or doc.count(end) != 1 or doc.index(start) > doc.index(end):
+        raise ValueError(f"{path}: needs one '{start}' ... '{end}' pair to write the {name} table into")
+    head, rest = doc.split(start)
+    path.write_text(f"{head}{start}\n{text.strip()}\n{end}{rest.split(end, 1)[1]}")

@@ -1,0 +1,28 @@
+"""outputs.write_block: a study script rewrites its README table in place, and nothing else."""
+
+from __future__ import annotations
+
+import pytest
+
+from hiresrun.outputs import write_block
+
+
+def test_write_block_replaces_only_between_its_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# t\nbefore\n<!-- table:a -->\nold | row\n<!-- /table:a -->\nafter\n"
+                      "<!-- table:b -->\nkeep\n<!-- /table:b -->\n")
+    write_block(readme, "a", "| new |\n|---|\n")
+    assert readme.read_text() == ("# t\nbefore\n<!-- table:a -->\n| new |\n|---|\n<!-- /table:a -->\nafter\n"
+                                  "<!-- table:b -->\nkeep\n<!-- /table:b -->\n")
+    write_block(readme, "a", "| new |\n|---|")  # idempotent
+    assert readme.read_text().count("| new |") == 1
+
+
+@pytest.mark.parametrize("doc", ["no markers\n", "<!-- /table:a -->\n<!-- table:a -->\n",
+                                 "<!-- table:a -->\n<!-- /table:a -->\n<!-- table:a -->\n"])
+def test_write_block_refuses_missing_or_broken_markers(tmp_path, doc):
+    readme = tmp_path / "README.md"
+    readme.write_text(doc)
+    with pytest.raises(ValueError, match="table:a"):
+        write_block(readme, "a", "x")
+    assert readme.read_text() == doc
