@@ -32,5 +32,8 @@ test-all: install  ## run every test, including the slow ones (DDP with 2 proces
 lint: install  ## ruff check
 	$(VENV)/bin/ruff check hiresrun tests scripts bench
 
+bench: install  ## framework overhead: Lightning vs bare PyTorch, our sampling loop vs diffusers (bench/README.md)
+	OMP_NUM_THREADS=1 $(PY) bench/overhead.py --threads 1
+
 clean:  ## remove run outputs (outputs/, multirun/)
 	rm -rf outputs multirun
