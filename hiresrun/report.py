@@ -25,7 +25,7 @@ HIGHER_BETTER = ("digit_acc", "digit_conf", "psnr_to_ref", "ssim_to_ref")
 COLUMNS = (("FID", "fid", 2), ("KID", "kid", 4), ("digit_acc", "digit_acc", 3), ("SWD", "swd", 2),
            ("LPIPS", "lpips_to_ref", 3), ("PSNR", "psnr_to_ref", 2), ("NFE", "nfe_per_image", 1),
            ("s/image", "sec_per_image", 4), ("peak MB", "peak_memory_mb", 0), ("trainable", "trainable_params", 0),
-           ("train steps", "steps", 0), ("train s", "train_seconds", 1))
+           ("train steps", "steps", 0), ("train s", "train_seconds", 1), ("train loss", "train/loss", 4))
 SHOWN_ELSEWHERE = ("method", "accelerator", "sampler", "sampler.num_steps", "task")  # not repeated under `overrides`
 ERROR_LINE = re.compile(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception|Exit|Interrupt)): ?(.*)$")
 
@@ -54,7 +54,7 @@ def job_folders(sweep: Path) -> list[Path]:
 
 def failure_reason(folder: Path) -> str:
     """Why a job left no metrics.json: the root error of the last logged failure (Python prints a chain root
-    first), else the log's last line."""
+    first), else the log's last line (a job still running, or killed, logs no error)."""
     logs = sorted(folder.glob("*.log"))
     lines = [ln.rstrip() for ln in logs[-1].read_text(errors="replace").splitlines() if ln.strip()] if logs else []
     if not lines:
@@ -62,7 +62,9 @@ def failure_reason(folder: Path) -> str:
     marks = [i for i, ln in enumerate(lines) if "][ERROR]" in ln] or [i for i, ln in enumerate(lines)
                                                                       if ln.startswith("Traceback")][:1]
     errors = [m for m in map(ERROR_LINE.match, lines[marks[-1]:]) if m] if marks else []
-    return f"{errors[0][1]}: {errors[0][2]}".rstrip(": ") if errors else lines[-1].strip()
+    if errors:
+        return f"{errors[0][1]}: {errors[0][2]}".rstrip(": ")
+    return f"no metrics.json and no error in the log (still running, or killed); it ends: {lines[-1].strip()[:100]}"
 
 
 def load_job(folder: Path, name: str) -> dict:

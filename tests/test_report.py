@@ -110,10 +110,12 @@ def test_training_runs_show_their_own_numbers(tmp_path):
     config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text()) | {"task": "train"}
     (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
     (run / "metrics.json").write_text(json.dumps({"task": "train", "method": "finetune", "steps": 300,
-                                                  "trainable_params": 1110000, "train_seconds": 59.04}))
+                                                  "trainable_params": 1110000, "train_seconds": 59.04,
+                                                  "train/loss": 0.06762}))
     lines = report.markdown_table(report.load_sweep(tmp_path)).splitlines()
-    assert lines[0] == "| run | method | accelerator | sampler | steps | trainable | train steps | train s |"
-    assert lines[2] == "| 0 | finetune | – | – | – | 1110000 | 300 | 59.0 |"
+    assert lines[0] == ("| run | method | accelerator | sampler | steps | trainable | train steps | train s "
+                        "| train loss |")
+    assert lines[2] == "| 0 | finetune | – | – | – | 1110000 | 300 | 59.0 | 0.0676 |"
 
 
 def test_cli_report_verb(sweep, tmp_path):
@@ -123,3 +125,11 @@ def test_cli_report_verb(sweep, tmp_path):
     proc = cli("report", str(tmp_path / "no-such-sweep"), cwd=tmp_path)
     assert proc.returncode == 2
     assert "no-such-sweep is not a folder" in one_error_line(proc)
+
+
+def test_a_job_without_metrics_or_error_says_so(tmp_path):
+    (job(tmp_path, 0, "none", 10) / "sample.log").write_text("[2026-11-30][HYDRA] starting\n[2026-11-30][x] step 3\n")
+    job(tmp_path, 1, "none", 20)  # no log at all
+    reasons = [r["reason"] for r in report.load_sweep(tmp_path)]
+    assert reasons == ["no metrics.json and no error in the log (still running, or killed); it ends: [2026-11-30][x] "
+                       "step 3", "no metrics.json and no log (crashed before logging, or still running)"]
