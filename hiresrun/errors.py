@@ -11,3 +11,8 @@ class DataError(Exception):
     """Unreadable or missing data found at run time: one line naming the file, exit code 1."""
 
     exit_code = 1
+
+
+class Unsupported(UsageError):
+    """A method, accelerator and model that cannot work together (hiresrun/support.py): refused before any work.
+    In a sweep (`-m`) the job is recorded as refused (status.json) and the sweep goes on."""

@@ -126,6 +126,30 @@ def _unet_class(config: dict) -> type:
     return getattr(diffusers, config.get("_class_name", "UNet2DModel"))
 
 
+def describe(path: str, revision: str | None = None, vae: str | None = None) -> tuple[str | None, str | None]:
+    """(UNet class name, "pixel" | "latent") from the model's config files alone: no weights, no network.
+    (None, None) for a hub id not in the local Hugging Face cache."""
+    root = _resolve(path)
+    if root is None:
+        from huggingface_hub import try_to_load_from_cache
+
+        for name in ("unet/config.json", "config.json"):
+            try:
+                found = try_to_load_from_cache(path, name, revision=revision)
+            except ValueError:  # not a hub id either (load_model says so in its own line)
+                return None, None
+            if isinstance(found, str):
+                root = Path(found).parent.parent if name.startswith("unet/") else Path(found).parent
+                break
+        else:
+            return None, None
+    unet_dir = root / "unet" if (root / "unet" / "config.json").is_file() else root
+    config = unet_dir / "config.json"
+    unet = json.loads(config.read_text()).get("_class_name", "UNet2DModel") if config.is_file() else None
+    latent = (Path(vae) if vae else root / "vae").joinpath("config.json").is_file()
+    return unet, "latent" if latent else "pixel"
+
+
 def _fetch(path: str, revision: str | None) -> Path:
     """Download (or find in the Hugging Face cache) a hub model; one clear line when impossible."""
     from huggingface_hub import snapshot_download

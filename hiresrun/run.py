@@ -14,8 +14,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from hiresrun import outputs
-from hiresrun.errors import UsageError
+from hiresrun import outputs, support
+from hiresrun.errors import Unsupported, UsageError
 from hiresrun.lit import EMA, LitModule
 from hiresrun.models import count_params, save_pipeline
 
@@ -110,16 +110,17 @@ def sampler_scheduler(cfg: DictConfig, base, method=None):
 
 
 def sampling_net(cfg: DictConfig):
-    """model -> method -> the net to sample, with trained weights from `ckpt_path` where the method trains."""
+    """method -> model -> the net to sample, with trained weights from `ckpt_path` where the method trains
+    (a missing checkpoint is refused before the model loads)."""
+    method = instantiate(cfg.method)
+    if getattr(method, "trains", False) and not cfg.ckpt_path:
+        raise UsageError(f"method={choice(cfg, 'method')} samples with trained weights: pass ckpt_path=<a "
+                         f"`hiresrun train` run folder, .ckpt or last>, or pick its training-free mode")
     base = instantiate(cfg.model)
     base.check_resolution(cfg.data.resolution)
-    method = instantiate(cfg.method)
     net = method.wrap(base)
     if cfg.ckpt_path:
         load_net_weights(net, resolve_ckpt(cfg.ckpt_path, cfg.paths.output_root, "train"), base)
-    elif getattr(method, "trains", False):
-        raise UsageError(f"method={choice(cfg, 'method')} samples with trained weights: pass ckpt_path=<a "
-                         f"`hiresrun train` run folder, .ckpt or last>, or pick its training-free mode")
     return base, method, net
 
 
@@ -285,8 +286,27 @@ def calibrate(cfg: DictConfig) -> dict:
 TASKS = {"pretrain": pretrain, "train": train, "sample": sample, "eval": evaluate, "calibrate": calibrate}
 
 
+def refuse(cfg: DictConfig, error: Unsupported) -> None:
+    """A pair the method and accelerator do not support: an error when run alone; in a sweep (`-m`) the job folder
+    gets status.json {"status": "refused", "reason": ...} and the sweep goes on to the next pair."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        raise error
+    outputs.write_json(Path(cfg.paths.run_dir) / "status.json", {
+        "status": "refused", "reason": str(error), "task": cfg.task, "method": choice(cfg, "method"),
+        "accelerator": choice(cfg, "accelerator")})
+    print(f"hiresrun: refused: {error}")
+
+
 def run(cfg: DictConfig):
     if cfg.task not in TASKS:
         raise UsageError(f"task={cfg.task}: choose one of {', '.join(TASKS)}")
     OmegaConf.resolve(cfg)
+    if cfg.task in ("sample", "train", "calibrate"):  # before anything loads (hiresrun/support.py)
+        try:
+            support.check(cfg, choice(cfg, "method"), None if cfg.task == "train" else choice(cfg, "accelerator"))
+        except Unsupported as error:
+            return refuse(cfg, error)
     return TASKS[cfg.task](cfg)

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from hiresrun.models import ModelFn
+from hiresrun.support import Support
 
 
 class Accelerator:
@@ -20,6 +21,8 @@ class Accelerator:
     `wrap(model_fn)` returns the function the loop calls at every step; per-call state lives in the
     closure it builds, so nothing needs resetting between sampling calls.
     """
+
+    supports = Support()  # what a subclass works with (hiresrun/support.py); the base works with everything
 
     def attach(self, net: nn.Module) -> list[RemovableHandle]:
         return []

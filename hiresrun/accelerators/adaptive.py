@@ -18,6 +18,7 @@ from torch import Tensor
 from hiresrun.accelerators import Accelerator
 from hiresrun.errors import UsageError
 from hiresrun.models import ModelFn
+from hiresrun.support import Support
 
 OFFICIAL_CAP_AFTER = 4  # the official cap acts only once more than 4 decisions exist (spec §4, "cap quirk")
 
@@ -60,6 +61,8 @@ def _same(a, b) -> bool:
 class AdaptiveDiffusion(Accelerator):
     """Per full step: run the model, or feed the scheduler the previous raw output (its counter and multistep
     history advance as usual). Decided from the last three latent-change magnitudes; first `warmup` steps run."""
+
+    supports = Support(needs_steps=True, why="it reuses the last step's output after 4 warm-up steps")
 
     def __init__(self, delta: float = 0.01,              # threshold of the skip rule; 0 = never reuse (identity)
                  c_max: int = 4,                       # C_max: most reuses in a row (see `cap`)

@@ -13,6 +13,7 @@ from torch import nn
 from hiresrun.accelerators import Accelerator
 from hiresrun.accelerators.skiptuning import find_unet
 from hiresrun.errors import UsageError
+from hiresrun.support import Support
 
 KEYS = ("s1", "s2", "b1", "b2")
 
@@ -37,6 +38,8 @@ class FreeURestore:
 
 class FreeU(Accelerator):
     """FreeU through `enable_freeu` / `disable_freeu`; defaults are diffusers' SD-1.5 values."""
+
+    supports = Support(unets=("UNet2DConditionModel",), why="diffusers' enable_freeu exists on that class only")
 
     def __init__(self, b1: float = 1.5,    # backbone factor, stage 1 (lowest resolution)
                  b2: float = 1.6,          # backbone factor, stage 2

@@ -7,12 +7,14 @@ from torch import Tensor, nn
 
 from hiresrun import sampling
 from hiresrun.models import BaseModel, model_fn
+from hiresrun.support import Support
 
 
 class NoneMethod:
     """Zero-shot: the convolutional base UNet run at a resolution it was never trained on."""
 
     trains = False
+    supports = Support()  # pixel and latent, any diffusers UNet, any sampler
 
     def __init__(self, resolution: int):  # target resolution in pixels
         self.resolution = resolution

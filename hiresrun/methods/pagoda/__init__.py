@@ -23,6 +23,7 @@ from hiresrun.methods.pagoda.cache import LatentCache, encode_dataset, lookup
 from hiresrun.methods.pagoda.nets import Discriminator, Generator, diff_augment, freeze_for_growing
 from hiresrun.methods.pagoda.ode import VEView, ddim_invert, heun, heun_invert, karras_sigmas
 from hiresrun.models import BaseModel
+from hiresrun.support import Support
 
 STAGES, SOLVERS, REC_LOSSES = ("encode", "base", "grow"), ("heun", "ddim_inverse"), ("lpips_alex", "lpips_vgg",
                                                                                       "l2_pyramid")
@@ -44,6 +45,8 @@ class PaGoDA:
     """Frozen base as PF-ODE encoder, one-step decoder trained with L_rec + adaptive hinge GAN, progressive growing."""
 
     trains = True
+    supports = Support(spaces=("pixel",), unets=("UNet2DModel",), one_step=True,
+                       why="G grows through UNet2DModel's positional up-block call; L_rec is LPIPS in sample space")
 
     def __init__(self, resolution: int,                  # target resolution of stage=grow (2x, 4x the base)
                  stage: str = "base",                    # encode | base | grow

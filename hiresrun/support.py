@@ -1,0 +1,58 @@
+"""What each method and accelerator works with, and the refusal of a pairing that cannot work.
+
+Every method and accelerator class carries `supports = Support(...)`; `check(cfg)` compares the chosen pair with
+each other and with the model (read from its config files, before any weights load) and raises `Unsupported`:
+one line naming both and the reason. Whether a method needs trained weights stays the instance's `trains`
+(Self-Cascade's `mode` decides it), checked where the method is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hiresrun.errors import Unsupported
+
+PIXEL_AND_LATENT = ("pixel", "latent")
+ANY_UNET = ("UNet2DModel", "UNet2DConditionModel")
+
+
+@dataclass(frozen=True)
+class Support:
+    """The declaration: the models it works with, and the one fact about sampling that pairs can clash on."""
+
+    spaces: tuple[str, ...] = PIXEL_AND_LATENT    # sample spaces: pixel models, latent (VAE) models
+    unets: tuple[str, ...] = ANY_UNET             # diffusers UNet classes it can drive
+    one_step: bool = False                        # method: samples with one network evaluation, no step loop
+    needs_steps: bool = False                     # accelerator: acts between sampler steps (nothing to do in one)
+    why: str = ""                                 # the code behind a restriction, shown in the refusal
+
+
+def refusal(method: str, m: Support, accelerator: str | None, a: Support, model: str,
+            unet: str | None = None, space: str | None = None) -> str | None:
+    """The reason (method, accelerator) cannot run on this model, or None. Unknown model facts (None) pass;
+    accelerator None: the method alone (`hiresrun train`)."""
+    pair = f"method={method}{f' with accelerator={accelerator}' if accelerator else ''} is not supported"
+    if m.one_step and a.needs_steps:
+        return (f"{pair}: accelerator={accelerator} acts between sampler steps ({a.why}) and method={method} samples "
+                f"with one network evaluation; use accelerator=none or skiptuning")
+    for kind, name, s in (("method", method, m), ("accelerator", accelerator, a)):
+        if space is not None and space not in s.spaces:
+            return f"{pair}: {kind}={name} works on {' and '.join(s.spaces)} models only ({s.why}); {model} is {space}"
+        if unet is not None and unet not in s.unets:
+            return f"{pair}: {kind}={name} needs a {' or '.join(s.unets)} ({s.why}); {model} has a {unet}"
+    return None
+
+
+def check(cfg, method: str, accelerator: str | None) -> None:
+    """Refuse the configured pair before anything is built (`method`, `accelerator`: the chosen option names;
+    accelerator None checks the method and model only)."""
+    from hydra.utils import get_class
+
+    from hiresrun.models import describe
+
+    m = get_class(cfg.method._target_).supports
+    a = get_class(cfg.accelerator._target_).supports if accelerator else Support()
+    unet, space = describe(cfg.model.path, cfg.model.get("revision"), cfg.model.get("vae"))
+    reason = refusal(method, m, accelerator, a, f"model.path={cfg.model.path}", unet, space)
+    if reason:
+        raise Unsupported(reason)

@@ -1,0 +1,212 @@
+"""The method x accelerator matrix: every pair composes; supported pairs build and attach on the embedded model,
+unsupported ones are refused with one line naming both and the reason (before anything loads, and in a sweep as a
+status.json); the full-scale paper configs compose; the whole matrix runs (slow)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import CONF, cli, compose
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from hiresrun import run, support
+from hiresrun.errors import Unsupported, UsageError
+from hiresrun.models import describe
+
+METHODS = sorted(f.stem for f in (CONF / "method").glob("*.yaml"))
+ACCELERATORS = sorted(f.stem for f in (CONF / "accelerator").glob("*.yaml"))
+ONE_STEP = "samples with one network evaluation"
+NO_FREEU = "accelerator=freeu needs a UNet2DConditionModel"
+
+
+def expected_refusal(method: str, accelerator: str) -> str | None:
+    """What the declarations must say on the embedded model (a pixel UNet2DModel)."""
+    if method == "pagoda" and accelerator == "adaptive":
+        return ONE_STEP
+    return NO_FREEU if accelerator == "freeu" else None
+
+
+def test_the_matrix_covers_every_option():
+    assert set(METHODS) == {"none", "upsample", "finetune", "selfcascade", "pagoda", "simple"}
+    assert set(ACCELERATORS) == {"none", "adaptive", "skiptuning", "freeu"}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("accelerator", ACCELERATORS)
+def test_pair_is_built_or_refused_with_one_line(method, accelerator, tmp_path):
+    cfg = compose([f"method={method}", f"accelerator={accelerator}"], tmp_path / "r")  # embedded model, 32 px
+    expected = expected_refusal(method, accelerator)
+    if expected:
+        with pytest.raises(Unsupported) as refused:
+            support.check(cfg, method, accelerator)
+        line = str(refused.value)
+        assert "\n" not in line and expected in line
+        assert line.startswith(f"method={method} with accelerator={accelerator} is not supported: ")
+        return
+    support.check(cfg, method, accelerator)  # passes
+    # supported: the objects build, the method wraps the embedded model, and the accelerator attaches to that net
+    m, a = instantiate(cfg.method), instantiate(cfg.accelerator)
+    net = m.wrap(instantiate(cfg.model))
+    handles = a.attach(net)
+    for h in handles:
+        h.remove()
+    assert (len(handles) > 0) == (accelerator == "skiptuning")
+
+
+def test_the_freeu_refusal_is_what_attaching_would_say(tmp_path):
+    """The declaration matches the code: FreeU on the embedded UNet2DModel fails at attach with its own error."""
+    cfg = compose(["accelerator=freeu"], tmp_path / "r")
+    with pytest.raises(UsageError, match="enable_freeu"):
+        instantiate(cfg.accelerator).attach(instantiate(cfg.model).unet)
+
+
+def test_model_facts_come_from_config_files_and_latent_models_refuse_pagoda(tmp_path):
+    (tmp_path / "sd" / "unet").mkdir(parents=True)
+    (tmp_path / "sd" / "vae").mkdir()
+    (tmp_path / "sd" / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    (tmp_path / "sd" / "vae" / "config.json").write_text("{}")
+    assert describe(str(tmp_path / "sd")) == ("UNet2DConditionModel", "latent")
+    assert describe("tiny-mnist") == ("UNet2DModel", "pixel")
+    assert describe("no-such-org/no-such-model") == (None, None)  # a hub id not in the cache: nothing known
+    common = ["model=diffusers", f"model.path={tmp_path / 'sd'}"]
+    support.check(compose(common + ["method=selfcascade", "accelerator=freeu"], tmp_path / "r"), "selfcascade", "freeu")
+    with pytest.raises(Unsupported, match="method=pagoda works on pixel models only .*; model.path=.* is latent"):
+        support.check(compose(common + ["method=pagoda"], tmp_path / "r"), "pagoda", "none")
+    with pytest.raises(Unsupported, match="^method=pagoda is not supported"):  # train: no accelerator
+        support.check(compose(common + ["method=pagoda"], tmp_path / "r"), "pagoda", None)
+
+
+def test_a_method_that_trains_is_refused_before_the_model_loads(tmp_path):
+    cfg = compose(["method=simple", "model=diffusers", "model.path=/no/such/model"], tmp_path / "r")
+    with pytest.raises(UsageError, match="samples with trained weights: pass ckpt_path"):
+        run.sampling_net(cfg)
+
+
+def test_matrix_experiment_names_each_methods_checkpoint(tmp_path):
+    def cfg(method):
+        return compose(["experiment=matrix", f"method={method}"], tmp_path / "r")
+
+    root = str(tmp_path / "matrix")
+    assert cfg("none").ckpt_path is None and cfg("upsample").ckpt_path is None
+    assert cfg("finetune").ckpt_path == f"{root}/finetune"
+    assert cfg("selfcascade").ckpt_path == f"{root}/selfcascade" and cfg("simple").ckpt_path == f"{root}/simple"
+    pagoda = cfg("pagoda")
+    assert pagoda.ckpt_path == f"{root}/pagoda" and pagoda.method.stage == "grow"
+    assert pagoda.method.previous == f"{root}/pagoda-base"
+    c = cfg("none")
+    assert (c.data.resolution, c.sampler.num_steps, c.sample.seeds, c.metrics._target_) == (
+        32, 50, "0-499", "hiresrun.metrics.Metrics")
+    given = compose(["experiment=matrix", "method=pagoda", "ckpt_path=elsewhere"], tmp_path / "r")
+    assert given.ckpt_path == "elsewhere"  # the command line still wins
+
+
+def test_refused_alone_is_an_error_and_in_a_sweep_a_status_file(tmp_path):
+    proc = cli("sample", "+method=pagoda", "+accelerator=adaptive", cwd=tmp_path)
+    assert proc.returncode == 2 and not list((tmp_path / "outputs").glob("sample/*/*"))  # no run folder left
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("hiresrun: error: method=pagoda with accelerator=adaptive is not supported")
+    assert ONE_STEP in line
+    proc = cli("sample", "-m", "+method=none", "+accelerator=freeu,none", "sample.num_samples=2", "sampler.num_steps=2",
+               "logger=none", "trainer.enable_progress_bar=false", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    jobs = sorted((tmp_path / "outputs" / "multirun" / "sample").glob("*/*/[0-9]*"))
+    assert len(jobs) == 2
+    status = json.loads((jobs[0] / "status.json").read_text())
+    assert status["status"] == "refused" and NO_FREEU in status["reason"]
+    assert (status["method"], status["accelerator"], status["task"]) == ("none", "freeu", "sample")
+    assert not (jobs[0] / "metrics.json").exists() and (jobs[1] / "metrics.json").is_file()
+    assert not (jobs[1] / "status.json").exists()
+
+
+# -- full-scale paper settings: composed here, run on GPU clusters -----------------------------------------------
+FULLSCALE = {  # experiment -> (model.path, data.resolution, method, accelerator, sampler, steps)
+    "selfcascade-sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", 2048, "selfcascade", "none", "euler", 50),
+    "selfcascade-sd21": ("stabilityai/stable-diffusion-2-1-base", 1024, "selfcascade", "none", "ddim", 50),
+    "pagoda-imagenet": (None, 128, "pagoda", "none", "ddim", 50),
+    "simple-imagenet": ("openai/diffusers-cd_imagenet64_l2", 256, "simple", "none", "ddim", 256),
+    "adaptive-sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", 1024, "none", "adaptive", "ddim", 50),
+    "skiptuning-edm64": (None, 64, "none", "skiptuning", "heun", 10),
+}
+
+
+def test_every_fullscale_config_is_listed():
+    assert {f.stem for f in (CONF / "experiment" / "fullscale").glob("*.yaml")} == set(FULLSCALE)
+
+
+@pytest.mark.parametrize("name", sorted(FULLSCALE))
+def test_fullscale_config_composes_with_the_papers_values(name):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    with initialize_config_module("hiresrun.conf", version_base="1.3"):
+        cfg = hydra_compose("config", overrides=[f"experiment=fullscale/{name}"], return_hydra_config=True)
+    path, resolution, method, accelerator, sampler, steps = FULLSCALE[name]
+    choices = cfg.hydra.runtime.choices
+    assert (choices.method, choices.accelerator, choices.sampler) == (method, accelerator, sampler)
+    assert OmegaConf.is_missing(cfg.model, "path") if path is None else cfg.model.path == path
+    assert (cfg.data.resolution, cfg.sampler.num_steps) == (resolution, steps)
+    assert OmegaConf.is_missing(cfg.data, "root") and cfg.metrics._target_ == "hiresrun.metrics.Metrics"
+    assert "NOT RUN HERE" in (CONF / "experiment" / "fullscale" / f"{name}.yaml").read_text()
+    if path is not None:  # the pair itself is supported (model facts unknown offline: not downloaded)
+        support.check(cfg, method, accelerator)
+    if name == "selfcascade-sdxl":
+        assert (cfg.method.mode, cfg.method.strength, cfg.method.pivot_source) == ("tuned", 0.7, "generated")
+        assert (cfg.optimizer.lr, cfg.trainer.max_steps, cfg.trainer.devices) == (5e-5, 12000, 4)
+    if name == "skiptuning-edm64":
+        assert (cfg.accelerator.rho, cfg.sample.num_samples) == (0.78, 50000)
+    if name == "adaptive-sdxl":
+        assert (cfg.accelerator.delta, cfg.accelerator.c_max, cfg.accelerator.decision_scope) == (0.01, 4, "batch")
+
+
+# -- the whole matrix at tiny n ---------------------------------------------------------------------------------
+def train(tmp_path: Path, *args: str) -> None:
+    from PIL import Image
+
+    images = tmp_path / "imgs"
+    if not images.is_dir():
+        images.mkdir()
+        for i in range(8):
+            pixels = np.random.default_rng(i).integers(0, 255, (32, 32), dtype=np.uint8)
+            Image.fromarray(pixels).save(images / f"{i}.png")
+    common = ["data=folder", f"data.root={images}", "data.resolution=32", "data.channels=1", "data.batch_size=4",
+              "logger=none", "train.grid_every=0", "trainer.max_steps=2", "trainer.enable_progress_bar=false",
+              f"paths.cache_dir={tmp_path / 'cache'}"]
+    proc = cli("train", *args, *common, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.slow
+def test_the_full_matrix_runs_at_tiny_n(tmp_path):
+    ckpts = "outputs/matrix"  # matrix.checkpoints under HIRESRUN_OUTPUTS=<tmp>/outputs
+    train(tmp_path, "+method=selfcascade", f"hydra.run.dir={ckpts}/selfcascade")
+    train(tmp_path, "+method=simple", f"hydra.run.dir={ckpts}/simple")
+    train(tmp_path, "+method=finetune", f"hydra.run.dir={ckpts}/finetune")
+    pagoda = ["+method=pagoda", "method.inv_steps=3", "method.encode_chunk=4"]
+    train(tmp_path, *pagoda, "method.stage=encode", f"hydra.run.dir={ckpts}/pagoda-encode")
+    train(tmp_path, *pagoda, "method.stage=base", f"hydra.run.dir={ckpts}/pagoda-base")
+    train(tmp_path, *pagoda, "method.stage=grow", f"method.previous={ckpts}/pagoda-base", "method.rec_loss=l2_pyramid",
+          f"hydra.run.dir={ckpts}/pagoda")
+    proc = cli("sample", "-m", "experiment=matrix", f"+method={','.join(METHODS)}",
+               f"+accelerator={','.join(ACCELERATORS)}", "sample.num_samples=2", "sample.seeds=null",
+               "sampler.num_steps=3", "metrics=none", "trainer.enable_progress_bar=false", cwd=tmp_path, timeout=1800)
+    assert proc.returncode == 0, proc.stderr
+    jobs = sorted((tmp_path / "outputs" / "multirun" / "sample").glob("*/*/[0-9]*"))
+    assert len(jobs) == len(METHODS) * len(ACCELERATORS)
+    for job in jobs:
+        chosen = dict(o.split("=", 1) for o in yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()))
+        method, accelerator = chosen["method"], chosen["accelerator"]
+        expected = expected_refusal(method, accelerator)
+        if expected:
+            status = json.loads((job / "status.json").read_text())
+            assert status["status"] == "refused" and expected in status["reason"], job
+            assert not (job / "metrics.json").exists()
+        else:
+            metrics = json.loads((job / "metrics.json").read_text())
+            assert (metrics["method"], metrics["accelerator"], metrics["resolution"]) == (method, accelerator, 32)
+            assert metrics["num_samples"] == 2
+            assert metrics["nfe_per_image"] == 1 if method == "pagoda" else metrics["nfe_per_image"] >= 3
