@@ -101,7 +101,7 @@ def expected_jobs(sweep: Path) -> list[list[str]]:
     path = sweep / "multirun.yaml"
     if not path.is_file():
         return []
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # Hydra's own expansion: its job numbers
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -259,8 +259,8 @@ def plot_nfe(runs: list[dict], quality: str, path: Path) -> None:
 def report(runs: list[dict], quality: str | None, out: Path, title: str) -> str:
     """report.md's text; writes the plots into `out` when the runs have the numbers for them."""
     done = [r for r in runs if r["status"] == "ok"]
-    counts = {s: sum(r["status"] == s for r in runs) for s in dict.fromkeys(r["status"] for r in runs if r["status"]
-                                                                              != "ok")}
+    without = [r["status"] for r in runs if r["status"] != "ok"]
+    counts = {s: without.count(s) for s in dict.fromkeys(without)}
     text = [f"# Sweep report: {title}", "",
             f"{len(done)} runs with results" + "".join(f", {n} {s}" for s, n in counts.items()) + ".", ""]
     if done:
