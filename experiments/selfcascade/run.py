@@ -4,7 +4,7 @@
 
 Trains the tuned arms (Self-Cascade `light` and `resblock` upsamplers for N steps, `finetune` of all weights
 for N and 5N steps), samples every arm on seeds 0..n-1 with `metrics=default`, and writes
-experiments/selfcascade/results.json and the markdown table printed at the end (pasted into the README).
+experiments/selfcascade/results.json and the results table of its README (rewritten in place).
 Every run is a plain `hiresrun` command, printed before it runs; run folders go under --out.
 """
 
@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from hiresrun.outputs import side_by_side
+from hiresrun.outputs import side_by_side, write_block
 
 HERE = Path(__file__).resolve().parent
 HIRESRUN = str(Path(sys.executable).with_name("hiresrun"))
@@ -87,6 +87,7 @@ def main() -> int:
                         "protocol": m["protocol"]})
     (HERE / "results.json").write_text(json.dumps({"n": args.n, "train_steps": args.steps, "date": time.strftime(
         "%Y-%m-%d"), "rows": results}, indent=2) + "\n")
+    write_block(HERE / "README.md", "results", table(results))
     print(table(results))
     shown = ["none", "upsample (bicubic)", "tuning-free, strength 0.1", f"tuned resblock, {args.steps} steps",
              f"finetune (all weights), {5 * args.steps} steps"]
