@@ -99,8 +99,7 @@ def test_matrix_experiment_names_each_methods_checkpoint(tmp_path):
     assert pagoda.ckpt_path == f"{root}/pagoda" and pagoda.method.stage == "grow"
     assert pagoda.method.previous == f"{root}/pagoda-base"
     c = cfg("none")
-    assert (c.data.resolution, c.sampler.num_steps, c.sample.seeds, c.metrics._target_) == (
-        32, 50, "0-499", "hiresrun.metrics.Metrics")
+    assert (c.data.resolution, c.sampler.num_steps, c.sample.num_samples, c.sample.seeds) == (32, 50, 500, None)
     given = compose(["experiment=matrix", "method=pagoda", "ckpt_path=elsewhere"], tmp_path / "r")
     assert given.ckpt_path == "elsewhere"  # the command line still wins
 
