@@ -153,6 +153,33 @@ def plot(key: str) -> None:
     plt.close(fig)
 
 
+def table(key: str) -> None:
+    """Markdown rows for the README: one row per job, then mean ± std over training seeds per arm and step."""
+    import numpy as np
+
+    samples = json.loads((HERE / "results.json").read_text())[key]["samples"]
+    cols = ("fid", "kid", "swd", "digit_acc", "fd_digits")
+    print("| job | res | train seed | FID | KID ×10³ | SWD | digit_acc | fd_digits | train s | s/image |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for job, s in sorted(samples.items(), key=lambda kv: (kv[1]["resolution"], kv[1]["arm"], kv[1]["train_step"],
+                                                          kv[1].get("train_seed", 0))):
+        print(f"| {job} | {s['resolution']} | {s.get('train_seed', 0)} | {s['fid']:.1f} | {1e3 * s['kid']:.1f} | "
+              f"{s['swd']:.1f} | {s['digit_acc']:.3f} | {s['fd_digits']:.1f} | {s['train_seconds_full_run']:.0f} | "
+              f"{s['sec_per_image']:.2f} |")
+    groups: dict[tuple, list] = {}
+    for s in samples.values():
+        groups.setdefault((s["arm"], s["train_step"]), []).append(s)
+    print("\n| arm@step | seeds | " + " | ".join(cols) + " |\n|---|---|" + "---|" * len(cols))
+    for (arm, step), ss in sorted(groups.items()):
+        if len(ss) > 1:
+            cells = []
+            for c in cols:
+                v = np.array([x[c] for x in ss]) * (1e3 if c == "kid" else 1)
+                cells.append(f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if c != "digit_acc" else
+                             f"{v.mean():.3f} ± {v.std(ddof=1):.3f}")
+            print(f"| {arm}@{step} | {len(ss)} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=300)
@@ -162,10 +189,11 @@ def main() -> None:
     p.add_argument("--out", default="/tmp/simple")
     p.add_argument("--jobs", nargs="+", default=DEFAULT_JOBS, help="arm@step[:training seed], in order")
     p.add_argument("--plot", action="store_true", help="only write the PNGs from results.json")
+    p.add_argument("--table", action="store_true", help="only print the README's markdown tables")
     args = p.parse_args()
     key = f"study_{args.steps}steps_bs{args.batch_size}_n{args.n}"
-    if args.plot:
-        return plot(key)
+    if args.plot or args.table:
+        return plot(key) if args.plot else table(key)
     if os.environ.get("OMP_NUM_THREADS") != "1":
         print("note: OMP_NUM_THREADS is not 1", flush=True)
     out = Path(args.out) / key
