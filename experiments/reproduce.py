@@ -67,9 +67,9 @@ def studies(root: str) -> dict[str, list[str]]:
                    f"ln -sfn {sc}/finetune_all_weights_1500_steps-train {mx}/finetune && "
                    f"ln -sfn {root}/simple/{SIMPLE_RUN} {mx}/simple && "
                    f"ln -sfn {root}/pagoda/G16/train {mx}/pagoda-base && ln -sfn {root}/pagoda/G32/train {mx}/pagoda",
-                   f"{H} sample -m experiment=matrix matrix.checkpoints={mx} sample.seeds=0-{MATRIX_N - 1} "
-                   f"+method=none,upsample,finetune,selfcascade,pagoda,simple +accelerator=none,adaptive,skiptuning "
-                   f"hydra.sweep.dir={mx}/sweep",
+                   f"{H} sample -m experiment=matrix metrics=default matrix.checkpoints={mx} "
+                   f"sample.num_samples={MATRIX_N} +method=none,upsample,finetune,selfcascade,pagoda,simple "
+                   f"+accelerator=none,adaptive,skiptuning,freeu hydra.sweep.dir={mx}/sweep",
                    f"{H} report {mx}/sweep --out experiments/matrix"],
     }
 
