@@ -22,6 +22,19 @@ PACKAGES = ("hiresrun", "torch", "torchvision", "diffusers", "lightning", "hydra
             "torchmetrics", "clean-fid", "wandb", "numpy")
 
 
+PEAK_MEMORY = ("CUDA: torch.cuda.max_memory_allocated on rank 0's device; CPU: the process's peak resident set "
+               "(ru_maxrss), model loading included")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far, in MiB, as PEAK_MEMORY describes it."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
+
+
 def write_json(path: Path, obj: dict) -> None:
     """Temp file in the same folder + rename: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -150,10 +150,12 @@ def sample(cfg: DictConfig) -> dict | None:
         "nfe_per_image": r["evals"] / r["generated"], "sec_per_image": r["seconds"] / r["generated"],
         "method": choice(cfg, "method"), "accelerator": choice(cfg, "accelerator"),
         "sampler": choice(cfg, "sampler"), "num_steps": int(cfg.sampler.num_steps),
+        "peak_memory_mb": outputs.peak_memory_mb(lit.device),  # before the metrics load their networks
         "protocol": {"n": len(r["seeds"]), "seeds": outputs.seed_ranges(r["seeds"].tolist()),
                      "model_weights_sha256": base.weights_hash, "world_size": trainer.world_size,
                      "device": str(lit.device), "precision": str(cfg.trainer.precision),
-                     "sec_per_image": "wall seconds of method.sample summed over ranks / images generated"},
+                     "sec_per_image": "wall seconds of method.sample summed over ranks / images generated",
+                     "peak_memory_mb": outputs.PEAK_MEMORY},
     }
     report = getattr(lit.accelerator_, "report", None)  # AdaptiveDiffusion: per-seed skip masks, NFE spread
     report = report(seeds, cfg.sample.batch_size) if report and trainer.world_size == 1 else None
