@@ -109,6 +109,18 @@ def consistency(small: Path, large: Path) -> dict:
             "n": len(a)}
 
 
+def same_size(grids: list[tuple[str, Path]], folder: Path) -> list[tuple[str, Path]]:
+    """Each stage's grid.png scaled (nearest) to the largest one's size, so the figure compares like with like."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    images = [(name, Image.open(p)) for name, p in grids]
+    size = max(im.size for _, im in images)
+    for i, (_, im) in enumerate(images):
+        im.resize(size, Image.NEAREST).save(folder / f"{i}.png")
+    return [(name, folder / f"{i}.png") for i, (name, _) in enumerate(images)]
+
+
 def table(rows: dict) -> str:
     head = "| arm | steps | " + " | ".join(COLUMNS) + " |"
     lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
@@ -172,7 +184,8 @@ def main() -> int:
                                                                  Path(rows["G32 L_rec only"]["run"])),
                             "G64 vs G32": consistency(Path(rows["G32"]["run"]), Path(rows["G64"]["run"]))},
             "protocol": protocol}
-        side_by_side([(name, Path(r["run"]) / "grid.png") for name, r in rows.items()], HERE / "grids.png")
+        side_by_side(same_size([(name, Path(r["run"]) / "grid.png") for name, r in rows.items()], out / "figure"),
+                     HERE / "grids.png")
         write_block(HERE / "README.md", "main", table(rows))
         write_block(HERE / "README.md", "speed", speed_and_consistency(results["main"]))
         print(table(rows))
