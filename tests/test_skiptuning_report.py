@@ -1,9 +1,12 @@
-"""experiments/skiptuning/report.py: a fabricated 3 rho x 2 NFE multirun folder -> parsed values and best-rho marks."""
+"""experiments/skiptuning/report.py: a fabricated 3 rho x 2 NFE multirun folder -> parsed values and best-rho marks;
+the README's tables are the rendering of the committed results.json."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import re
+import shutil
 
 import pytest
 import yaml
@@ -65,3 +68,69 @@ def test_linear_and_time_schedules_are_their_own_settings():
            "time_schedule": "increasing"}
     assert report.describe(acc) == (0.6, "linear to 1.0, increasing in t")
     assert report.describe({"_target_": "hiresrun.accelerators.Accelerator"}) == (1.0, "constant")
+
+
+# -- the README's tables ---------------------------------------------------------------------------------
+STUDY = REPO / "experiments" / "skiptuning"
+
+
+def blocks(text: str) -> dict[str, str]:
+    """marker name -> the text between `<!-- table:name -->` and `<!-- /table:name -->`."""
+    found = re.findall(r"<!-- table:([\w-]+) -->\n(.*?)\n<!-- /table:\1 -->", text, flags=re.S)
+    return dict(found)
+
+
+def test_readme_tables_are_what_results_json_renders():
+    """Every results table of experiments/skiptuning/README.md is the report script's rendering of results.json."""
+    runs = json.loads((STUDY / "results.json").read_text())
+    rendered, committed = report.readme_tables(runs), blocks((STUDY / "README.md").read_text())
+    assert set(committed) == set(rendered)
+    for name, table in rendered.items():
+        assert committed[name] == table, name
+
+
+def test_readme_rendering_follows_the_numbers(tmp_path):
+    """A changed number changes the table, bold follows the best FID, and write_block puts it in place."""
+    runs = json.loads((STUDY / "results.json").read_text())
+    sc = [r for r in runs if r["setting"] == report.SC32 and r["num_samples"] == 1000]
+    for r in sc:
+        r["fid"] = {0.9: 50.0, 0.95: 60.0, 1.0: 70.0}[r["rho"]]
+    table = report.readme_tables(runs)["n1000"]
+    assert "| 0.9 | 128.2 / 132.9 / 0.174 / 60.6 | **50.0 / 96.0 / 0.283 / 89.1** |" in table
+    assert "| 1.0 | **65.3 / 49.0 / 0.313 / 28.7** | 70.0 / 65.3 / 0.430 / 46.2 |" in table
+    assert "| 0.98 | 75.7 / 61.1 / 0.296 / 32.2 | – |" in table
+    readme = tmp_path / "README.md"
+    readme.write_text((STUDY / "README.md").read_text())
+    report.write_readme(runs, readme)
+    assert blocks(readme.read_text())["n1000"] == table
+    assert blocks(readme.read_text())["grid32"] == blocks((STUDY / "README.md").read_text())["grid32"]
+
+
+def test_time_schedule_and_paper_tables():
+    runs = json.loads((STUDY / "results.json").read_text())
+    tables = report.readme_tables(runs)
+    assert tables["time16"].splitlines()[2:] == [
+        "| rho = 1 (no tuning) | 0.327 | **26.8** |", "| none (rho = 0.8 at every t) | 0.053 | 116.6 |",
+        "| increasing (0.8 at t = 0, 1.0 at t = T) | 0.247 | 36.9 |",
+        "| decreasing (1.0 at t = 0, 0.8 at t = T) | 0.097 | 86.4 |"]
+    assert "| ours: tiny-mnist 16 px, DDIM | 10 | best rho < 1 = 0.99 | FID 72.7 -> 76.9 | +5.8 % |" in tables["paper"]
+    assert "| 0.8 (paper-like) | fd_digits 26.8 -> 116.6 | +335 % |" in tables["paper"]
+    assert report.change(1.0, 2.0) == "-50.0 %" and report.change(5.0, 1.0) == "+400 %"
+
+
+def test_missing_sweep_is_an_error_not_a_stale_table():
+    runs = [r for r in json.loads((STUDY / "results.json").read_text()) if r["num_samples"] != 1000]
+    with pytest.raises(KeyError, match="n = 1000"):
+        report.readme_tables(runs)
+
+
+def test_same_setting_at_another_n_is_its_own_group_and_plot(sweep, tmp_path):
+    other = tmp_path / "n1000" / sweep.name
+    shutil.copytree(sweep, other)
+    for m in other.glob("*/metrics.json"):
+        m.write_text(json.dumps({**json.loads(m.read_text()), "num_samples": 1000}))
+    runs = report.load_runs([sweep, other])
+    assert {r["run"].rsplit("/", 1)[0] for r in runs} == {sweep.name, f"n1000/{sweep.name}"}
+    assert list(report.by_setting(runs)) == [("none 32px ddim constant", 8), ("none 32px ddim constant", 1000)]
+    assert report.plot_name("none 32px ddim constant", 8, 8) == "vs_rho_none_32px_ddim_constant.png"
+    assert report.plot_name("none 32px ddim constant", 1000, 8) == "vs_rho_none_32px_ddim_constant_n1000.png"
