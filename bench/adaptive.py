@@ -11,13 +11,19 @@ steps, (ii) reuse every other step, (iii) periodic reuse (a call every k steps).
 by batch, so that load from other processes on a shared machine falls on all of them alike; batch 1 by default
 (the official scripts' setting). Then the delta x c_max sweep (16x16, DDIM) beside DDIM with fewer steps,
 drawn to bench/results/adaptive_sweep.png. Results go to bench/results/adaptive.json.
+
+A run written to bench/results/adaptive.json (not --quick) also rewrites the tables of experiments/adaptive/README.md
+between its `<!-- table:... -->` markers: the matrix and the sweep from that JSON, the calibration curve from
+experiments/adaptive/calibration-32px-ddim.json. `--tables` does only that, from the JSON files as they are.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
+import textwrap
 import time
 from functools import partial
 from pathlib import Path
@@ -38,6 +44,10 @@ from hiresrun.models import load_model
 SAMPLERS = ("ddim", "dpmsolver", "euler")
 SETTINGS = ((16, "none"), (32, "none"), (32, "selfcascade"))
 OUT = Path(__file__).parent / "results" / "adaptive.json"
+README = Path(__file__).resolve().parents[1] / "experiments" / "adaptive" / "README.md"
+CALIBRATION = README.with_name("calibration-32px-ddim.json")
+NAMES = {"ddim": "DDIM", "dpmsolver": "DPM-Solver++", "euler": "Euler"}
+GOAL_WALL, GOAL_PSNR, GOAL_GAP = 2.5, 32.0, 2.0      # the issue's goal: >= 2.5x wall at >= 32 dB, >= 2 dB at equal NFE
 
 
 class FixedSchedule(Accelerator):
@@ -227,10 +237,105 @@ def print_row(r: dict) -> None:
                                         else ""), flush=True)
 
 
+# -- the README's tables (experiments/adaptive/README.md) --------------------------------------------------
+def paragraph(text: str) -> str:
+    """Wrapped at 114 columns as the README's prose is; in a list after a colon, an item (`; `-separated) is not
+    broken across lines."""
+    head, colon, tail = text.partition(": ")
+    if "; " in tail:
+        text = head + colon + "; ".join(part.replace(" ", "\0") for part in tail.split("; "))
+    return textwrap.fill(text, width=114, break_on_hyphens=False, break_long_words=False).replace("\0", " ")
+
+
+def matrix_table(rows: list[dict]) -> str:
+    """One line per (setting, sampler): NFE and wall speed-ups, fidelity to the full run, and the equal-NFE
+    baselines; the PSNR gap to "fewer steps" in bold where it reaches the goal. Then the estimator's overhead."""
+    lines = ["| setting | sampler | NFE full -> adaptive [per-seed range] | NFE speed-up | wall speed-up | PSNR | "
+             "SSIM | LPIPS | fewer steps (equal NFE) | every other | periodic k | adaptive minus fewer steps |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        a, f, e, k = r["adaptive"], r["fewer_steps"], r["every_other"], r["periodic"]
+        setting = f"{r['resolution']}px " + ("Self-Cascade (tuning-free)" if r["method"] == "selfcascade"
+                                             else r["method"])
+        lp = f"{a['lpips_to_ref']:.3f}" if "lpips_to_ref" in a else "–"
+        gap = a["psnr_to_ref"] - f["psnr_to_ref"]
+        gap_text = f"{gap:+.2f} dB"
+        lines.append(f"| {setting} | {NAMES.get(r['sampler'], r['sampler'])} | {r['full']['nfe']:.0f} -> "
+                     f"{a['nfe']:.1f} [{a['nfe_min']}-{a['nfe_max']}] | {a['speedup_nfe']:.2f}x | "
+                     f"{a['speedup_wall']:.2f}x | {a['psnr_to_ref']:.2f} | {a['ssim_to_ref']:.3f} | {lp} | "
+                     f"{f['steps']}: {f['psnr_to_ref']:.2f} | {e['psnr_to_ref']:.2f} | k={k['k']}: "
+                     f"{k['psnr_to_ref']:.2f} | {f'**{gap_text}**' if gap >= GOAL_GAP else gap_text} |")
+    over = [r for r in rows if "estimator_overhead" in r]
+    if over:
+        exact = "bit-identical images" if all(r.get("identity_exact") for r in over) else "images NOT identical"
+        at = " and ".join(f"x{r['estimator_overhead']:.3f} at {r['resolution']}px" for r in over)
+        samplers = ", ".join(sorted({NAMES.get(r["sampler"], r["sampler"]) for r in over}))
+        lines += ["", paragraph(f"The estimator's cost (wall time of delta = 0, {exact}, over the plain run): {at} "
+                                f"({samplers}).")]
+    return "\n".join(lines)
+
+
+def sweep_table(sw: dict) -> str:
+    """delta rows x c_max columns of `NFE / wall speed-up, PSNR` (bold where the goal is met), then the plain
+    sampler with fewer steps at its speed-ups."""
+    deltas, cmaxes = sorted({p["delta"] for p in sw["adaptive"]}), sorted({p["c_max"] for p in sw["adaptive"]})
+    at = {(p["delta"], p["c_max"]): p for p in sw["adaptive"]}
+    head = [f"c_max {c}" + (": NFE / wall speed-up, PSNR" if i == 0 else "") for i, c in enumerate(cmaxes)]
+    lines = ["| delta | " + " | ".join(head) + " |", "|---|" + "---|" * len(cmaxes)]
+    for d in deltas:
+        cells = []
+        for c in cmaxes:
+            p = at.get((d, c))
+            if p is None:
+                cells.append("–")
+                continue
+            tail = f"{p['speedup_wall']:.2f}x, {p['psnr_to_ref']:.2f}"
+            goal = p["speedup_wall"] >= GOAL_WALL and p["psnr_to_ref"] >= GOAL_PSNR
+            cells.append(f"{p['speedup_nfe']:.2f}x / " + (f"**{tail}**" if goal else tail))
+        lines.append(f"| {d:g} | " + " | ".join(cells) + " |")
+    plain = "; ".join(f"{p['steps_run']} steps {p['speedup_nfe']:.2f}x {p['psnr_to_ref']:.2f}"
+                      for p in sorted(sw["fewer_steps"], key=lambda p: -p["steps_run"]))
+    name = NAMES.get(sw["sampler"], sw["sampler"])
+    text = f"Plain {name} at the same speed-ups (PSNR to its own {sw['steps']}-step output): {plain}."
+    lines += ["", paragraph(text)]
+    return "\n".join(lines)
+
+
+def calibration_table(cal: dict) -> str:
+    """The calibration curve of `hiresrun calibrate`: one row per delta tried, the chosen one and where the
+    search stopped marked."""
+    (name, value), = cal["target"].items()
+    target = f"{'PSNR >=' if name == 'psnr' else 'LPIPS <='} {value:g}"
+    lines = [f"| delta | NFE per image | NFE speed-up | PSNR | SSIM | {target} |", "|---|---|---|---|---|---|"]
+    for i, p in enumerate(cal["curve"]):
+        mark = "yes" if p["meets"] else "no"
+        if p["meets"] and p["delta"] == cal["delta"]:
+            mark += " (chosen)"
+        if not p["meets"] and i == len(cal["curve"]) - 1 and not cal.get("grid_exhausted"):
+            mark += " (search stops)"
+        lines.append(f"| {p['delta']:g} | {p['nfe_per_image']:.1f} | {p['speedup_nfe']:.2f}x | {p['psnr_to_ref']:.2f} "
+                     f"| {p['ssim_to_ref']:.4f} | {mark} |")
+    return "\n".join(lines)
+
+
+def readme_tables(bench: dict, calibration: dict) -> dict[str, str]:
+    """The README's tables by marker name: matrix and sweep from the bench JSON, calibration from its file."""
+    if not bench["results"] or not bench.get("sweep"):
+        raise ValueError("the README tables need the full matrix and the sweep (a run without --samplers / "
+                         "--sweep-delta cut down)")
+    return {"matrix": matrix_table(bench["results"]), "sweep": sweep_table(bench["sweep"]),
+            "calibration": calibration_table(calibration)}
+
+
+def write_readme(bench_json: Path = OUT, calibration_json: Path = CALIBRATION, readme: Path = README) -> None:
+    tables = readme_tables(json.loads(bench_json.read_text()), json.loads(calibration_json.read_text()))
+    for name, table in tables.items():
+        outputs.write_block(readme, name, table)
+    print(f"bench: tables of {readme} rewritten from {bench_json} and {calibration_json}")
+
+
 def merge(parts: list[Path], out: Path) -> int:
     """One result file from parts run in parallel processes (each timed side by side within itself)."""
-    import json
-
     loaded = [json.loads(p.read_text()) for p in parts]
     order = {(s, m, x): i for i, (s, m, x) in enumerate((s, m, x) for s, m in SETTINGS for x in SAMPLERS)}
     rows = sorted((r for d in loaded for r in d["results"]), key=lambda r: order[r["resolution"], r["method"],
@@ -240,6 +345,8 @@ def merge(parts: list[Path], out: Path) -> int:
     sweep_ = next((d["sweep"] for d in loaded if d.get("sweep")), None)
     outputs.write_json(out, {"protocol": protocol, "results": rows, "sweep": sweep_})
     print(f"bench: {len(rows)} settings from {len(parts)} parts -> {out}")
+    if out.resolve() == OUT.resolve():
+        write_readme(out)
     return 0
 
 
@@ -261,7 +368,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="1 avoids thread oversubscription on a shared CPU")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--merge", type=Path, nargs="*", default=[], help="combine these result files into --out")
+    ap.add_argument("--tables", action="store_true",
+                    help="run nothing: rewrite the README's tables from --out and the calibration file")
     args = ap.parse_args(argv)
+    if args.tables:
+        write_readme(args.out)
+        return 0
     if args.merge:
         return merge(args.merge, args.out)
     if args.quick:
@@ -304,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
                 "packages": outputs.manifest(base.weights_hash, base.source)["packages"]}
     outputs.write_json(args.out, {"protocol": protocol, "results": rows, "sweep": sw})
     print(f"bench: {len(rows)} settings in {protocol['bench_seconds']:.0f} s -> {args.out}")
+    if args.out.resolve() == OUT.resolve() and not args.quick:
+        write_readme(args.out)
     return 0
 
 
