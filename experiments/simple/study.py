@@ -169,7 +169,9 @@ def table(key: str) -> None:
     groups: dict[tuple, list] = {}
     for s in samples.values():
         groups.setdefault((s["arm"], s["train_step"]), []).append(s)
-    print("\n| arm@step | seeds | " + " | ".join(cols) + " |\n|---|---|" + "---|" * len(cols))
+    names = {"fid": "FID", "kid": "KID ×10³", "swd": "SWD", "digit_acc": "digit_acc", "fd_digits": "fd_digits"}
+    print("\n| arm@step | training seeds | " + " | ".join(names[c] for c in cols) + " (mean ± std) |\n|---|---|"
+          + "---|" * len(cols))
     for (arm, step), ss in sorted(groups.items()):
         if len(ss) > 1:
             cells = []
