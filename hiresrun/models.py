@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,10 +93,33 @@ class BaseModel:
         return self.vae.decode(x / self.vae_scale).sample
 
 
+# Which rows of the sampled batch the current network call covers (None: all of them). An accelerator that runs
+# the model on part of the batch (AdaptiveDiffusion's per-image decisions) sets it, so that anything bound to the
+# whole batch (class labels, Self-Cascade's pivot) follows the rows instead of failing on a shape mismatch.
+BATCH_ROWS: ContextVar[Tensor | None] = ContextVar("batch_rows", default=None)
+
+
+@contextmanager
+def batch_rows(rows: Tensor) -> Iterator[None]:
+    token = BATCH_ROWS.set(rows)
+    try:
+        yield
+    finally:
+        BATCH_ROWS.reset(token)
+
+
+def rows_of(v, batch: int):
+    """`v` restricted to the current rows when it is a per-image tensor of the whole batch (more rows than the call)."""
+    rows = BATCH_ROWS.get()
+    if rows is None or not isinstance(v, Tensor) or v.ndim == 0 or v.shape[0] <= batch:
+        return v
+    return v[rows.to(v.device)]
+
+
 def model_fn(unet: nn.Module, cond: dict | None = None) -> ModelFn:
     """The one call convention: (x_t, t) -> raw model output, conditioning bound in a closure."""
     kwargs = cond or {}
-    return lambda x, t: unet(x, t, **kwargs).sample
+    return lambda x, t: unet(x, t, **{k: rows_of(v, x.shape[0]) for k, v in kwargs.items()}).sample
 
 
 def weights_hash(folder: Path) -> str:

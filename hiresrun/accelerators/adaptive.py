@@ -17,7 +17,7 @@ from torch import Tensor
 
 from hiresrun.accelerators import Accelerator
 from hiresrun.errors import UsageError
-from hiresrun.models import ModelFn
+from hiresrun.models import ModelFn, batch_rows
 from hiresrun.support import Support
 
 OFFICIAL_CAP_AFTER = 4  # the official cap acts only once more than 4 decisions exist (spec §4, "cap quirk")
@@ -205,7 +205,8 @@ class _Steps:
         else:
             idx = compute.nonzero().squeeze(1)
             sub_t = t[idx] if isinstance(t, Tensor) and t.ndim and t.shape[0] == x.shape[0] else t
-            sub = _sub_batch(model_fn, x[idx], sub_t)
+            with batch_rows(idx):
+                sub = _sub_batch(model_fn, x[idx], sub_t)
             out = self.cache.clone()
             out[idx] = sub
         self.cache = out
@@ -215,7 +216,8 @@ class _Steps:
 
 def _sub_batch(model_fn: ModelFn, x: Tensor, t: Tensor) -> Tensor:
     """model_fn on part of the batch; conditioning bound for the whole batch cannot do that (one clear line)."""
-    hint = "set accelerator.decision_scope=batch (this model_fn's conditioning is bound to the whole batch)"
+    hint = ("set accelerator.decision_scope=batch (this model_fn binds per-image conditioning to the whole batch "
+            "without following models.BATCH_ROWS)")
     try:
         out = model_fn(x, t)
     except torch.OutOfMemoryError:

@@ -19,7 +19,7 @@ from hiresrun.errors import UsageError
 from hiresrun.methods.finetune import denoising_loss
 from hiresrun.methods.none import NoneMethod
 from hiresrun.methods.upsample import upscale
-from hiresrun.models import BaseModel, model_fn
+from hiresrun.models import BaseModel, model_fn, rows_of
 
 
 class ResBlockUp(nn.Module):
@@ -119,7 +119,8 @@ def attach_upsamplers(net: CascadeNet, stage: int, pivot: Tensor, min_t: float =
             return
         emb, h = kwargs["temb"], kwargs.get("hidden_states", args[0] if args else None)
         extra = state["extra"]
-        p = pivot.repeat(h.shape[0] // pivot.shape[0], 1, 1, 1)
+        rows = rows_of(pivot, h.shape[0])  # an accelerator's sub-batch: the pivots of those images
+        p = rows.repeat(h.shape[0] // rows.shape[0], 1, 1, 1)
         state["busy"] = True
         try:
             with torch.no_grad():
