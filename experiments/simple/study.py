@@ -92,7 +92,8 @@ def save(key: str, entry: dict, args) -> None:
     block.setdefault("samples", {}).update(entry)
     block["protocol"] = {
         "base": "tiny-mnist (16px, eps, squaredcos_cap_v2)", "data": "mnist (embedded), 4,000 train / 1,000 ref",
-        "recipe": RECIPE, "train_steps": args.steps, "batch_size": args.batch_size, "train_seeds": "0 unless the job says arm@step:seed; data.seed=0 always",
+        "recipe": RECIPE, "train_steps": args.steps, "batch_size": args.batch_size,
+        "train_seeds": "0 unless the job says arm@step:seed; data.seed=0 always",
         "checkpoint_every": args.every, "optimizer": "AdamW 2e-4, EMA 0.999 with warm-up",
         "sampler": "ddim", "num_steps": 50, "seeds": f"0-{args.n - 1}", "metrics": "default, patch_fid=false",
         "feature_extractor": "clean-fid Inception-v3 pool3, clean resize to 299",
@@ -134,7 +135,8 @@ def plot(key: str) -> None:
 
     max_step = max(s["train_step"] for s in samples.values())
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.6))
-    for ax, (m, title) in zip(axes, [("fid", "FID ↓"), ("kid", "KID ↓"), ("swd", "SWD ↓"), ("fd_digits", "fd_digits ↓")]):
+    panels = [("fid", "FID ↓"), ("kid", "KID ↓"), ("swd", "SWD ↓"), ("fd_digits", "fd_digits ↓")]
+    for ax, (m, title) in zip(axes, panels):
         for i, res in enumerate((32, 64)):
             u, s = final(f"u{res}", m), final(f"s{res}", m)
             if not (u and s):
@@ -153,25 +155,26 @@ def plot(key: str) -> None:
     plt.close(fig)
 
 
-def table(key: str) -> None:
+def table(key: str) -> str:
     """Markdown rows for the README: one row per job, then mean ± std over training seeds per arm and step."""
     import numpy as np
 
     samples = json.loads((HERE / "results.json").read_text())[key]["samples"]
+    lines: list[str] = []
     cols = ("fid", "kid", "swd", "digit_acc", "fd_digits")
-    print("| job | res | train seed | FID | KID ×10³ | SWD | digit_acc | fd_digits | train s | s/image |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("| job | res | train seed | FID | KID ×10³ | SWD | digit_acc | fd_digits | train s | s/image |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for job, s in sorted(samples.items(), key=lambda kv: (kv[1]["resolution"], kv[1]["arm"], kv[1]["train_step"],
                                                           kv[1].get("train_seed", 0))):
-        print(f"| {job} | {s['resolution']} | {s.get('train_seed', 0)} | {s['fid']:.1f} | {1e3 * s['kid']:.1f} | "
-              f"{s['swd']:.1f} | {s['digit_acc']:.3f} | {s['fd_digits']:.1f} | {s['train_seconds_full_run']:.0f} | "
-              f"{s['sec_per_image']:.2f} |")
+        lines.append(f"| {job} | {s['resolution']} | {s.get('train_seed', 0)} | {s['fid']:.1f} | "
+                     f"{1e3 * s['kid']:.1f} | {s['swd']:.1f} | {s['digit_acc']:.3f} | {s['fd_digits']:.1f} | "
+                     f"{s['train_seconds_full_run']:.0f} | {s['sec_per_image']:.2f} |")
     groups: dict[tuple, list] = {}
     for s in samples.values():
         groups.setdefault((s["arm"], s["train_step"]), []).append(s)
     names = {"fid": "FID", "kid": "KID ×10³", "swd": "SWD", "digit_acc": "digit_acc", "fd_digits": "fd_digits"}
-    print("\n| arm@step | training seeds | " + " | ".join(names[c] for c in cols) + " (mean ± std) |\n|---|---|"
-          + "---|" * len(cols))
+    lines.append("\n| arm@step | training seeds | " + " | ".join(names[c] for c in cols) + " (mean ± std) |\n|---|---|"
+                 + "---|" * len(cols))
     for (arm, step), ss in sorted(groups.items()):
         if len(ss) > 1:
             cells = []
@@ -179,7 +182,17 @@ def table(key: str) -> None:
                 v = np.array([x[c] for x in ss]) * (1e3 if c == "kid" else 1)
                 cells.append(f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if c != "digit_acc" else
                              f"{v.mean():.3f} ± {v.std(ddof=1):.3f}")
-            print(f"| {arm}@{step} | {len(ss)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {arm}@{step} | {len(ss)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_table(key: str) -> str:
+    """The job tables into the README (between its `table:study-jobs` markers); returns them."""
+    from hiresrun.outputs import write_block
+
+    text = table(key)
+    write_block(HERE / "README.md", "study-jobs", text)
+    return text
 
 
 def main() -> None:
@@ -195,7 +208,7 @@ def main() -> None:
     args = p.parse_args()
     key = f"study_{args.steps}steps_bs{args.batch_size}_n{args.n}"
     if args.plot or args.table:
-        return plot(key) if args.plot else table(key)
+        return plot(key) if args.plot else print(write_table(key))
     if os.environ.get("OMP_NUM_THREADS") != "1":
         print("note: OMP_NUM_THREADS is not 1", flush=True)
     out = Path(args.out) / key
@@ -212,6 +225,7 @@ def main() -> None:
         save(key, {job: entry}, args)
         print(job, json.dumps(entry), flush=True)
     plot(key)
+    write_table(key)
 
 
 if __name__ == "__main__":
