@@ -22,17 +22,33 @@ PACKAGES = ("hiresrun", "torch", "torchvision", "diffusers", "lightning", "hydra
             "torchmetrics", "clean-fid", "wandb", "numpy")
 
 
-PEAK_MEMORY = ("CUDA: torch.cuda.max_memory_allocated on rank 0's device; CPU: the process's peak resident set "
-               "(ru_maxrss), model loading included")
+PEAK_MEMORY = ("peak during sampling (from a reset at its start; the loaded model included): CUDA: "
+               "torch.cuda.max_memory_allocated on rank 0's device; CPU: the process's resident-set high-water mark "
+               "(VmHWM, reset through /proc/self/clear_refs)")
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak (jobs of one Hydra multirun share a process, so a lifetime peak would carry over)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
+    except OSError:
+        pass
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory so far, in MiB, as PEAK_MEMORY describes it."""
+    """Peak memory since the last reset_peak_memory, in MiB, as PEAK_MEMORY describes it."""
     if device.type == "cuda":
         return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    import resource
+    try:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+        return round(int(line.split()[1]) / 1024, 1)  # kB
+    except (OSError, StopIteration):
+        import resource
 
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # no /proc: lifetime peak
 
 
 def write_json(path: Path, obj: dict) -> None:

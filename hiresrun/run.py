@@ -137,6 +137,7 @@ def sample(cfg: DictConfig) -> dict | None:
                     instantiate(cfg.accelerator))
     logger = build_logger(cfg)
     trainer = build_trainer(cfg, logger)
+    outputs.reset_peak_memory(lit.device)
     trainer.test(lit, dataloaders=seed_loader(seeds, cfg.sample.batch_size), verbose=False)
     if not trainer.is_global_zero:
         return None
