@@ -223,8 +223,10 @@ def train(cfg: DictConfig) -> None:
         return
     trainer, net, stats = _fit(cfg, base, method, data, "train")
     if trainer.is_global_zero:
-        _finish_training(cfg, trainer, net, base, {"method": choice(cfg, "method"),
-                                                   "resolution": int(cfg.data.resolution), **stats})
+        # the size the method trains at (PaGoDA's stage=base: the base's own, whatever data.resolution says)
+        resolution = int(getattr(method, "resolution", cfg.data.resolution))
+        _finish_training(cfg, trainer, net, base, {"method": choice(cfg, "method"), "resolution": resolution,
+                                                   **stats})
 
 
 def pretrain(cfg: DictConfig) -> None:

@@ -279,9 +279,11 @@ def test_encode_base_grow_and_sample_through_the_cli(tiny_model_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     ckpt = torch.load(tmp_path / "base" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 2 and {k.split(".")[1] for k in ckpt["state_dict"]} == {"gen", "disc"}
+    assert json.loads((tmp_path / "base" / "metrics.json").read_text())["resolution"] == 8  # G's size, not data's
     proc = cli("train", "+method=pagoda", "method.stage=grow", "method.previous=base", "trainer.max_steps=2",
                "method.rec_loss=l2_pyramid", "hydra.run.dir=grow", *common, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "grow" / "metrics.json").read_text())["resolution"] == 16
     proc = cli("sample", "+method=pagoda", "method.stage=grow", "method.previous=base", "ckpt_path=grow",
                "sample.num_samples=2", "hydra.run.dir=sa", *common, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
