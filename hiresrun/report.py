@@ -226,13 +226,19 @@ def direction(quality: str) -> str:
     return "higher is better" if sign(quality) < 0 else "lower is better"
 
 
+def pair_name(r: dict) -> str:
+    return str(r["method"]) if r["accelerator"] in (None, "none") else f"{r['method']} + {r['accelerator']}"
+
+
 def plot_speed(runs: list[dict], quality: str, front: list[str], path: Path) -> None:
     """Quality against seconds per image, every run labelled, the Pareto front joined and in red."""
     fig, ax = axes()
     pts = points(runs, quality)
     ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="grey", zorder=2)
-    for x, y, r in pts:
-        ax.annotate(r["run"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    names = [pair_name(r) for _, _, r in pts]  # method (+ accelerator) when that tells the points apart
+    names = names if len(set(names)) == len(names) else [r["run"] for _, _, r in pts]
+    for (x, y, _), name in zip(pts, names):
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
     best = sorted((p for p in pts if p[2]["run"] in front), key=lambda p: p[0])
     ax.plot([p[0] for p in best], [p[1] for p in best], color="tab:red", marker="o", zorder=3, label="Pareto front")
     if pts and max(p[0] for p in pts) > 10 * min(p[0] for p in pts) > 0:
@@ -245,10 +251,9 @@ def plot_speed(runs: list[dict], quality: str, front: list[str], path: Path) -> 
 def plot_nfe(runs: list[dict], quality: str, path: Path) -> None:
     """Quality against NFE per image, one line per method (and accelerator, when one is on)."""
     fig, ax = axes()
-    label = lambda r: r["method"] if r["accelerator"] in (None, "none") else f"{r['method']} + {r['accelerator']}"
     pts = points(runs, quality, "nfe_per_image")
-    for name in dict.fromkeys(label(p[2]) for p in pts):
-        line = sorted((x, y) for x, y, r in pts if label(r) == name)
+    for name in dict.fromkeys(pair_name(p[2]) for p in pts):
+        line = sorted((x, y) for x, y, r in pts if pair_name(r) == name)
         ax.plot(*zip(*line), marker="o", label=name)
     ax.set(xlabel="NFE per image", ylabel=f"{quality} ({direction(quality)})", title=f"{quality} vs NFE")
     ax.legend(fontsize=7)
