@@ -55,7 +55,8 @@ def studies(root: str) -> dict[str, list[str]]:
             f"ckpt_path={sc}/tuned_resblock_300_steps-train sampler.num_steps=10 accelerator=skiptuning "
             f"accelerator.rho=0.9,0.95,1.0 data.resolution=32 sample.num_samples=1000 {ST} "
             f"hydra.sweep.dir={st}/n1000/sc32_10",
-            f"{PY} experiments/skiptuning/report.py {st}/* {st}/n1000/* --out experiments/skiptuning"],
+            f"{PY} experiments/skiptuning/report.py {st}/{{ddim32_10,ddim16_10,digits16,dpm16,linear16,time16}} "
+            f"{st}/n1000/{{ddim16_10,sc32_10}} --out experiments/skiptuning"],
         "adaptive": [f"{PY} bench/adaptive.py --threads 1 --out bench/results/adaptive.json"],
         "simple": [f"{PY} experiments/simple/run.py --steps 500 --n 500 --out {root}/simple",
                    f"{PY} experiments/simple/study.py --out {root}/simple"],
