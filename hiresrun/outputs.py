@@ -168,4 +168,6 @@ def write_block(path: Path, name: str, text: str) -> None:
     if doc.count(start) != 1 or doc.count(end) != 1 or doc.index(start) > doc.index(end):
         raise ValueError(f"{path}: needs one '{start}' ... '{end}' pair to write the {name} table into")
     head, rest = doc.split(start)
-    path.write_text(f"{head}{start}\n{text.strip()}\n{end}{rest.split(end, 1)[1]}")
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:  # atomic, as above
+        f.write(f"{head}{start}\n{text.strip()}\n{end}{rest.split(end, 1)[1]}")
+    os.replace(f.name, path)
