@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from hiresrun import outputs, support
+from hiresrun import checkpoint, outputs, support
 from hiresrun.errors import Unsupported, UsageError
 from hiresrun.lit import EMA, LitModule
 from hiresrun.models import count_params, save_pipeline
@@ -83,13 +83,13 @@ def resolve_ckpt(ckpt_path: str | None, output_root: str, task: str) -> str | No
 def load_net_weights(net: torch.nn.Module, ckpt: str, base) -> None:
     """Weights of `net` from a Lightning checkpoint written by `hiresrun train` (EMA weights when on). Frozen
     base weights are not in it: they come from the model config, which must be the base it was trained on."""
-    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
-    trained_on = checkpoint.get("base", {}).get("weights_sha256")
+    loaded = checkpoint.load(ckpt)  # weights_only: a hostile pickle is refused before it runs anything
+    trained_on = loaded.get("base", {}).get("weights_sha256")
     if trained_on and base.weights_hash != trained_on:
         raise UsageError(f"ckpt_path={ckpt} was trained on base weights {trained_on[:12]} "
-                         f"({checkpoint['base'].get('source')}), but model= gives {base.weights_hash[:12]}; "
+                         f"({loaded['base'].get('source')}), but model= gives {base.weights_hash[:12]}; "
                          f"pass the same model")
-    state = {k[len("net."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+    state = {k[len("net."):]: v for k, v in loaded["state_dict"].items() if k.startswith("net.")}
     try:
         net.load_state_dict({**net.state_dict(), **state})
     except RuntimeError:
@@ -203,7 +203,10 @@ def _fit(cfg: DictConfig, base, method, data, task: str):
     start = time.perf_counter()
     data.setup("fit")
     grid_loader = seed_loader(list(range(cfg.train.grid_seeds)), cfg.sample.batch_size)
-    trainer.fit(lit, train_dataloaders=data.train_dataloader(), val_dataloaders=grid_loader, ckpt_path=ckpt)
+    if ckpt:
+        checkpoint.load(ckpt)  # refuse a hostile or broken file in one line before Lightning touches it
+    trainer.fit(lit, train_dataloaders=data.train_dataloader(), val_dataloaders=grid_loader, ckpt_path=ckpt,
+                weights_only=True)
     if logger:
         logger.log_metrics({"train/trainable_params": trainable})
     return trainer, net, {"trainable_params": trainable, "train_seconds": time.perf_counter() - start}

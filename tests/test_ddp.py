@@ -30,7 +30,7 @@ def test_ddp_training_runs_and_checkpoints(tiny_model_dir, tmp_path):
                "trainer=ddp", "trainer.devices=2", "trainer.max_steps=3", "data.batch_size=4",
                "train.grid_every=2", "train.grid_seeds=3", "logger=none", "hydra.run.dir=ddp", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    ckpt = torch.load(tmp_path / "ddp" / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "ddp" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 3
     assert (tmp_path / "ddp" / "grids" / "step_0000002.png").is_file()
     assert json.loads((tmp_path / "ddp" / "metrics.json").read_text())["steps"] == 3

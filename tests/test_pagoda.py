@@ -277,7 +277,7 @@ def test_encode_base_grow_and_sample_through_the_cli(tiny_model_dir, tmp_path):
     proc = cli("train", "+method=pagoda", "method.stage=base", "trainer.max_steps=2", "hydra.run.dir=base",
                *common, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    ckpt = torch.load(tmp_path / "base" / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "base" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 2 and {k.split(".")[1] for k in ckpt["state_dict"]} == {"gen", "disc"}
     assert json.loads((tmp_path / "base" / "metrics.json").read_text())["resolution"] == 8  # G's size, not data's
     proc = cli("train", "+method=pagoda", "method.stage=grow", "method.previous=base", "trainer.max_steps=2",

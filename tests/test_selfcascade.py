@@ -111,7 +111,7 @@ def test_train_then_sample_through_the_cli(tiny_model_dir, tmp_path):
     proc = cli("train", "+method=selfcascade", "method.upsampler=light", "trainer.max_steps=2", "data.batch_size=4",
                "train.grid_every=0", "hydra.run.dir=tr", *common, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    ckpt = torch.load(tmp_path / "tr" / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "tr" / "checkpoints" / "last.ckpt", weights_only=True)
     assert all(k.startswith("net.upsamplers.") for k in ckpt["state_dict"])  # only what trains
     assert ckpt["base"]["weights_sha256"] == load_model(str(tiny_model_dir)).weights_hash
     # light upsamplers after down blocks (8, 16) and the mid block (16), time embedding 32: 10 C + 33 each

@@ -178,7 +178,7 @@ def test_train_then_sample_rebuilds_the_schedule_from_the_checkpoint(tiny_model_
     proc = cli("train", "+method=simple", "method.noise_d=4", "trainer.max_steps=2", "data.batch_size=4",
                "train.grid_every=0", "hydra.run.dir=tr", *common, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    ckpt = torch.load(tmp_path / "tr" / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "tr" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["state_dict"]["net._extra_state"]["noise_d"] == 4
     proc = cli("sample", "+method=simple", "ckpt_path=tr", "sampler.num_steps=3", "sample.num_samples=2",
                "hydra.run.dir=sa", *common, cwd=tmp_path)

@@ -21,14 +21,14 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tiny_model_dir, tmp_pa
     run.run(train_cfg(tiny_model_dir, tmp_path / "train" / "a" / "whole", 6))
     run.run(train_cfg(tiny_model_dir, tmp_path / "train" / "b" / "first", 3))
     run.run(train_cfg(tiny_model_dir, tmp_path / "train" / "c" / "rest", 6, f"ckpt_path={tmp_path}/train/b/first"))
-    whole = torch.load(tmp_path / "train/a/whole/checkpoints/last.ckpt", weights_only=False)
-    rest = torch.load(tmp_path / "train/c/rest/checkpoints/last.ckpt", weights_only=False)
+    whole = torch.load(tmp_path / "train/a/whole/checkpoints/last.ckpt", weights_only=True)
+    rest = torch.load(tmp_path / "train/c/rest/checkpoints/last.ckpt", weights_only=True)
     assert whole["global_step"] == rest["global_step"] == 6
     for key in ("state_dict", "current_model_state"):  # EMA weights and raw weights
         assert whole[key].keys() == rest[key].keys()
         for name in whole[key]:
             assert torch.equal(whole[key][name], rest[key][name]), (key, name)
-    first = torch.load(tmp_path / "train/b/first/checkpoints/last.ckpt", weights_only=False)
+    first = torch.load(tmp_path / "train/b/first/checkpoints/last.ckpt", weights_only=True)
     changed = [n for n in whole["current_model_state"]
                if not torch.equal(whole["current_model_state"][n], first["current_model_state"][n])]
     assert changed  # the resumed half did train

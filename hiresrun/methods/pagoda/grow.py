@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
+from hiresrun import checkpoint as checkpoints
 from hiresrun.errors import UsageError
 
 
@@ -26,7 +26,7 @@ def generator_state(previous: str, weights_hash: str, depth: int = 0) -> dict[st
     from omegaconf import OmegaConf
 
     ckpt = checkpoint_file(previous)
-    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+    checkpoint = checkpoints.load(ckpt, "method.previous")  # weights_only: nothing in the file can run
     trained_on = checkpoint.get("base", {}).get("weights_sha256")
     if trained_on and trained_on != weights_hash:
         raise UsageError(f"method.previous={previous} was trained on base weights {trained_on[:12]}, model= gives "
