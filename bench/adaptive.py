@@ -60,10 +60,10 @@ class FixedSchedule(Accelerator):
     def wrap(self, model_fn):
         state = {"i": 0, "cache": None}
 
-        def fixed(x, t):
+        def fixed(x, t, cond):
             i, state["i"] = state["i"], state["i"] + 1
             if self.mask[i] or state["cache"] is None:
-                state["cache"] = model_fn(x, t)
+                state["cache"] = model_fn(x, t, cond)
             return state["cache"]
 
         return fixed

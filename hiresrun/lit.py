@@ -53,8 +53,9 @@ class LitModule(L.LightningModule):
     """Trains `net` with `method.loss`; samples with `method.sample` under the accelerator."""
 
     def __init__(self, net: nn.Module, method, scheduler, num_steps: int, accelerator: Accelerator | None = None,
-                 optimizer=None, seed: int = 0, grid_dir: str | None = None, val_metric=None):
+                 optimizer=None, seed: int = 0, grid_dir: str | None = None, val_metric=None, conditioner=None):
         super().__init__()
+        self.conditioner = conditioner  # seeds -> cond (conditioning.Conditioner); None: the base's own labels
         self.val_metric = val_metric  # images -> {"val/fid_proxy": ..., "val/fid_proxy_n": ...} (metrics.FidProxy)
         self.net, self.method, self.scheduler, self.num_steps = net, method, scheduler, num_steps
         self.accelerator_ = accelerator or Accelerator()
@@ -101,7 +102,13 @@ class LitModule(L.LightningModule):
         """Images for `seeds` (uint8), with the image evaluations and wall seconds they cost."""
         counter, gens = sampling.Counter(), sampling.generators(seeds)
         wrap = lambda f: self.accelerator_.wrap(counter(f))
-        loop = partial(sampling.sample, scheduler=self.scheduler, num_steps=self.num_steps, gens=gens, wrap=wrap)
+        if self.conditioner is None:
+            from hiresrun.conditioning import Conditioner
+
+            self.conditioner = Conditioner(self.method.base)
+        cond = self.conditioner(seeds, gens, self.device)  # drawn before any noise: labels depend on the seed only
+        loop = partial(sampling.sample, scheduler=self.scheduler, num_steps=self.num_steps, gens=gens, wrap=wrap,
+                       cond=cond)
         handles = self.accelerator_.attach(self.net)
         start = time.perf_counter()
         try:
@@ -111,7 +118,8 @@ class LitModule(L.LightningModule):
                 h.remove()
         seconds = time.perf_counter() - start
         return {"seeds": torch.tensor(seeds), "images": to_uint8(x).cpu(),
-                "evals": torch.tensor(counter.evals), "seconds": torch.tensor(seconds, dtype=torch.float64)}
+                "evals": torch.tensor(counter.evals), "passes": torch.tensor(counter.passes),
+                "seconds": torch.tensor(seconds, dtype=torch.float64)}
 
     def validation_step(self, seeds: Tensor, batch_idx: int) -> None:
         self._outputs.append(self.generate(seeds.tolist()))
@@ -147,5 +155,5 @@ class LitModule(L.LightningModule):
         seeds, first = torch.unique_consecutive(local["seeds"][order], return_counts=True)
         keep = order[torch.cumsum(first, 0) - first]
         return {"seeds": seeds, "images": local["images"][keep].cpu(),
-                "evals": int(local["evals"].sum()), "seconds": float(local["seconds"].sum()),
+                "evals": int(local["evals"].sum()), "passes": int(local["passes"].sum()), "seconds": float(local["seconds"].sum()),
                 "generated": len(local["seeds"])}

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from torch import Tensor, nn
 from hiresrun.errors import UsageError
 
 ASSETS = Path(__file__).parent / "assets"
-ModelFn = Callable[[Tensor, Tensor], Tensor]
+ModelFn = Callable[[Tensor, Tensor, dict], Tensor]  # (x_t, t, cond) -> raw output (eps, v or x0)
 
 # The documented default when a model ships no scheduler config: diffusers' DDPMScheduler defaults
 # (1000 steps, linear betas 1e-4..0.02, epsilon prediction), the setting of the original DDPM release.
@@ -31,7 +29,8 @@ DEFAULT_SCHEDULER = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000
 @dataclass
 class BaseModel:
     """Everything a method needs from the pre-trained model: the denoiser, its training schedule, its
-    native resolution, and (for latent models) the autoencoder that maps images to its sample space."""
+    native resolution, (for latent models) the autoencoder that maps images to its sample space, and (for text
+    models) the pipeline's text encoders."""
 
     unet: nn.Module
     scheduler_config: dict
@@ -40,9 +39,13 @@ class BaseModel:
     weights_hash: str                    # sha256 over the UNet's weight files (or "scratch")
     source: str                          # path or hub id it came from
     vae: nn.Module | None = None         # latent models: images <-> latents
-    vae_scale: float = 1.0               # latents are multiplied by this once after encoding
+    vae_scale: float = 1.0               # latents are (z - vae_shift) * vae_scale once after encoding
     conditioning: str = "none"           # none | class | text
-    cond: dict = field(default_factory=dict)  # extra keyword arguments for every UNet call
+    cond: dict = field(default_factory=dict)  # extra UNet keyword arguments for every call (one row, broadcast)
+    text: object | None = None           # text models: conditioning.TextEncoder (the pipeline's encode_prompt)
+    vae_shift: float = 0.0               # the VAE config's shift_factor (SD3-style VAEs; SD/SDXL have none)
+    vae_tile_above: int | None = None    # tiled VAE decode/encode for images larger than this side (pixels)
+    caption_dropout: float = 0.0         # training: share of captions replaced by "" (serves unguided calls)
 
     @property
     def downsample_factor(self) -> int:
@@ -55,71 +58,131 @@ class BaseModel:
 
     def check_resolution(self, resolution: int) -> None:
         step = self.downsample_factor * self.latent_factor
-        if resolution % step:
+        if resolution < step or resolution % step:
             ok = [r for r in (resolution - resolution % step, resolution - resolution % step + step) if r > 0]
-            raise UsageError(f"data.resolution={resolution} is not divisible by {step}, the model's downsampling "
-                             f"factor; use e.g. data.resolution={ok[-1]}")
+            raise UsageError(f"data.resolution={resolution} is not a positive multiple of {step}, the model's "
+                             f"downsampling factor; use e.g. data.resolution={ok[-1]}")
 
     @property
     def num_classes(self) -> int:
         return int(getattr(self.unet.config, "num_class_embeds", None) or 0)
 
-    def condition(self, gens: list[torch.Generator], device) -> dict:
-        """UNet keyword arguments for one sampling call. Class-conditional models draw each image's label
-        from its own seed's generator (uniform over classes), so the label too depends on the seed only."""
-        if self.conditioning != "class":
-            return dict(self.cond)
-        labels = torch.cat([torch.randint(self.num_classes, (1,), generator=g) for g in gens])
-        return {**self.cond, "class_labels": labels.to(device)}
+    def broadcast(self, batch: int, device) -> dict:
+        """`cond`'s fixed keyword arguments as one row per image."""
+        return {k: v.to(device).expand(batch, *v.shape[1:]) if isinstance(v, Tensor) and v.shape[0] == 1 else v
+                for k, v in self.cond.items()}
 
     def batch_condition(self, batch: dict) -> dict:
-        """UNet keyword arguments for a training batch (its labels, for class-conditional models)."""
-        if self.conditioning != "class":
-            return dict(self.cond)
-        if (batch["label"] < 0).any():
-            raise UsageError("model.conditioning=class needs labelled data (data=mnist); this data has no labels")
-        return {**self.cond, "class_labels": batch["label"]}
+        """UNet keyword arguments for a training batch: its labels (class models), its captions (text models,
+        `caption_dropout` of them replaced by the empty prompt from the step's seeded RNG)."""
+        size = batch["image"].shape[0] if "image" in batch else len(batch["label"])
+        device = (batch["image"] if "image" in batch else batch["label"]).device
+        cond = self.broadcast(size, device)
+        if self.conditioning == "class":
+            if (batch["label"] < 0).any():
+                raise UsageError("model.conditioning=class needs labelled data (data=mnist); this data has no labels")
+            cond["class_labels"] = batch["label"]
+        elif self.conditioning == "text":
+            captions = list(batch.get("caption") or [""] * size)
+            if self.caption_dropout > 0:
+                drop = torch.rand(size) < self.caption_dropout
+                captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+            side = batch["image"].shape[-1] if "image" in batch else self.resolution
+            cond.update(self.text.encode(captions, device, size=side))
+        return cond
+
+    def _tiling(self, side: int) -> None:
+        on = self.vae_tile_above is not None and side > self.vae_tile_above
+        (self.vae.enable_tiling if on else self.vae.disable_tiling)()
 
     def encode(self, image: Tensor) -> Tensor:
-        """Image in [-1, 1] -> sample space (identity for pixel models)."""
+        """Image in [-1, 1] -> sample space (identity for pixel models); in fp32 when the VAE says force_upcast."""
         if self.vae is None:
             return image
-        return self.vae.encode(image).latent_dist.mode() * self.vae_scale
+        vae = self.vae.to(image.device)
+        self._tiling(image.shape[-1])
+        with _fp32(vae):
+            z = vae.encode(image.float() if _upcast(vae) else image.to(vae.dtype)).latent_dist.mode()
+        return (z - self.vae_shift) * self.vae_scale
 
     def decode(self, x: Tensor) -> Tensor:
-        """Sample space -> image in [-1, 1]; latent scaling undone once here, never per step."""
+        """Sample space -> image in [-1, 1]; latent scaling undone once here, never per step. SDXL's VAE
+        (force_upcast) overflows in fp16, so it decodes in fp32 with autocast off."""
         if self.vae is None:
             return x
-        return self.vae.decode(x / self.vae_scale).sample
+        vae = self.vae.to(x.device)
+        self._tiling(x.shape[-1] * self.latent_factor)
+        z = x / self.vae_scale + self.vae_shift
+        with _fp32(vae):
+            return vae.decode(z.float() if _upcast(vae) else z.to(vae.dtype)).sample
 
 
-# Which rows of the sampled batch the current network call covers (None: all of them). An accelerator that runs
-# the model on part of the batch (AdaptiveDiffusion's per-image decisions) sets it, so that anything bound to the
-# whole batch (class labels, Self-Cascade's pivot) follows the rows instead of failing on a shape mismatch.
-BATCH_ROWS: ContextVar[Tensor | None] = ContextVar("batch_rows", default=None)
+def _upcast(vae: nn.Module) -> bool:
+    return bool(getattr(vae.config, "force_upcast", False))
 
 
-@contextmanager
-def batch_rows(rows: Tensor) -> Iterator[None]:
-    token = BATCH_ROWS.set(rows)
-    try:
-        yield
-    finally:
-        BATCH_ROWS.reset(token)
+def _fp32(vae: nn.Module):
+    """The VAE in fp32 with autocast off when its config says force_upcast (SDXL's VAE overflows in fp16/bf16);
+    otherwise nothing changes (the VAE runs as the caller runs it)."""
+    from contextlib import nullcontext
+
+    if not _upcast(vae):
+        return nullcontext()
+    vae.to(torch.float32)
+    return torch.autocast(next(vae.parameters()).device.type, enabled=False)
 
 
-def rows_of(v, batch: int):
-    """`v` restricted to the current rows when it is a per-image tensor of the whole batch (more rows than the call)."""
-    rows = BATCH_ROWS.get()
-    if rows is None or not isinstance(v, Tensor) or v.ndim == 0 or v.shape[0] <= batch:
-        return v
-    return v[rows.to(v.device)]
+# -- the call convention: (x_t, t, cond) -> raw output -------------------------------------------------------
+# `cond` holds one row per image of x_t for every tensor in it (nested dicts too: SDXL's added_cond_kwargs), so a
+# caller that runs part of the batch slices it with `rows` (k-diffusion's `extra_args`). Numbers in it (the
+# guidance scale) are settings, not rows. Keys that are not UNet keyword arguments:
+GUIDANCE = ("negative",          # the unconditional half's UNet kwargs (same keys); guidance needs it
+            "guidance_scale",    # w: eps_u + w (eps_c - eps_u); <= 1 is one unguided pass (diffusers' rule)
+            "guidance_rescale")  # phi of Lin et al. 2023 (diffusers' rescale_noise_cfg); 0 = off
 
 
-def model_fn(unet: nn.Module, cond: dict | None = None) -> ModelFn:
-    """The one call convention: (x_t, t) -> raw model output, conditioning bound in a closure."""
-    kwargs = cond or {}
-    return lambda x, t: unet(x, t, **{k: rows_of(v, x.shape[0]) for k, v in kwargs.items()}).sample
+def rows(cond: dict, idx: Tensor) -> dict:
+    """`cond` restricted to the images `idx` (every tensor sliced on its first axis; numbers kept)."""
+    def pick(v):
+        if isinstance(v, dict):
+            return {k: pick(u) for k, u in v.items()}
+        return v[idx.to(v.device)] if isinstance(v, Tensor) else v
+
+    return pick(cond)
+
+
+def cat_rows(first: dict, second: dict) -> dict:
+    """Two conditionings with the same keys, stacked row-wise (first's rows first)."""
+    return {k: cat_rows(v, second[k]) if isinstance(v, dict) else torch.cat([v, second[k]]) for k, v in first.items()}
+
+
+def guided(cond: dict) -> bool:
+    """Whether a call with `cond` runs classifier-free guidance (two UNet passes per image)."""
+    return cond.get("negative") is not None and float(cond.get("guidance_scale", 1.0)) > 1.0
+
+
+def unet_kwargs(cond: dict) -> dict:
+    return {k: v for k, v in cond.items() if k not in GUIDANCE}
+
+
+def model_fn(unet: nn.Module) -> ModelFn:
+    """The denoiser the loop calls: one UNet pass, or under guidance one pass over the doubled batch
+    [unconditional; conditional] (diffusers' order), combined as eps_u + w (eps_c - eps_u), optionally rescaled."""
+    def call(x: Tensor, t: Tensor, cond: dict) -> Tensor:
+        kwargs = unet_kwargs(cond)
+        if not guided(cond):
+            return unet(x, t, **kwargs).sample
+        both = cat_rows(cond["negative"], kwargs)
+        tt = torch.cat([t, t]) if isinstance(t, Tensor) and t.ndim and t.shape[0] == x.shape[0] else t
+        uncond, text = unet(torch.cat([x, x]), tt, **both).sample.chunk(2)
+        out = uncond + float(cond["guidance_scale"]) * (text - uncond)
+        if float(cond.get("guidance_rescale", 0.0)) > 0:
+            from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+            out = rescale_noise_cfg(out, text, guidance_rescale=float(cond["guidance_rescale"]))
+        return out
+
+    return call
 
 
 def weights_hash(folder: Path) -> str:
@@ -175,49 +238,106 @@ def describe(path: str, revision: str | None = None, vae: str | None = None) -> 
     return unet, "latent" if latent else "pixel"
 
 
-def _fetch(path: str, revision: str | None) -> Path:
-    """Download (or find in the Hugging Face cache) a hub model; one clear line when impossible."""
+def _hub_root(path: str, revision: str | None) -> Path | None:
+    """The hub model's snapshot folder in the local Hugging Face cache, or None (nothing is downloaded)."""
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(path, revision=revision, allow_patterns=["*.json", "unet/*", "vae/*",
-                                                                              "scheduler/*", "*.safetensors"]))
+        return Path(snapshot_download(path, revision=revision, local_files_only=True))
+    except Exception:  # not cached (or not a hub id at all)
+        return None
+
+
+def text_model(path: str, revision: str | None = None) -> bool | None:
+    """Whether the model folder is a text-to-image pipeline (its model_index.json names a text encoder), from
+    config files alone; None when unknown (a hub id not in the cache)."""
+    root = _resolve(path) or _hub_root(path, revision)
+    if root is None:
+        return None
+    index = root / "model_index.json"
+    return index.is_file() and (json.loads(index.read_text()).get("text_encoder") or [None])[0] is not None
+
+
+# What a hub snapshot needs: configs, the denoiser and VAE, the text encoders and tokenizers, the scheduler.
+HUB_PATTERNS = ["*.json", "*.txt", "unet/*", "vae/*", "scheduler/*", "text_encoder*/*", "tokenizer*/*"]
+
+
+def _fetch(path: str, revision: str | None) -> Path:
+    """A hub model from the Hugging Face cache, or downloaded when the network is allowed; one line otherwise."""
+    import os
+
+    from huggingface_hub import snapshot_download
+
+    cached = _hub_root(path, revision)
+    if cached is not None:
+        return cached
+    how = (f"pass a local diffusers folder (model.path=/data/<model>, e.g. one written by "
+           f"`huggingface-cli download {path} --local-dir /data/<model>` on a machine with network access) or "
+           f"fill the Hugging Face cache (HF_HOME) once online")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise UsageError(f"model.path={path}: not a local directory, not an embedded asset, and not in the Hugging "
+                         f"Face cache (HF_HUB_OFFLINE is set, so nothing is downloaded); {how}")
+    try:
+        return Path(snapshot_download(path, revision=revision, allow_patterns=HUB_PATTERNS, etag_timeout=10))
     except Exception as e:  # offline, unknown id, no access: all end the same way for the user
         raise UsageError(f"model.path={path}: not a local directory, not an embedded asset, and not fetchable "
-                         f"from the Hugging Face Hub ({type(e).__name__}); pass a local diffusers folder "
-                         f"(e.g. model.path=/data/ddpm-cifar10) or run once online to fill the cache") from None
+                         f"from the Hugging Face Hub ({type(e).__name__}); {how}") from None
 
 
 def load_model(path: str, revision: str | None = None, init: str = "pretrained", vae: str | None = None,
-               vae_scale: float | None = None, conditioning: str = "none") -> BaseModel:
-    """Load the base model. `init=scratch` builds the same architecture with fresh weights (pretrain)."""
+               vae_scale: float | None = None, conditioning: str = "auto",
+               vae_tile_above: int | None = None) -> BaseModel:
+    """Load the base model. `init=scratch` builds the same architecture with fresh weights (pretrain).
+    `conditioning=auto`: text when the folder is a text-to-image pipeline, class when the UNet has a class
+    embedding, else none."""
     if init not in ("pretrained", "scratch"):
         raise UsageError(f"model.init={init}: choose pretrained or scratch")
-    if conditioning not in ("none", "class", "text"):
-        raise UsageError(f"model.conditioning={conditioning}: choose none, class or text")
+    if conditioning not in ("auto", "none", "class", "text"):
+        raise UsageError(f"model.conditioning={conditioning}: choose auto, none, class or text")
     root = _resolve(path) or _fetch(path, revision)
     unet_dir = root / "unet" if (root / "unet" / "config.json").is_file() else root
     if not (unet_dir / "config.json").is_file():
         raise UsageError(f"model.path={path}: no diffusers UNet config.json in {root} or {root}/unet; "
                          f"point model.path at a folder written by save_pretrained")
-    cls = _unet_class(json.loads((unet_dir / "config.json").read_text()))
+    cls = _unet_class(_read_json(unet_dir / "config.json"))
     if init == "scratch":
         unet, digest = cls.from_config(cls.load_config(unet_dir)), "scratch"
     else:
         unet, digest = cls.from_pretrained(unet_dir, low_cpu_mem_usage=False), weights_hash(unet_dir)
     autoencoder = _load_vae(root, vae)
-    scale = vae_scale if vae_scale is not None else getattr(getattr(autoencoder, "config", None),
-                                                           "scaling_factor", 1.0)
+    config = getattr(autoencoder, "config", None)
+    scale = vae_scale if vae_scale is not None else getattr(config, "scaling_factor", 1.0)
+    shift = getattr(config, "shift_factor", None) or 0.0
     channels = autoencoder.config.in_channels if autoencoder is not None else unet.config.in_channels
     size = unet.config.sample_size
     resolution = (size if isinstance(size, int) else size[0]) * (1 if autoencoder is None else
                                                                   2 ** (len(autoencoder.config.block_out_channels) - 1))
+    is_text = bool(text_model(str(root)))
+    if conditioning == "auto":
+        conditioning = "text" if is_text else "class" if getattr(unet.config, "num_class_embeds", None) else "none"
     if conditioning == "class" and not getattr(unet.config, "num_class_embeds", None):
         raise UsageError(f"model.conditioning=class but the UNet at {path} has no class embedding "
                          f"(num_class_embeds); use model.conditioning=none")
+    text = None
+    if conditioning == "text":
+        if not is_text:
+            raise UsageError(f"model.conditioning=text but {root} has no text encoder (model_index.json names "
+                             f"none); point model.path at a Stable Diffusion / SDXL pipeline folder")
+        from hiresrun.conditioning import TextEncoder
+
+        text = TextEncoder.load(root, unet, autoencoder, _scheduler_config(root))
     return BaseModel(unet=unet, scheduler_config=_scheduler_config(root), resolution=resolution,
                      channels=channels, weights_hash=digest, source=str(root), vae=autoencoder,
-                     vae_scale=scale, conditioning=conditioning)
+                     vae_scale=scale, conditioning=conditioning, text=text, vae_shift=float(shift),
+                     vae_tile_above=vae_tile_above)
+
+
+def _read_json(path: Path) -> dict:
+    """A config file, or one line naming it when it does not parse."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path}: not valid JSON ({e}); repair or re-export the model folder") from None
 
 
 def _load_vae(root: Path, vae: str | None) -> nn.Module | None:

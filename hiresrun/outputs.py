@@ -60,6 +60,14 @@ def write_json(path: Path, obj: dict) -> None:
     os.replace(f.name, path)
 
 
+def write_text(path: Path, text: str) -> None:
+    """A text file, atomically (temp file + rename) like every other write here."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+        f.write(text)
+    os.replace(f.name, path)
+
+
 def save_png(image: Tensor, path: Path) -> None:
     """uint8 (C, H, W) -> PNG, written atomically."""
     a = image.permute(1, 2, 0).numpy()

@@ -5,6 +5,7 @@ config -> model -> method -> Lightning -> loop -> metrics -> outputs.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -99,6 +100,31 @@ def load_net_weights(net: torch.nn.Module, ckpt: str, base) -> None:
                          f"it was trained with{' (' + ' '.join(map(str, hint)) + ')' if hint else ''}") from None
 
 
+def build_conditioner(cfg: DictConfig, base, for_grids: bool = False):
+    """The per-image conditioning of sampling (conditioning.Conditioner): prompts from `prompts=<file>` or
+    `sample.prompt`, negative prompt, guidance, SDXL micro-conditioning (default: the target size). Training grids
+    of a text model without a prompt use the empty prompt."""
+    from hiresrun.conditioning import Conditioner, Prompt, Prompts, read_prompts
+
+    s = cfg.sample
+    if cfg.get("prompts") and s.get("prompt") is not None:
+        raise UsageError("prompts=<file> and sample.prompt are both given; pick one")
+    prompts = None
+    if cfg.get("prompts"):
+        prompts = Prompts(read_prompts(str(cfg.prompts)))
+    elif s.get("prompt") is not None:
+        prompts = Prompts([Prompt(str(s.prompt))])
+    elif for_grids and base.text is not None:
+        prompts = Prompts([Prompt("")])
+    micro = {k: (list(s[k]) if s.get(k) is not None else None)
+             for k in ("original_size", "crops_coords_top_left", "target_size")}
+    for k, v in micro.items():
+        if v is not None and (len(v) != 2 or any(not isinstance(x, int) or x < 0 for x in v)):
+            raise UsageError(f"sample.{k}={v}: give two non-negative integers [height, width]")
+    return Conditioner(base, prompts, s.get("negative_prompt"), s.get("guidance_scale"), s.get("guidance_rescale", 0.0),
+                       size=int(cfg.data.resolution), micro=micro)
+
+
 def seed_loader(seeds: list[int], batch_size: int) -> DataLoader:
     return DataLoader(torch.tensor(seeds), batch_size=batch_size, shuffle=False)
 
@@ -128,13 +154,18 @@ def sampling_net(cfg: DictConfig):
 def sample(cfg: DictConfig) -> dict | None:
     """Generate images with a method (and accelerator); write samples, grid, metrics and manifest."""
     run_dir = Path(cfg.paths.run_dir)
-    seeds = parse_seeds(cfg.sample.seeds, cfg.sample.num_samples)
     if cfg.sample.batch_size < 1:
         raise UsageError(f"sample.batch_size={cfg.sample.batch_size}: must be at least 1")
     base, method, net = sampling_net(cfg)
+    conditioner = build_conditioner(cfg, base)
+    from_file = conditioner.prompts.seeds if conditioner.prompts is not None else None
+    seeds = from_file if from_file and cfg.sample.seeds is None else parse_seeds(cfg.sample.seeds,
+                                                                                  cfg.sample.num_samples)
+    for line in conditioner.check_lengths(seeds):
+        print(line)
     # Lightning: test = sampling over a dataloader of seeds (DDP splits them)
     lit = LitModule(net, method, sampler_scheduler(cfg, base, method), cfg.sampler.num_steps,
-                    instantiate(cfg.accelerator))
+                    instantiate(cfg.accelerator), conditioner=conditioner)
     logger = build_logger(cfg)
     trainer = build_trainer(cfg, logger)
     outputs.reset_peak_memory(lit.device)
@@ -148,7 +179,8 @@ def sample(cfg: DictConfig) -> dict | None:
     outputs.save_grid(r["images"][:64], run_dir / "grid.png")
     metrics = {
         "num_samples": len(r["seeds"]), "resolution": int(cfg.data.resolution),
-        "nfe_per_image": r["evals"] / r["generated"], "sec_per_image": r["seconds"] / r["generated"],
+        "nfe_per_image": r["evals"] / r["generated"], "unet_passes_per_image": r["passes"] / r["generated"],
+        "sec_per_image": r["seconds"] / r["generated"],
         "method": choice(cfg, "method"), "accelerator": choice(cfg, "accelerator"),
         "sampler": choice(cfg, "sampler"), "num_steps": int(cfg.sampler.num_steps),
         "peak_memory_mb": outputs.peak_memory_mb(lit.device),  # before the metrics load their networks
@@ -156,8 +188,21 @@ def sample(cfg: DictConfig) -> dict | None:
                      "model_weights_sha256": base.weights_hash, "world_size": trainer.world_size,
                      "device": str(lit.device), "precision": str(cfg.trainer.precision),
                      "sec_per_image": "wall seconds of method.sample summed over ranks / images generated",
-                     "peak_memory_mb": outputs.PEAK_MEMORY},
+                     "peak_memory_mb": outputs.PEAK_MEMORY,
+                     "nfe_per_image": "denoiser steps per image; unet_passes_per_image counts 2 per guided step"},
     }
+    if base.text is not None:  # which prompt each image got, and the guidance it was sampled under
+        given = [int(x) for x in r["seeds"].tolist()]
+        texts = conditioner.prompts_of(given)
+        unique = list(dict.fromkeys(texts))
+        metrics["protocol"]["text"] = {
+            "prompts": str(cfg.prompts) if cfg.get("prompts") else "sample.prompt", "unique_prompts": unique,
+            "prompt_index_per_image": [unique.index(t) for t in texts], "negative_prompt": conditioner.negative_prompt,
+            "guidance_scale": conditioner.guidance_scale, "guidance_rescale": conditioner.guidance_rescale,
+            "micro_conditioning": {k: v or [int(cfg.data.resolution)] * 2 if k != "crops_coords_top_left" else v or [0, 0]
+                                   for k, v in conditioner.micro.items()} if base.text.xl else None}
+        outputs.write_text(run_dir / "prompts.jsonl", "".join(json.dumps({"seed": sd, "prompt": t}) + "\n"
+                                                              for sd, t in zip(given, texts)))
     report = getattr(lit.accelerator_, "report", None)  # AdaptiveDiffusion: per-seed skip masks, NFE spread
     report = report(seeds, cfg.sample.batch_size) if report and trainer.world_size == 1 else None
     if report:
@@ -189,7 +234,7 @@ def _fit(cfg: DictConfig, base, method, data, task: str):
     val_metric = instantiate(cfg.metrics).proxy(data) if "_target_" in (cfg.get("metrics") or {}) else None
     lit = LitModule(net, method, sampler_scheduler(cfg, base, method), cfg.sampler.num_steps,
                     optimizer=instantiate(cfg.optimizer), seed=cfg.seed, grid_dir=str(run_dir / "grids"),
-                    val_metric=val_metric)
+                    val_metric=val_metric, conditioner=build_conditioner(cfg, base, for_grids=True))
     callbacks = [ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step_{step:07d}", save_last=True,
                                  every_n_train_steps=cfg.train.checkpoint_every, save_top_k=-1,
                                  auto_insert_metric_name=False)]
@@ -220,6 +265,9 @@ def train(cfg: DictConfig) -> None:
                          f"that trains, e.g. +method=finetune>, or use `hiresrun sample`")
     base = instantiate(cfg.model)
     base.check_resolution(cfg.data.resolution)
+    base.caption_dropout = float(cfg.train.get("caption_dropout", 0.0))
+    if not 0 <= base.caption_dropout <= 1:
+        raise UsageError(f"train.caption_dropout={base.caption_dropout}: must lie in [0, 1]")
     data = instantiate(cfg.data, base_resolution=base.resolution)
     precompute = getattr(method, "precompute", None)  # a stage that only computes and caches (PaGoDA's encoder)
     if precompute is not None and precompute(base, data, Path(cfg.paths.run_dir)):

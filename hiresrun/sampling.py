@@ -1,8 +1,9 @@
-"""THE sampling loop: one function over `model_fn(x_t, t)` and a diffusers scheduler.
+"""THE sampling loop: one function over `model_fn(x_t, t, cond)` and a diffusers scheduler.
 
 Methods call it (twice, or from a mid-schedule start); they never copy it. Accelerators reach it only
 by wrapping `model_fn` (the `wrap` argument), and the wrapped function receives the scheduler's latent x_t
-(`scale_model_input` happens inside it). NFE and time are counted by `Counter`, around the network.
+(`scale_model_input` happens inside it) and the per-image conditioning `cond` (models.py), which the loop passes
+through unchanged at every step. NFE and time are counted by `Counter`, around the network.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from hiresrun.models import ModelFn
+from hiresrun.models import ModelFn, guided
 
 
 def generators(seeds: Sequence[int]) -> list[torch.Generator]:
@@ -28,11 +29,14 @@ def noise(gens: Sequence[torch.Generator], shape: Sequence[int], device: torch.d
 
 def sample(model_fn: ModelFn, x: Tensor, scheduler, num_steps: int, start_step: int = 0,
            gens: Sequence[torch.Generator] | None = None, wrap: Callable[[ModelFn], ModelFn] = lambda f: f,
-           callback: Callable[[int, Tensor, Tensor], None] | None = None, renoise: Tensor | None = None) -> Tensor:
+           callback: Callable[[int, Tensor, Tensor], None] | None = None, renoise: Tensor | None = None,
+           cond: dict | None = None) -> Tensor:
     """Integrate from `x` down to t = 0. `x` is pure noise when start_step = 0; otherwise a latent already
     noised to the start step's level, or, with `renoise` (an eps of x's shape), a clean sample the loop noises
     to the first kept timestep with the scheduler's own `add_noise` (SDEdit-style starts: Self-Cascade).
-    `callback(i, t, x)` observes each step; it must not change `x`."""
+    `callback(i, t, x)` observes each step; it must not change `x`. `cond`: the rows of conditioning every model
+    call gets (text embeddings, class labels, guidance settings, a method's per-image tensors)."""
+    cond = {} if cond is None else cond
     scheduler.set_timesteps(num_steps, device=x.device)
     timesteps = scheduler.timesteps[start_step * scheduler.order:]
     if hasattr(scheduler, "set_begin_index"):  # multistep/Karras schedulers index their state from here
@@ -43,10 +47,10 @@ def sample(model_fn: ModelFn, x: Tensor, scheduler, num_steps: int, start_step: 
         x = scheduler.add_noise(x, renoise, timesteps[:1])
     # The accelerator sees the scheduler's own latent x_t: Euler-type samplers rescale the model input
     # (x_t / sqrt(sigma^2 + 1)), and a step-level accelerator must measure x_t, not that (AdaptiveDiffusion spec §9).
-    f = wrap(lambda z, t: model_fn(scheduler.scale_model_input(z, t), t))
+    f = wrap(lambda z, t, c: model_fn(scheduler.scale_model_input(z, t), t, c))
     extra = {"generator": list(gens)} if gens is not None and _takes_generator(scheduler) else {}
     for i, t in enumerate(timesteps):
-        out = f(x, t)
+        out = f(x, t, cond)
         x = scheduler.step(out, t, x, **extra).prev_sample
         if callback is not None:
             callback(i, t, x)
@@ -60,17 +64,19 @@ def _takes_generator(scheduler) -> bool:
 
 
 class Counter:
-    """Wraps the network call: counts image evaluations (NFE) and the seconds spent in the network."""
+    """Wraps the network call: counts image evaluations (NFE: denoiser calls per image, what the accelerator
+    papers count), UNet passes (two per image under classifier-free guidance) and the seconds in the network."""
 
     def __init__(self):
-        self.evals, self.seconds = 0, 0.0
+        self.evals, self.passes, self.seconds = 0, 0, 0.0
 
     def __call__(self, model_fn: ModelFn) -> ModelFn:
-        def counted(x: Tensor, t: Tensor) -> Tensor:
+        def counted(x: Tensor, t: Tensor, cond: dict) -> Tensor:
             start = time.perf_counter()
-            out = model_fn(x, t)
+            out = model_fn(x, t, cond)
             self.seconds += time.perf_counter() - start
             self.evals += x.shape[0]
+            self.passes += x.shape[0] * (2 if guided(cond) else 1)
             return out
 
         return counted

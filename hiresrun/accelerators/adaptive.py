@@ -17,7 +17,7 @@ from torch import Tensor
 
 from hiresrun.accelerators import Accelerator
 from hiresrun.errors import UsageError
-from hiresrun.models import ModelFn, batch_rows
+from hiresrun.models import ModelFn, rows
 from hiresrun.support import Support
 
 OFFICIAL_CAP_AFTER = 4  # the official cap acts only once more than 4 decisions exist (spec §4, "cap quirk")
@@ -104,8 +104,8 @@ class AdaptiveDiffusion(Accelerator):
         self.records.append(record)
         steps = _Steps(self, record)  # fresh per sampling call: no reset, no leak between calls
 
-        def adaptive(x: Tensor, t: Tensor) -> Tensor:
-            return steps.evaluate(model_fn, x, t, steps.observe(x, t))
+        def adaptive(x: Tensor, t: Tensor, cond: dict) -> Tensor:  # x, cond: un-doubled (guidance is inside)
+            return steps.evaluate(model_fn, x, t, cond, steps.observe(x, t))
 
         return adaptive
 
@@ -196,35 +196,18 @@ class _Steps:
         self.decisions += 1
         return compute if self.per_sample else compute.expand(B)
 
-    def evaluate(self, model_fn: ModelFn, x: Tensor, t: Tensor, compute: Tensor) -> Tensor:
-        """The model on the images that need it (a sub-batch), the cached raw output for the others."""
+    def evaluate(self, model_fn: ModelFn, x: Tensor, t: Tensor, cond: dict, compute: Tensor) -> Tensor:
+        """The model on the images that need it (a sub-batch, with their rows of `cond`), the cached raw output
+        for the others."""
         if bool(compute.all()):
-            out = model_fn(x, t)
+            out = model_fn(x, t, cond)
         elif not bool(compute.any()):
             out = self.cache
         else:
             idx = compute.nonzero().squeeze(1)
             sub_t = t[idx] if isinstance(t, Tensor) and t.ndim and t.shape[0] == x.shape[0] else t
-            with batch_rows(idx):
-                sub = _sub_batch(model_fn, x[idx], sub_t)
             out = self.cache.clone()
-            out[idx] = sub
+            out[idx] = model_fn(x[idx], sub_t, rows(cond, idx))
         self.cache = out
         self.record["called"].append(compute.cpu())
         return out
-
-
-def _sub_batch(model_fn: ModelFn, x: Tensor, t: Tensor) -> Tensor:
-    """model_fn on part of the batch; conditioning bound for the whole batch cannot do that (one clear line)."""
-    hint = ("set accelerator.decision_scope=batch (this model_fn binds per-image conditioning to the whole batch "
-            "without following models.BATCH_ROWS)")
-    try:
-        out = model_fn(x, t)
-    except torch.OutOfMemoryError:
-        raise
-    except RuntimeError as e:
-        raise UsageError(f"accelerator=adaptive could not run the model on a sub-batch "
-                         f"({str(e).splitlines()[0]}); {hint}") from e
-    if out.shape[0] != x.shape[0]:
-        raise UsageError(f"accelerator=adaptive ran the model on {x.shape[0]} images and got {out.shape[0]}; {hint}")
-    return out

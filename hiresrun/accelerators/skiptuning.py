@@ -124,8 +124,8 @@ class SkipTuning(Accelerator):
     def wrap(self, model_fn: ModelFn) -> ModelFn:
         state = self._state
 
-        def timed(x: Tensor, t: Tensor) -> Tensor:
+        def timed(x: Tensor, t: Tensor, cond: dict) -> Tensor:
             state["t"] = float(t.flatten()[0]) if isinstance(t, Tensor) else float(t)
-            return model_fn(x, t)
+            return model_fn(x, t, cond)
 
         return timed

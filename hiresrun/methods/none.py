@@ -28,6 +28,5 @@ class NoneMethod:
         return (self.base.unet.config.in_channels, size, size)
 
     def sample(self, net: nn.Module, gens: list[torch.Generator], loop) -> Tensor:
-        cond = self.base.condition(gens, net.device)
         x_T = sampling.noise(gens, self.latent_shape(self.resolution), net.device)
-        return self.base.decode(loop(model_fn(net, cond), x_T))
+        return self.base.decode(loop(model_fn(net), x_T))

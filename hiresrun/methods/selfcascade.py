@@ -19,7 +19,7 @@ from hiresrun.errors import UsageError
 from hiresrun.methods.finetune import denoising_loss
 from hiresrun.methods.none import NoneMethod
 from hiresrun.methods.upsample import upscale
-from hiresrun.models import BaseModel, model_fn, rows_of
+from hiresrun.models import BaseModel, model_fn, rows
 
 
 class ResBlockUp(nn.Module):
@@ -104,8 +104,10 @@ def lr_features(unet: nn.Module, pivot: Tensor, emb: Tensor, extra: dict) -> lis
 def attach_upsamplers(net: CascadeNet, stage: int, pivot: Tensor, min_t: float = -1.0) -> list:
     """Hooks that add U_j(LR features of `pivot`) to the HR hidden states after down block j and the mid
     block. The LR pass runs inside the HR call (triggered by down block 0's pre-hook, which sees `temb`),
-    with the hooks inactive; pivot repeated to the HR batch (classifier-free guidance doubles it)."""
-    unet, ups, state = net.unet, net.upsamplers[stage], {"feats": None, "emb": None, "busy": False, "extra": {}}
+    with the hooks inactive; pivot repeated to the HR batch (classifier-free guidance doubles it). During sampling
+    the model function sets `state["pivot"]` to the rows of the call (cond["pivot"]: an accelerator's sub-batch)."""
+    unet, ups = net.unet, net.upsamplers[stage]
+    state = {"feats": None, "emb": None, "busy": False, "extra": {}, "pivot": pivot}
     CROSS = ("encoder_hidden_states", "attention_mask", "cross_attention_kwargs", "encoder_attention_mask")
 
     def call(module, args, kwargs):  # the UNet's own conditioning, for the LR pass's cross-attention blocks
@@ -118,9 +120,8 @@ def attach_upsamplers(net: CascadeNet, stage: int, pivot: Tensor, min_t: float =
             state["feats"] = None
             return
         emb, h = kwargs["temb"], kwargs.get("hidden_states", args[0] if args else None)
-        extra = state["extra"]
-        rows = rows_of(pivot, h.shape[0])  # an accelerator's sub-batch: the pivots of those images
-        p = rows.repeat(h.shape[0] // rows.shape[0], 1, 1, 1)
+        extra, rows = state["extra"], state["pivot"]
+        p = rows.repeat(h.shape[0] // rows.shape[0], 1, 1, 1)  # [pivot; pivot] under guidance's doubled batch
         state["busy"] = True
         try:
             with torch.no_grad():
@@ -198,11 +199,11 @@ class SelfCascade(NoneMethod):
         unet, f = self._unet(net), self.base.latent_factor
         sizes = [self.base.resolution * 2 ** s // f for s in range(self.stages + 1)]
         shape = lambda s: (unet.config.in_channels, sizes[s], sizes[s])
-        cond, num_steps = self.base.condition(gens, unet.device), loop.keywords["num_steps"]
+        cond, num_steps = loop.keywords.get("cond") or {}, loop.keywords["num_steps"]
         start = num_steps - int(num_steps * self.strength)
         if start == 0:  # strength 1: a pure-noise start; the pivot is never needed
-            return self.base.decode(loop(model_fn(unet, cond), sampling.noise(gens, shape(self.stages), unet.device)))
-        x = loop(model_fn(unet, cond), sampling.noise(gens, shape(0), unet.device))
+            return self.base.decode(loop(model_fn(unet), sampling.noise(gens, shape(self.stages), unet.device)))
+        x = loop(model_fn(unet), sampling.noise(gens, shape(0), unet.device))
         for s in range(1, self.stages + 1):
             up = upscale(x, sizes[s], self.pivot_upsample)
             if start >= num_steps:  # strength 0: nothing to denoise
@@ -214,16 +215,16 @@ class SelfCascade(NoneMethod):
     def _stage(self, net, s: int, pivot: Tensor, up: Tensor, eps: Tensor, cond: dict, loop, start: int) -> Tensor:
         unet = self._unet(net)
         if not isinstance(net, CascadeNet):
-            return loop(model_fn(unet, cond), up, start_step=start, renoise=eps)
+            return loop(model_fn(unet), up, start_step=start, renoise=eps)
         handles, state = attach_upsamplers(net, s - 1, pivot, self.lr_branch_min_t)
-        plain = model_fn(unet, cond)
+        plain = model_fn(unet)
 
-        def fn(x: Tensor, t: Tensor) -> Tensor:
-            state["t"] = float(t.flatten()[0])
-            return plain(x, t)
+        def fn(x: Tensor, t: Tensor, c: dict) -> Tensor:  # the pivot travels in cond: it follows sub-batches
+            state["t"], state["pivot"] = float(t.flatten()[0]), c["pivot"]
+            return plain(x, t, {k: v for k, v in c.items() if k != "pivot"})
 
         try:
-            return loop(fn, up, start_step=start, renoise=eps)
+            return loop(fn, up, start_step=start, renoise=eps, cond={**cond, "pivot": pivot})
         finally:
             for h in handles:
                 h.remove()
@@ -260,10 +261,10 @@ class SelfCascade(NoneMethod):
         todo = [i for i, k in enumerate(index) if k not in self.pivots]
         if todo:
             gens = sampling.generators([index[i] for i in todo])
-            cond = {k: (v[todo] if k == "class_labels" else v) for k, v in self.base.batch_condition(batch).items()}
+            cond = rows(self.base.batch_condition(batch), torch.tensor(todo))
             size = self.base.resolution // self.base.latent_factor
             x = sampling.noise(gens, (unet.config.in_channels, size, size), unet.device)
             scheduler = DDIMScheduler.from_config(self.base.scheduler_config)
-            x = sampling.sample(model_fn(unet, cond), x, scheduler, self.pivot_steps, gens=gens)
+            x = sampling.sample(model_fn(unet), x, scheduler, self.pivot_steps, gens=gens, cond=cond)
             self.pivots.update({index[i]: p.cpu() for i, p in zip(todo, x)})
         return torch.stack([self.pivots[k] for k in index]).to(unet.device)

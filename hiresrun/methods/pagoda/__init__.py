@@ -250,7 +250,7 @@ class PaGoDA:
         """x = G(sigma_max eps) at the grown resolution, NFE 1; `loop` only lends its counting wrapper."""
         size = self.base.resolution // self.base.latent_factor
         z = self.sigma_max * sampling.noise(gens, (self.base.unet.config.in_channels, size, size), net.device)
-        cond = self.base.condition(gens, net.device)
-        f = loop.keywords.get("wrap", lambda fn: fn)(lambda x, t: net.gen(x, cond))
-        x = f(z, torch.tensor(self.view.t(self.sigma_max)))
+        cond = loop.keywords.get("cond") or {}
+        f = loop.keywords.get("wrap", lambda fn: fn)(lambda x, t, c: net.gen(x, c))
+        x = f(z, torch.tensor(self.view.t(self.sigma_max)), cond)
         return self.base.decode(x.clamp(-1, 1) if self.base.vae is None else x)

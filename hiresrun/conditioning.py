@@ -1,0 +1,258 @@
+"""Per-image conditioning for sampling: class labels, prompts, classifier-free guidance, SDXL micro-conditioning.
+
+`Conditioner(seeds, gens, device)` gives the `cond` dict the loop passes to every model call (models.py: one row
+per image; `negative` holds the unconditional rows, `guidance_scale` / `guidance_rescale` the settings). Text is
+encoded by the diffusers pipeline's own `encode_prompt` (Stable Diffusion 1.x/2.x: one CLIP encoder; SDXL: two,
+penultimate hidden states concatenated, the second encoder's pooled projection), so prompts mean exactly what
+they mean in `StableDiffusionPipeline` / `StableDiffusionXLPipeline`. Image i gets seed i and prompt i mod P (or
+the prompt file's row for seed i, when the file gives seeds).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from hiresrun.errors import UsageError
+
+TEXT_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+DEFAULT_GUIDANCE = {"StableDiffusionPipeline": 7.5, "StableDiffusionXLPipeline": 5.0}  # the pipelines' defaults
+
+
+# -- prompts ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    seed: int | None = None
+
+
+def read_prompts(path: str) -> list[Prompt]:
+    """`.txt` (one prompt per line), `.jsonl` (objects with "prompt" and optional "seed") or `.csv` (a header with
+    a `prompt` column and optional `seed`). A missing, empty or malformed file ends with one line naming it."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UsageError(f"prompts={path}: no such file; give a .txt (one prompt per line), .jsonl or .csv file")
+    kind = p.suffix.lower()
+    if kind not in (".txt", ".jsonl", ".csv"):
+        raise UsageError(f"prompts={path}: unknown format {kind or '(no suffix)'}; use .txt, .jsonl or .csv")
+    rows: list[Prompt] = []
+    text = p.read_text(encoding="utf-8")
+    if kind == ".txt":
+        rows = [Prompt(line.strip()) for line in text.splitlines() if line.strip()]
+    elif kind == ".jsonl":
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"prompts={path}: line {n} is not JSON ({e.msg}); write one object per line, "
+                                 f'e.g. {{"prompt": "a cat", "seed": 3}}') from None
+            rows.append(_row(row, path, f"line {n}"))
+    else:
+        reader = csv.DictReader(text.splitlines())
+        if not reader.fieldnames or "prompt" not in reader.fieldnames:
+            raise UsageError(f"prompts={path}: the CSV header has no `prompt` column (found "
+                             f"{reader.fieldnames}); write a header line `prompt,seed`")
+        for n, row in enumerate(reader, 2):
+            rows.append(_row({k: v for k, v in row.items() if v not in (None, "")}, path, f"line {n}"))
+    if not rows:
+        raise UsageError(f"prompts={path}: the file holds no prompts; write at least one")
+    seeded = [r.seed is not None for r in rows]
+    if any(seeded) and not all(seeded):
+        raise UsageError(f"prompts={path}: some rows give a seed and others do not; give every row a seed or none")
+    if all(seeded) and len({r.seed for r in rows}) != len(rows):
+        raise UsageError(f"prompts={path}: a seed appears twice; each seed names one image")
+    return rows
+
+
+def _row(row, path: str, where: str) -> Prompt:
+    if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+        raise UsageError(f"prompts={path}: {where} has no string `prompt`; write e.g. "
+                         f'{{"prompt": "a photo of a cat", "seed": 0}}')
+    seed = row.get("seed")
+    if seed is not None:
+        try:
+            seed = int(seed)
+        except (TypeError, ValueError):
+            seed = -1
+        if seed < 0:
+            raise UsageError(f"prompts={path}: {where} has seed={row.get('seed')!r}; seeds are integers >= 0")
+    return Prompt(row["prompt"], seed)
+
+
+class Prompts:
+    """Which prompt image (seed) s gets: the row with seed s when the file gives seeds, else row s mod P."""
+
+    def __init__(self, rows: list[Prompt]):
+        self.rows = rows
+        self.by_seed = {r.seed: r.text for r in rows} if rows[0].seed is not None else None
+
+    @property
+    def seeds(self) -> list[int] | None:
+        return None if self.by_seed is None else [r.seed for r in self.rows]
+
+    def __call__(self, seed: int) -> str:
+        if self.by_seed is None:
+            return self.rows[seed % len(self.rows)].text
+        if seed not in self.by_seed:
+            raise UsageError(f"sample.seeds: seed {seed} has no row in the prompts file (which gives seeds); "
+                             f"leave sample.seeds unset to sample the file's seeds")
+        return self.by_seed[seed]
+
+
+# -- text encoders -------------------------------------------------------------------------------------------------
+class TextEncoder:
+    """The text side of a diffusers SD / SDXL pipeline folder, encoding through the pipeline's `encode_prompt`."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.kind = type(pipe).__name__
+        self.xl = self.kind == "StableDiffusionXLPipeline"
+        self.tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
+        self.encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
+
+    @classmethod
+    def load(cls, root: Path, unet, vae, scheduler_config: dict) -> TextEncoder:
+        import importlib
+
+        import diffusers
+
+        index = json.loads((root / "model_index.json").read_text())
+        kind = index.get("_class_name")
+        if kind not in TEXT_PIPELINES:
+            raise UsageError(f"model.path={root}: a {kind} pipeline; hiresrun drives text models of the kinds "
+                             f"{', '.join(TEXT_PIPELINES)}")
+        parts = {}
+        for name in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+            library, class_name = (index.get(name) or [None, None])[:2]
+            if library is None:
+                continue
+            loader = getattr(importlib.import_module(library), class_name)
+            part = loader.from_pretrained(root / name)
+            parts[name] = part.eval().requires_grad_(False) if name.startswith("text_encoder") else part
+        scheduler = diffusers.DDIMScheduler.from_config(scheduler_config)
+        if kind == "StableDiffusionXLPipeline":
+            pipe = diffusers.StableDiffusionXLPipeline(
+                vae=vae, unet=unet, scheduler=scheduler, add_watermarker=False,
+                force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True), **parts)
+        else:
+            pipe = diffusers.StableDiffusionPipeline(vae=vae, unet=unet, scheduler=scheduler, safety_checker=None,
+                                                     feature_extractor=None, requires_safety_checker=False, **parts)
+        pipe.set_progress_bar_config(disable=True)
+        return cls(pipe)
+
+    @property
+    def default_guidance(self) -> float:
+        return DEFAULT_GUIDANCE[self.kind]
+
+    @property
+    def max_length(self) -> int:
+        return int(self.tokenizers[0].model_max_length)
+
+    def too_long(self, prompt: str) -> bool:
+        return any(len(t(prompt).input_ids) > t.model_max_length for t in self.tokenizers)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], device, negative: list[str] | None = None, guidance: bool = False,
+               size: int | None = None, micro: dict | None = None) -> dict:
+        """UNet keyword arguments for `prompts` (and, with `guidance`, a `negative` entry for the unconditional
+        rows). SDXL adds `added_cond_kwargs`: the pooled text embedding and the micro-conditioning time ids
+        (original_size, crops_coords_top_left, target_size; all from `size` unless `micro` overrides)."""
+        for e in self.encoders:
+            e.to(device)
+        if self.xl:
+            pe, ne, pooled, npooled = self.pipe.encode_prompt(prompt=prompts, device=device,
+                                                               num_images_per_prompt=1,
+                                                               do_classifier_free_guidance=guidance,
+                                                               negative_prompt=negative)
+            ids = self.time_ids(size, micro or {}, pe.dtype, device).expand(len(prompts), -1)
+            cond = {"encoder_hidden_states": pe, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids}}
+            if guidance:
+                cond["negative"] = {"encoder_hidden_states": ne,
+                                    "added_cond_kwargs": {"text_embeds": npooled, "time_ids": ids}}
+            return cond
+        pe, ne = self.pipe.encode_prompt(prompts, device, 1, guidance, negative_prompt=negative)
+        cond = {"encoder_hidden_states": pe}
+        if guidance:
+            cond["negative"] = {"encoder_hidden_states": ne}
+        return cond
+
+    @staticmethod
+    def time_ids(size: int | None, micro: dict, dtype, device) -> Tensor:
+        """SDXL's add_time_ids: original_size + crops_coords_top_left + target_size, as diffusers builds them."""
+        original = tuple(micro.get("original_size") or (size, size))
+        crops = tuple(micro.get("crops_coords_top_left") or (0, 0))
+        target = tuple(micro.get("target_size") or (size, size))
+        return torch.tensor([list(original + crops + target)], dtype=dtype, device=device)
+
+
+# -- the sampling-time conditioner -----------------------------------------------------------------------------
+class Conditioner:
+    """`cond` for a batch of seeds: class labels drawn from each seed's generator (before any noise, in every
+    method), or the seeds' prompts encoded with guidance settings. Built once per run by run.sample."""
+
+    def __init__(self, base, prompts: Prompts | None = None, negative_prompt: str | None = None,
+                 guidance_scale: float | None = None, guidance_rescale: float = 0.0, size: int | None = None,
+                 micro: dict | None = None):
+        self.base, self.prompts, self.negative_prompt = base, prompts, negative_prompt
+        self.size, self.micro = size or base.resolution, micro or {}
+        text = base.text
+        self.guidance_scale = float(guidance_scale if guidance_scale is not None
+                                    else text.default_guidance if text is not None else 1.0)
+        self.guidance_rescale = float(guidance_rescale)
+        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 1:
+            raise UsageError(f"sample.guidance_scale={guidance_scale}: must be a number >= 1 (1 = no guidance, one "
+                             f"UNet pass per step; Stable Diffusion's default 7.5)")
+        if not math.isfinite(self.guidance_rescale) or not 0 <= self.guidance_rescale <= 1:
+            raise UsageError(f"sample.guidance_rescale={guidance_rescale}: must lie in [0, 1] (0 = off; 0.7 in "
+                             f"Lin et al. 2023)")
+        if text is None and (prompts is not None or negative_prompt is not None):
+            raise UsageError(f"prompts / sample.prompt / sample.negative_prompt given, but model.path={base.source} "
+                             f"is not a text-to-image model; drop them or pick a Stable Diffusion model")
+        if text is None and self.guidance_scale != 1.0:
+            raise UsageError(f"sample.guidance_scale={guidance_scale}: model.path={base.source} has no text "
+                             f"conditioning to guide; leave it unset")
+        if text is not None and prompts is None:
+            raise UsageError(f"model.path={base.source} is a text-to-image model and no prompt is given; pass "
+                             f"prompts=<file.txt|.jsonl|.csv> or sample.prompt=\"...\"")
+        if not (text is not None and text.xl) and any(v is not None for v in self.micro.values()):
+            raise UsageError(f"sample.{next(k for k, v in self.micro.items() if v is not None)} is SDXL "
+                             f"micro-conditioning, but model.path={base.source} is not an SDXL model; drop it")
+        self.warned = False
+
+    @property
+    def guided(self) -> bool:
+        return self.base.text is not None and self.guidance_scale > 1
+
+    def prompts_of(self, seeds: list[int]) -> list[str]:
+        return [self.prompts(int(s)) for s in seeds] if self.prompts is not None else []
+
+    def check_lengths(self, seeds: list[int]) -> list[str]:
+        """One warning line per prompt longer than the tokenizer's limit (truncated, as diffusers does)."""
+        if self.base.text is None:
+            return []
+        long = sorted({p for p in self.prompts_of(seeds) + [self.negative_prompt or ""] if self.base.text.too_long(p)})
+        return [f"hiresrun: warning: prompt {p[:40]!r}... is longer than the tokenizer's "
+                f"{self.base.text.max_length} tokens; truncated, as diffusers does" for p in long]
+
+    def __call__(self, seeds: list[int], gens: list[torch.Generator], device) -> dict:
+        base = self.base
+        cond = base.broadcast(len(gens), device)
+        if base.conditioning == "class":
+            labels = torch.cat([torch.randint(base.num_classes, (1,), generator=g) for g in gens])
+            cond["class_labels"] = labels.to(device)
+        elif base.conditioning == "text":
+            negative = None if self.negative_prompt is None else [self.negative_prompt] * len(seeds)
+            cond.update(base.text.encode(self.prompts_of(seeds), device, negative=negative, guidance=self.guided,
+                                         size=self.size, micro=self.micro))
+            if self.guided:
+                cond["guidance_scale"] = self.guidance_scale
+                cond["guidance_rescale"] = self.guidance_rescale
+        return cond
