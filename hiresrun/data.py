@@ -111,12 +111,43 @@ class MnistDataModule(_Module):
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-class FolderImages(Dataset):
-    """Images from a folder, centre-cropped to a square and resized with antialiasing (PIL bicubic)."""
+def read_captions(root: Path, files: list[Path], column: str = "text") -> dict[Path, str]:
+    """Captions for text-to-image training: `<root>/metadata.jsonl` as in the Hugging Face image-folder convention
+    (one object per line, `file_name` relative to the folder holding metadata.jsonl, the caption under `column`),
+    else a same-stem `.txt` beside each image. Images without one get no entry (trained with the empty prompt)."""
+    import json
 
-    def __init__(self, files: list[Path], resolution: int, base_resolution: int, channels: int):
+    captions: dict[Path, str] = {}
+    meta = root / "metadata.jsonl"
+    if meta.is_file():
+        for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{meta}: line {n} is not JSON ({e.msg}); write one object per line with "
+                                 f'"file_name" and "{column}"') from None
+            if not isinstance(row, dict) or "file_name" not in row or not isinstance(row.get(column), str):
+                raise UsageError(f"{meta}: line {n} lacks \"file_name\" or a string \"{column}\" (data.caption_column)")
+            captions[(root / row["file_name"]).resolve()] = row[column]
+        return {f: captions[f.resolve()] for f in files if f.resolve() in captions}
+    for f in files:
+        side = f.with_suffix(".txt")
+        if side.is_file():
+            captions[f] = side.read_text(encoding="utf-8").strip()
+    return captions
+
+
+class FolderImages(Dataset):
+    """Images from a folder, centre-cropped to a square and resized with antialiasing (PIL bicubic); with
+    `captions`, each item also carries its caption ("" where an image has none)."""
+
+    def __init__(self, files: list[Path], resolution: int, base_resolution: int, channels: int,
+                 captions: dict[Path, str] | None = None):
         self.files, self.resolution, self.base_resolution = files, resolution, base_resolution
         self.mode = "L" if channels == 1 else "RGB"
+        self.captions = captions
 
     def __len__(self) -> int:
         return len(self.files)
@@ -135,8 +166,11 @@ class FolderImages(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         f = self.files[i]
-        return {"image": self._load(f, self.resolution), "base": self._load(f, self.base_resolution),
+        item = {"image": self._load(f, self.resolution), "base": self._load(f, self.base_resolution),
                 "label": torch.tensor(-1), "index": torch.tensor(i)}
+        if self.captions is not None:
+            item["caption"] = self.captions.get(f, "")
+        return item
 
 
 def readable_images(root: Path, on_error: str) -> list[Path]:
@@ -175,12 +209,22 @@ class FolderDataModule(_Module):
                  batch_size: int = 16,
                  num_workers: int = 0,
                  on_error: str = "fail",              # fail | skip: what an unreadable file does
-                 seed: int = 0):
+                 seed: int = 0,
+                 captions: str = "auto",              # auto (metadata.jsonl or same-stem .txt, when present) | none
+                 caption_column: str = "text"):       # metadata.jsonl's caption field
         super().__init__(batch_size, num_workers, seed)
+        if root is None or str(root) in ("", "???"):
+            raise UsageError("data=folder needs data.root=<folder of images>")
+        if captions not in ("auto", "none"):
+            raise UsageError(f"data.captions={captions}: choose auto or none")
         self.root, self.resolution, self.base_resolution = Path(root).expanduser(), resolution, base_resolution
-        self.channels, self.on_error = channels, on_error
+        self.channels, self.on_error, self.use_captions, self.caption_column = channels, on_error, captions, \
+            caption_column
 
     def setup(self, stage: str | None = None) -> None:
         files = readable_images(self.root, self.on_error)
-        self.train_set = FolderImages(files, self.resolution, self.base_resolution, self.channels)
+        captions = read_captions(self.root, files, self.caption_column) if self.use_captions == "auto" else {}
+        self.num_captions = len(captions)
+        self.train_set = FolderImages(files, self.resolution, self.base_resolution, self.channels,
+                                      captions if captions else None)
         self.ref_set = self.train_set

@@ -58,10 +58,13 @@ class BaseModel:
 
     def check_resolution(self, resolution: int) -> None:
         step = self.downsample_factor * self.latent_factor
-        if resolution < step or resolution % step:
+        if resolution < 1:
+            raise UsageError(f"data.resolution={resolution}: must be a positive image side in pixels, a multiple "
+                             f"of {step} for this model (e.g. data.resolution={self.resolution * 2})")
+        if resolution % step:
             ok = [r for r in (resolution - resolution % step, resolution - resolution % step + step) if r > 0]
-            raise UsageError(f"data.resolution={resolution} is not a positive multiple of {step}, the model's "
-                             f"downsampling factor; use e.g. data.resolution={ok[-1]}")
+            raise UsageError(f"data.resolution={resolution} is not divisible by {step}, the model's downsampling "
+                             f"factor; use e.g. data.resolution={ok[-1]}")
 
     @property
     def num_classes(self) -> int:

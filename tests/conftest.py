@@ -38,6 +38,22 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory) -> Path:
+    """A random tiny Stable Diffusion pipeline folder (hiresrun/tiny.py): 16 px images, 8 px latents."""
+    from hiresrun.tiny import build
+
+    return build(tmp_path_factory.mktemp("tiny-sd") / "sd", "sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> Path:
+    """A random tiny SDXL pipeline folder: two text encoders, pooled embeddings, text_time micro-conditioning."""
+    from hiresrun.tiny import build
+
+    return build(tmp_path_factory.mktemp("tiny-sdxl") / "sdxl", "sdxl")
+
+
 def compose(overrides: list[str], run_dir: Path | None = None):
     """The config `hiresrun` would run with these overrides (no Hydra run folder: paths.run_dir is given)."""
     from hydra import compose as hydra_compose

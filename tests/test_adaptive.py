@@ -37,10 +37,10 @@ def scripted(acc, ms_per_image, calls=None):
     ms = torch.tensor(ms_per_image, dtype=torch.float32)               # [B, K]: m_1 .. m_K
     z = torch.cat([torch.zeros(len(ms), 1), ms.cumsum(1)], 1)          # z_0 = 0, z_k = z_{k-1} + m_k
     sizes = []
-    f = acc.wrap(lambda x, t: (sizes.append(x.shape[0]), torch.zeros_like(x))[1])
+    f = acc.wrap(lambda x, t, c: (sizes.append(x.shape[0]), torch.zeros_like(x))[1])
     noise = torch.full((len(ms), 1, 2, 2), 100.0)
     for k in range(calls or z.shape[1] + 1):
-        f(noise if k == 0 else z[:, k - 1].view(-1, 1, 1, 1).expand(-1, 1, 2, 2).contiguous(), torch.tensor(999 - k))
+        f(noise if k == 0 else z[:, k - 1].view(-1, 1, 1, 1).expand(-1, 1, 2, 2).contiguous(), torch.tensor(999 - k), {})
     return ["".join("1" if c else "0" for c in m) for m in acc.last_masks], sizes
 
 
@@ -82,7 +82,7 @@ def test_huge_delta_meets_the_call_bound(steps, c_max, cap, calls):
     """Spec §4: the most skips the rule allows, through the real loop; NFE never exceeds the step count."""
     acc, counter = AdaptiveDiffusion(delta=1e9, c_max=c_max, cap=cap), sampling.Counter()
     gens = sampling.generators([0])
-    sampling.sample(lambda x, t: 0.1 * x, sampling.noise(gens, (1, 4, 4)), DDIMScheduler.from_config(SCHED), steps,
+    sampling.sample(lambda x, t, c: 0.1 * x, sampling.noise(gens, (1, 4, 4)), DDIMScheduler.from_config(SCHED), steps,
                     wrap=lambda f: acc.wrap(counter(f)))
     mask = acc.last_masks[0]
     assert counter.evals == calls == sum(mask) and len(mask) == steps and all(mask[:4])
@@ -118,11 +118,11 @@ def official_loop(fn, sched_cls, config, seed, steps=50, delta=0.01, max_skip_st
     prev_latents, mask, diff_list, noise_pred = [], [], [], None
     for t in scheduler.timesteps:
         if len(prev_latents) <= 3:
-            noise_pred = fn(scheduler.scale_model_input(latents, t), t)
+            noise_pred = fn(scheduler.scale_model_input(latents, t), t, {})
             if len(prev_latents) > 1:
                 diff_list.append((prev_latents[-1] - prev_latents[-2]).abs().mean())
         elif mask[-1]:
-            noise_pred = fn(scheduler.scale_model_input(latents, t), t)
+            noise_pred = fn(scheduler.scale_model_input(latents, t), t, {})
         latents = scheduler.step(noise_pred, t, latents).prev_sample
         if len(prev_latents) >= 3:
             cur = (latents - prev_latents[-1]).abs().mean()
@@ -155,8 +155,8 @@ def test_matches_the_official_loop_and_multistep_history_survives_reuse(mnist, s
 def test_the_accelerator_sees_the_unscaled_latent_with_euler():
     """Spec §9: the wrapped model_fn receives the scheduler's x_t; the network gets x_t / sqrt(sigma^2 + 1)."""
     seen, net_inputs, states = [], [], []
-    fn = lambda x, t: (net_inputs.append(x.clone()), 0.1 * x)[1]
-    spy = lambda f: lambda x, t: (seen.append(x.clone()), f(x, t))[1]
+    fn = lambda x, t, c: (net_inputs.append(x.clone()), 0.1 * x)[1]
+    spy = lambda f: lambda x, t, c: (seen.append(x.clone()), f(x, t, c))[1]
     x_T = sampling.noise(sampling.generators([0]), (1, 4, 4))
     scheduler = EulerDiscreteScheduler.from_config(SCHED)
     sampling.sample(fn, x_T, scheduler, 6, wrap=spy, callback=lambda i, t, x: states.append(x.clone()))
@@ -207,10 +207,10 @@ def test_two_consecutive_calls_are_each_like_a_fresh_one(mnist):
 def test_second_order_samplers_decide_per_full_step(sched_cls, calls_per_step):
     """14 steps, delta huge: full steps 0-3 and 9 run, both of their calls (predictor and corrector); 10 NFE."""
     called = []
-    fn = lambda x, t: (called.append(len(called)), 0.1 * x)[1]
+    fn = lambda x, t, c: (called.append(len(called)), 0.1 * x)[1]
     seen = []
     acc = AdaptiveDiffusion(delta=1e9, calls_per_step=calls_per_step)
-    wrap = lambda f: (lambda g: lambda x, t: (seen.append(len(seen)), g(x, t))[1])(acc.wrap(f))
+    wrap = lambda f: (lambda g: lambda x, t, c: (seen.append(len(seen)), g(x, t, c))[1])(acc.wrap(f))
     gens = sampling.generators([0])
     sampling.sample(fn, sampling.noise(gens, (1, 4, 4)), sched_cls.from_config(SCHED), 14, wrap=wrap)
     assert len(seen) == 27 and len(called) == 10  # 2 * 14 - 1 calls
@@ -222,15 +222,24 @@ def test_second_order_samplers_decide_per_full_step(sched_cls, calls_per_step):
     assert wrong.last_masks[0] != acc.last_masks[0]
 
 
-def test_bound_conditioning_refuses_sub_batches_in_one_line():
+def test_sub_batched_calls_get_their_rows_of_cond():
+    """Per-image decisions call the model on part of the batch; every tensor in `cond` (nested too) is sliced to
+    those rows (models.rows), numbers are kept: each called image sees its own conditioning."""
     labels = torch.arange(3.0)
-    acc = AdaptiveDiffusion(delta=0.25)
-    f = acc.wrap(lambda x, t: x * labels.view(-1, 1, 1, 1))
+    acc, seen = AdaptiveDiffusion(delta=0.25), []
+
+    def fn(x, t, c):
+        seen.append((c["label"].tolist(), c["nested"]["label"].tolist(), c["guidance_scale"]))
+        return x * c["label"].view(-1, 1, 1, 1)
+
+    f = acc.wrap(fn)
+    cond = {"label": labels, "nested": {"label": labels + 10}, "guidance_scale": 7.5}
     ms = [[1.0] * 8, [1.0] * 8, [1.0, 1, 1, 1.5, 3, 6.25, 9.5, 12.75]]
     z = torch.cat([torch.zeros(3, 1), torch.tensor(ms).cumsum(1)], 1)
-    with pytest.raises(UsageError, match="decision_scope=batch"):
-        for k in range(9):
-            f(z[:, max(k - 1, 0)].view(-1, 1, 1, 1).expand(-1, 1, 2, 2).contiguous(), torch.tensor(999 - k))
+    for k in range(9):
+        f(z[:, max(k - 1, 0)].view(-1, 1, 1, 1).expand(-1, 1, 2, 2).contiguous(), torch.tensor(999 - k), cond)
+    partial = [s for s in seen if len(s[0]) < 3]
+    assert partial and all(s[0] == [2.0] and s[1] == [12.0] and s[2] == 7.5 for s in partial)  # image 2 alone
 
 
 def test_bad_values_are_refused():

@@ -66,7 +66,7 @@ def test_class_conditional_model_samples_and_trains(tmp_path):
     loss = ft.loss(net, batch)["loss"]
     loss.backward()
     assert net.class_embedding.weight.grad[3].abs().sum() > 0 and net.class_embedding.weight.grad[5].abs().sum() == 0
-    with pytest.raises(UsageError, match="choose none, class or text"):
+    with pytest.raises(UsageError, match="choose auto, none, class or text"):
         load_model(str(tmp_path / "cls"), conditioning="bogus")
 
 

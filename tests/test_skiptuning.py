@@ -182,5 +182,5 @@ def test_time_schedule_reads_t_from_the_loop():
     acc = SkipTuning(rho=0.5, time_schedule="increasing")
     for t, factor in ((torch.tensor(0), 0.5), (torch.tensor(1000), 1.0)):
         raw = up_block_inputs(unet, partial(unet, x, t))
-        got = up_block_inputs(unet, partial(acc.wrap(lambda x, t: unet(x, t)), x, t), acc)
+        got = up_block_inputs(unet, partial(acc.wrap(lambda x, t, c: unet(x, t)), x, t, {}), acc)
         assert all(torch.allclose(g, factor * r) for r, g in zip(raw, got))

@@ -1,0 +1,181 @@
+"""Stable Diffusion and SDXL: prompts, classifier-free guidance, micro-conditioning, image-for-image parity with
+diffusers' own pipelines on tiny random folders (hiresrun/tiny.py), and the bad inputs of text sampling."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import cli, compose
+
+from hiresrun import run, sampling
+from hiresrun.errors import UsageError
+from hiresrun.outputs import load_images
+
+PROMPTS = ["a cat", "a red dog on a hill", "the number 7"]
+
+
+def sample(folder: Path, run_dir: Path, *extra: str, seeds: int = 4) -> tuple[dict, torch.Tensor]:
+    cfg = compose(["model=diffusers", f"model.path={folder}", "data.resolution=16", "sampler.num_steps=4",
+                   f"sample.num_samples={seeds}", "logger=none", "trainer.enable_progress_bar=false", *extra], run_dir)
+    metrics = run.run(cfg)
+    return metrics, load_images(run_dir / "samples")
+
+
+def pipeline_images(folder: Path, family: str, scheduler: str, seeds: list[int], prompts: list[str], **kwargs):
+    """diffusers' own pipeline class loaded from the same folder, given the same per-seed initial latents."""
+    import diffusers
+
+    cls = diffusers.StableDiffusionXLPipeline if family == "sdxl" else diffusers.StableDiffusionPipeline
+    pipe = cls.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    step_rule = {"ddim": diffusers.DDIMScheduler, "euler": diffusers.EulerDiscreteScheduler}[scheduler]
+    pipe.scheduler = step_rule.from_config(pipe.scheduler.config)
+    latents = sampling.noise(sampling.generators(seeds), (4, 8, 8))
+    out = pipe([prompts[s % len(prompts)] for s in seeds], latents=latents, num_inference_steps=4, output_type="np",
+               height=16, width=16, **kwargs).images
+    return torch.from_numpy(out).permute(0, 3, 1, 2) * 255
+
+
+@pytest.fixture
+def prompt_file(tmp_path) -> Path:
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+@pytest.mark.parametrize("scheduler", ["ddim", "euler"])
+@pytest.mark.parametrize("guidance", [1.0, 7.5])
+def test_image_for_image_equal_to_the_diffusers_pipeline(family, scheduler, guidance, tiny_sd_dir, tiny_sdxl_dir,
+                                                         prompt_file, tmp_path):
+    folder = tiny_sdxl_dir if family == "sdxl" else tiny_sd_dir
+    metrics, ours = sample(folder, tmp_path / "run", f"prompts={prompt_file}", f"sampler={scheduler}",
+                           f"sample.guidance_scale={guidance}", "sample.negative_prompt='blurry, low quality'")
+    ref = pipeline_images(folder, family, scheduler, list(range(4)), PROMPTS, guidance_scale=guidance,
+                          negative_prompt=["blurry, low quality"] * 4)
+    assert ours.shape == ref.shape == (4, 3, 16, 16)
+    assert (ours.float() - ref).abs().max() <= 1.0  # uint8 rounding of the same float image: at most 1/255
+    assert metrics["nfe_per_image"] == 4
+    assert metrics["unet_passes_per_image"] == (8 if guidance > 1 else 4)
+
+
+def test_sdxl_without_negative_prompt_zeroes_it_as_diffusers_and_rescale_matches(tiny_sdxl_dir, prompt_file, tmp_path):
+    """force_zeros_for_empty_prompt (SDXL): no negative prompt means zero unconditional embeddings; guidance_rescale
+    is diffusers' rescale_noise_cfg."""
+    _, ours = sample(tiny_sdxl_dir, tmp_path / "run", f"prompts={prompt_file}", "sample.guidance_scale=5",
+                     "sample.guidance_rescale=0.7")
+    ref = pipeline_images(tiny_sdxl_dir, "sdxl", "ddim", list(range(4)), PROMPTS, guidance_scale=5.0,
+                          guidance_rescale=0.7)
+    assert (ours.float() - ref).abs().max() <= 1.0
+    _, plain = sample(tiny_sdxl_dir, tmp_path / "plain", f"prompts={prompt_file}", "sample.guidance_scale=5")
+    assert not torch.equal(plain, ours)  # the rescale did something
+
+
+def test_sdxl_micro_conditioning_defaults_to_the_target_size_and_can_be_set(tiny_sdxl_dir, prompt_file, tmp_path):
+    metrics, ours = sample(tiny_sdxl_dir, tmp_path / "run", f"prompts={prompt_file}", "sample.guidance_scale=1",
+                           "sample.original_size=[64,64]", "sample.crops_coords_top_left=[2,4]", seeds=2)
+    ref = pipeline_images(tiny_sdxl_dir, "sdxl", "ddim", [0, 1], PROMPTS, guidance_scale=1.0, original_size=(64, 64),
+                          crops_coords_top_left=(2, 4))
+    assert (ours.float() - ref).abs().max() <= 1.0
+    micro = metrics["protocol"]["text"]["micro_conditioning"]
+    assert micro == {"original_size": [64, 64], "crops_coords_top_left": [2, 4], "target_size": [16, 16]}
+    _, default = sample(tiny_sdxl_dir, tmp_path / "default", f"prompts={prompt_file}", "sample.guidance_scale=1", seeds=2)
+    assert not torch.equal(default, ours)
+
+
+def test_prompts_are_recorded_per_image_and_seeds_may_come_from_the_file(tiny_sd_dir, tmp_path):
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "a cat", "seed": 7}\n{"prompt": "a dog", "seed": 3}\n')
+    metrics, _ = sample(tiny_sd_dir, tmp_path / "run", f"prompts={jsonl}", "sample.guidance_scale=1")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "prompts.jsonl").read_text().splitlines()]
+    assert rows == [{"seed": 3, "prompt": "a dog"}, {"seed": 7, "prompt": "a cat"}]
+    assert sorted(p.name for p in (tmp_path / "run" / "samples").iterdir()) == ["000003.png", "000007.png"]
+    text = metrics["protocol"]["text"]
+    assert [text["unique_prompts"][i] for i in text["prompt_index_per_image"]] == ["a dog", "a cat"]
+    csv = tmp_path / "p.csv"
+    csv.write_text('prompt\n"a cat, sitting"\nthe sea\n')
+    sample(tiny_sd_dir, tmp_path / "csv", f"prompts={csv}", "sample.guidance_scale=1", seeds=3)
+    got = [json.loads(line)["prompt"] for line in (tmp_path / "csv" / "prompts.jsonl").read_text().splitlines()]
+    assert got == ["a cat, sitting", "the sea", "a cat, sitting"]  # image i gets prompt i mod P
+
+
+def test_one_prompt_for_every_image_and_the_default_guidance(tiny_sd_dir, tmp_path):
+    metrics, _ = sample(tiny_sd_dir, tmp_path / "run", "sample.prompt=a lighthouse", seeds=2)
+    assert metrics["protocol"]["text"]["guidance_scale"] == 7.5  # StableDiffusionPipeline's default
+    assert metrics["unet_passes_per_image"] == 2 * metrics["nfe_per_image"]
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["prompts=/no/such/file.txt"], "prompts=/no/such/file.txt: no such file"),
+    (["sample.prompt=x", "sample.guidance_scale=0.5"], "sample.guidance_scale=0.5: must be a number >= 1"),
+    (["sample.prompt=x", "sample.guidance_scale=nan"], "sample.guidance_scale=nan: must be a number >= 1"),
+    (["sample.prompt=x", "sample.guidance_rescale=2"], "guidance_rescale=2"),
+    ([], "is a text-to-image model and no prompt is given; pass prompts="),
+    (["sample.prompt=x", "sample.original_size=[32,32]"], "SDXL micro-conditioning, but .* is not an SDXL model"),
+    (["sample.prompt=x", "prompts=/tmp/whatever.txt"], "both given; pick one"),
+])
+def test_bad_text_inputs_are_one_line_before_anything_is_written(extra, match, tiny_sd_dir, tmp_path):
+    with pytest.raises(UsageError, match=match):
+        sample(tiny_sd_dir, tmp_path / "run", *extra)
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_prompt_files_name_the_problem(tmp_path):
+    from hiresrun.conditioning import read_prompts
+
+    cases = {"empty.txt": ("\n\n", "holds no prompts"), "bad.jsonl": ('{"prompt": "a"}\nnot json\n', "line 2 is not JSON"),
+             "noprompt.jsonl": ('{"text": "a"}\n', "line 1 has no string `prompt`"),
+             "seed.jsonl": ('{"prompt": "a", "seed": -3}\n', "seed=-3"),
+             "mixed.jsonl": ('{"prompt": "a", "seed": 1}\n{"prompt": "b"}\n', "some rows give a seed"),
+             "nocol.csv": ("text\na\n", "no `prompt` column"), "x.yaml": ("a", "unknown format .yaml")}
+    for name, (body, match) in cases.items():
+        (tmp_path / name).write_text(body)
+        with pytest.raises(UsageError, match=match):
+            read_prompts(str(tmp_path / name))
+
+
+def test_a_prompt_longer_than_the_tokenizer_is_truncated_with_a_warning(tiny_sd_dir, tmp_path):
+    long = "word " * 40  # 200 characters: far over the tokenizer's 77 tokens (character-level vocabulary)
+    out = cli("sample", "model=diffusers", f"model.path={tiny_sd_dir}", "data.resolution=16", "sampler.num_steps=2",
+              "sample.num_samples=1", f"sample.prompt='{long}'", "logger=none", "trainer.enable_progress_bar=false",
+              cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "longer than the tokenizer's 77 tokens; truncated, as diffusers does" in out.stdout
+
+
+def test_guidance_is_refused_on_a_model_without_text(tiny_model_dir, tmp_path):
+    cfg = compose(["model=diffusers", f"model.path={tiny_model_dir}", "data.resolution=16", "sampler.num_steps=2",
+                   "sample.num_samples=1", "logger=none", "sample.prompt=a cat"], tmp_path / "run")
+    with pytest.raises(UsageError, match="not a text-to-image model"):
+        run.run(cfg)
+
+
+def test_hub_id_offline_without_a_cache_is_one_line(tmp_path):
+    out = cli("sample", "model=sdxl", "sample.prompt=a cat", "data.resolution=1024", cwd=tmp_path,
+              env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}, timeout=120)
+    assert out.returncode == 2
+    (line,) = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert "stabilityai/stable-diffusion-xl-base-1.0" in line and "not in the Hugging Face cache" in line
+    assert "model.path=" in line
+
+
+def test_the_vae_decodes_in_fp32_under_autocast_when_it_says_force_upcast(tiny_sdxl_dir):
+    """SDXL's VAE (force_upcast) is kept out of bf16 autocast; the SD VAE runs as the caller runs it."""
+    from hiresrun.models import load_model
+
+    base = load_model(str(tiny_sdxl_dir))
+    assert base.vae.config.force_upcast and base.text.xl
+    z = torch.randn(1, 4, 8, 8)
+    plain = base.decode(z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = base.decode(z)
+    assert under.dtype == torch.float32 and torch.equal(under, plain)
+    base.vae_tile_above = 8  # tiled decode above 8 px: diffusers' tiling switched on for this call
+    base.decode(z)
+    assert base.vae.use_tiling
+    base.vae_tile_above = None
+    base.decode(z)
+    assert not base.vae.use_tiling
