@@ -24,11 +24,13 @@ class Support:
     unets: tuple[str, ...] = ANY_UNET             # diffusers UNet classes it can drive
     one_step: bool = False                        # method: samples with one network evaluation, no step loop
     needs_steps: bool = False                     # accelerator: acts between sampler steps (nothing to do in one)
+    text: bool = True                             # works with text-to-image bases (prompts, guidance)
     why: str = ""                                 # the code behind a restriction, shown in the refusal
+    why_text: str = ""                            # the code behind text=False
 
 
 def refusal(method: str, m: Support, accelerator: str | None, a: Support, model: str,
-            unet: str | None = None, space: str | None = None) -> str | None:
+            unet: str | None = None, space: str | None = None, text: bool | None = None) -> str | None:
     """The reason (method, accelerator) cannot run on this model, or None. Unknown model facts (None) pass;
     accelerator None: the method alone (`hiresrun train`)."""
     pair = f"method={method}{f' with accelerator={accelerator}' if accelerator else ''} is not supported"
@@ -36,6 +38,8 @@ def refusal(method: str, m: Support, accelerator: str | None, a: Support, model:
         return (f"{pair}: accelerator={accelerator} acts between sampler steps ({a.why}) and method={method} samples "
                 f"with one network evaluation; use accelerator=none or skiptuning")
     for kind, name, s in (("method", method, m), ("accelerator", accelerator, a)):
+        if text and not s.text:
+            return f"{pair}: {kind}={name} does not take text conditioning ({s.why_text}); {model} is a text-to-image model"
         if space is not None and space not in s.spaces:
             return f"{pair}: {kind}={name} works on {' and '.join(s.spaces)} models only ({s.why}); {model} is {space}"
         if unet is not None and unet not in s.unets:
@@ -48,11 +52,12 @@ def check(cfg, method: str, accelerator: str | None) -> None:
     accelerator None checks the method and model only)."""
     from hydra.utils import get_class
 
-    from hiresrun.models import describe
+    from hiresrun.models import describe, text_model
 
     m = get_class(cfg.method._target_).supports
     a = get_class(cfg.accelerator._target_).supports if accelerator else Support()
     unet, space = describe(cfg.model.path, cfg.model.get("revision"), cfg.model.get("vae"))
-    reason = refusal(method, m, accelerator, a, f"model.path={cfg.model.path}", unet, space)
+    text = text_model(cfg.model.path, cfg.model.get("revision")) if cfg.model.get("conditioning") != "none" else False
+    reason = refusal(method, m, accelerator, a, f"model.path={cfg.model.path}", unet, space, text)
     if reason:
         raise Unsupported(reason)

@@ -69,4 +69,25 @@ def test_config_builds_the_accelerator_with_sd15_defaults():
     from hydra.utils import instantiate
 
     acc = instantiate(compose(["accelerator=freeu", "accelerator.b2=1.4"]).accelerator)
-    assert isinstance(acc, FreeU) and (acc.b1, acc.b2, acc.s1, acc.s2) == (1.5, 1.4, 0.9, 0.2)
+    assert isinstance(acc, FreeU) and (acc.b1, acc.b2, acc.s1, acc.s2) == (None, 1.4, None, None)
+    from diffusers import UNet2DConditionModel
+
+    sd1 = UNet2DConditionModel(block_out_channels=(8, 16), norm_num_groups=8, cross_attention_dim=768,
+                               down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                               up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1)
+    assert acc.factors(sd1) == {"b1": 1.5, "b2": 1.4, "s1": 0.9, "s2": 0.2}  # b2 given, the rest SD 1.5's
+
+
+def test_defaults_follow_the_model_family(tiny_sd_dir, tiny_sdxl_dir):
+    """The FreeU README's values per family: SD 1.5, SD 2.1 (1024-wide cross-attention) and SDXL (text_time)."""
+    from diffusers import UNet2DConditionModel
+
+    from hiresrun.accelerators.freeu import family
+
+    sdxl = UNet2DConditionModel.from_pretrained(tiny_sdxl_dir / "unet")
+    assert family(sdxl) == "sdxl" and FreeU().factors(sdxl) == {"b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2}
+    sd2 = UNet2DConditionModel(block_out_channels=(8, 16), norm_num_groups=8, cross_attention_dim=1024,
+                               down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                               up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1)
+    assert family(sd2) == "sd2" and FreeU().factors(sd2) == {"b1": 1.4, "b2": 1.6, "s1": 0.9, "s2": 0.2}
+    assert family(UNet2DConditionModel.from_pretrained(tiny_sd_dir / "unet")) == "sd1"

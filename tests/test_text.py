@@ -179,3 +179,97 @@ def test_the_vae_decodes_in_fp32_under_autocast_when_it_says_force_upcast(tiny_s
     base.vae_tile_above = None
     base.decode(z)
     assert not base.vae.use_tiling
+
+
+# -- identities and per-image decisions under guidance ------------------------------------------------------------
+def generate(folder, method, accelerator=None, seeds=(0, 1, 2), steps=12, scale=7.5, scheduler="ddim"):
+    import diffusers
+
+    from hiresrun.conditioning import Conditioner, Prompt, Prompts
+    from hiresrun.lit import LitModule
+    from hiresrun.models import load_model
+
+    base = load_model(str(folder))
+    net = method.wrap(base)
+    conditioner = Conditioner(base, Prompts([Prompt(p) for p in PROMPTS]), guidance_scale=scale,
+                              negative_prompt="noise", size=method.resolution)
+    step_rule = {"ddim": diffusers.DDIMScheduler, "dpmsolver": diffusers.DPMSolverMultistepScheduler}[scheduler]
+    lit = LitModule(net, method, step_rule.from_config(base.scheduler_config), steps, accelerator,
+                    conditioner=conditioner)
+    return lit.generate(list(seeds))
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_neutral_settings_are_the_baseline_bit_for_bit_under_guidance(family, tiny_sd_dir, tiny_sdxl_dir):
+    from hiresrun.accelerators.adaptive import AdaptiveDiffusion
+    from hiresrun.accelerators.freeu import FreeU
+    from hiresrun.accelerators.skiptuning import SkipTuning
+    from hiresrun.methods.none import NoneMethod
+    from hiresrun.methods.selfcascade import SelfCascade
+
+    folder = tiny_sdxl_dir if family == "sdxl" else tiny_sd_dir
+    none = generate(folder, NoneMethod(32))
+    assert none["passes"] == 2 * none["evals"]
+    assert torch.equal(generate(folder, NoneMethod(32), AdaptiveDiffusion(delta=0))["images"], none["images"])
+    assert torch.equal(generate(folder, NoneMethod(32), SkipTuning(rho=1.0))["images"], none["images"])
+    assert torch.equal(generate(folder, SelfCascade(32, mode="tuning_free", strength=1.0))["images"], none["images"])
+    freeu = generate(folder, NoneMethod(32), FreeU())["images"]  # FreeU on changes the images; off is `none`
+    assert not torch.equal(freeu, none["images"])
+    assert torch.equal(generate(folder, NoneMethod(32))["images"], none["images"])  # and attach/remove left no trace
+
+
+def test_adaptive_decides_per_image_on_the_undoubled_latent_under_guidance(tiny_sd_dir):
+    """One decision per image (not per guidance half): the per-image masks of a batch equal each image's own run,
+    and every call costs two UNet passes per called image."""
+    from hiresrun.accelerators.adaptive import AdaptiveDiffusion
+    from hiresrun.methods.none import NoneMethod
+
+    seeds = [0, 1, 2, 3]
+    acc = AdaptiveDiffusion(delta=0.002)
+    together = generate(tiny_sd_dir, NoneMethod(16), acc, seeds=seeds, steps=30)
+    masks = acc.last_masks
+    assert len(masks) == len(seeds) and len({tuple(m) for m in masks}) > 1  # images took different paths
+    assert together["passes"] == 2 * together["evals"] < 2 * 30 * len(seeds)
+    for i, s in enumerate(seeds):
+        alone_acc = AdaptiveDiffusion(delta=0.002)
+        alone = generate(tiny_sd_dir, NoneMethod(16), alone_acc, seeds=[s], steps=30)
+        assert alone_acc.last_masks[0] == masks[i]
+        assert (alone["images"][0].int() - together["images"][i].int()).abs().max() <= 1
+
+
+def test_tuned_selfcascade_pivots_follow_sub_batches_under_guidance(tiny_sd_dir):
+    """The pivot travels in cond, so AdaptiveDiffusion's sub-batches get their own images' pivots (repeated over the
+    guidance halves): each image equals its batch-of-one run."""
+    from hiresrun.accelerators.adaptive import AdaptiveDiffusion
+    from hiresrun.methods.selfcascade import SelfCascade
+
+    method = SelfCascade(32, mode="tuned", strength=0.6)
+    seeds, results = [0, 1, 2], {}
+    for chunk in ([0, 1, 2], [0], [1], [2]):
+        torch.manual_seed(0)
+        m = SelfCascade(32, mode="tuned", strength=0.6)
+        acc = AdaptiveDiffusion(delta=0.0005)
+        out = generate(tiny_sd_dir, _with_random_upsamplers(m), acc, seeds=chunk, steps=30)
+        results[tuple(chunk)] = (out["images"], acc.last_masks)
+    images, masks = results[tuple(seeds)]
+    assert len({tuple(m) for m in masks}) > 1
+    for i, s in enumerate(seeds):
+        alone, alone_masks = results[(s,)]
+        assert alone_masks[0] == masks[i]
+        assert (alone[0].int() - images[i].int()).abs().max() <= 1
+    assert method.trains
+
+
+def _with_random_upsamplers(method):
+    """Non-zero upsamplers (seeded), so a wrong pivot row would change the image."""
+    wrap = method.wrap
+
+    def wrapped(base):
+        net = wrap(base)
+        g = torch.Generator().manual_seed(1)
+        for p in net.upsamplers.parameters():
+            p.data = torch.randn(p.shape, generator=g) * 0.05
+        return net
+
+    method.wrap = wrapped
+    return method

@@ -45,8 +45,10 @@ class PaGoDA:
     """Frozen base as PF-ODE encoder, one-step decoder trained with L_rec + adaptive hinge GAN, progressive growing."""
 
     trains = True
-    supports = Support(spaces=("pixel",), unets=("UNet2DModel",), one_step=True,
-                       why="G grows through UNet2DModel's positional up-block call; L_rec is LPIPS in sample space")
+    supports = Support(spaces=("pixel",), unets=("UNet2DModel",), one_step=True, text=False,
+                       why="G grows through UNet2DModel's positional up-block call; L_rec is LPIPS in sample space",
+                       why_text="its one-step generator and discriminator take no text embeddings, and the encoder "
+                                "integrates the unguided ODE")
 
     def __init__(self, resolution: int,                  # target resolution of stage=grow (2x, 4x the base)
                  stage: str = "base",                    # encode | base | grow

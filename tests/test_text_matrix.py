@@ -1,0 +1,85 @@
+"""Every method x accelerator pair on the tiny Stable Diffusion and SDXL folders: it runs (training first where the
+method trains, on captioned images), or the Support declarations refuse it up front with one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import CONF, compose
+from hydra.utils import get_class
+
+from hiresrun import run, support
+from hiresrun.errors import Unsupported
+
+METHODS = sorted(f.stem for f in (CONF / "method").glob("*.yaml"))
+ACCELERATORS = sorted(f.stem for f in (CONF / "accelerator").glob("*.yaml"))
+FAST = ["logger=none", "trainer.enable_progress_bar=false", "data.resolution=32"]
+
+
+def captioned_folder(root: Path) -> Path:
+    """Four RGB images with captions in metadata.jsonl (the Hugging Face image-folder convention)."""
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(4):
+        pixels = np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": f"a picture of the number {i}"})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def train(folder: Path, data: Path, run_dir: Path, method: str, *extra: str) -> Path:
+    cfg = compose(["model=diffusers", f"model.path={folder}", f"method={method}", "task=train", "data=folder",
+                   f"data.root={data}", "data.batch_size=2", "trainer.max_steps=2", "train.grid_every=0",
+                   "train.caption_dropout=0.5", *FAST, *extra], run_dir)
+    run.run(cfg)
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    return run_dir
+
+
+@pytest.fixture(scope="module", params=["sd", "sdxl"])
+def trained(request, tiny_sd_dir, tiny_sdxl_dir, tmp_path_factory):
+    folder = tiny_sdxl_dir if request.param == "sdxl" else tiny_sd_dir
+    root = tmp_path_factory.mktemp(f"matrix-{request.param}")
+    data = captioned_folder(root / "data")
+    ckpts = {m: train(folder, data, root / "train" / m, m) for m in ("finetune", "simple", "selfcascade")}
+    return request.param, folder, root, ckpts
+
+
+def test_every_pair_runs_or_is_refused_on_text_models(trained):
+    family, folder, root, ckpts = trained
+    ran, refused = [], []
+    for method in METHODS:
+        for accelerator in ACCELERATORS:
+            run_dir = root / "sample" / f"{method}-{accelerator}"
+            extra = [f"ckpt_path={ckpts[method]}"] if method in ckpts else []
+            cfg = compose(["model=diffusers", f"model.path={folder}", f"method={method}", f"accelerator={accelerator}",
+                           "sample.prompt=a picture of the number 3", "sample.guidance_scale=3",
+                           "sample.num_samples=2", "sampler.num_steps=6", *FAST, *extra], run_dir)
+            declared = (get_class(cfg.method._target_).supports, get_class(cfg.accelerator._target_).supports)
+            would = support.refusal(method, declared[0], accelerator, declared[1], "m", "UNet2DConditionModel",
+                                    "latent", True)
+            try:
+                metrics = run.run(cfg)
+            except Unsupported as e:
+                assert would is not None and "is not supported: " in str(e)  # the declarations said so
+                assert "\n" not in str(e) and not (run_dir / "metrics.json").exists()
+                refused.append((method, accelerator))
+                continue
+            assert would is None, (method, accelerator)
+            assert metrics["num_samples"] == 2 and metrics["unet_passes_per_image"] == 2 * metrics["nfe_per_image"]
+            ran.append((method, accelerator))
+    # PaGoDA takes no text: every one of its pairs is refused by its declaration; everything else runs
+    assert sorted(refused) == [("pagoda", a) for a in ACCELERATORS], family
+    assert len(ran) == (len(METHODS) - 1) * len(ACCELERATORS)
+
+
+def test_pagoda_refusal_on_a_text_model_says_why(tiny_sd_dir, tmp_path):
+    cfg = compose(["model=diffusers", f"model.path={tiny_sd_dir}", "method=pagoda"], tmp_path / "r")
+    with pytest.raises(Unsupported, match="method=pagoda does not take text conditioning .*is a text-to-image model"):
+        support.check(cfg, "pagoda", "none")
