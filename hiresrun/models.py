@@ -75,9 +75,10 @@ class BaseModel:
         return {k: v.to(device).expand(batch, *v.shape[1:]) if isinstance(v, Tensor) and v.shape[0] == 1 else v
                 for k, v in self.cond.items()}
 
-    def batch_condition(self, batch: dict) -> dict:
+    def batch_condition(self, batch: dict, dropout: bool = True, guidance: float | None = 1.0) -> dict:
         """UNet keyword arguments for a training batch: its labels (class models), its captions (text models,
-        `caption_dropout` of them replaced by the empty prompt from the step's seeded RNG)."""
+        `caption_dropout` of them replaced by the empty prompt from the step's seeded RNG, unless `dropout` is off;
+        with `guidance` > 1, or None for the pipeline's default, a guided cond for sampling from the captions)."""
         size = batch["image"].shape[0] if "image" in batch else len(batch["label"])
         device = (batch["image"] if "image" in batch else batch["label"]).device
         cond = self.broadcast(size, device)
@@ -87,11 +88,14 @@ class BaseModel:
             cond["class_labels"] = batch["label"]
         elif self.conditioning == "text":
             captions = list(batch.get("caption") or [""] * size)
-            if self.caption_dropout > 0:
+            if dropout and self.caption_dropout > 0:
                 drop = torch.rand(size) < self.caption_dropout
                 captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
             side = batch["image"].shape[-1] if "image" in batch else self.resolution
-            cond.update(self.text.encode(captions, device, size=side))
+            scale = self.text.default_guidance if guidance is None else float(guidance)
+            cond.update(self.text.encode(captions, device, size=side, guidance=scale > 1))
+            if scale > 1:
+                cond["guidance_scale"] = scale
         return cond
 
     def _tiling(self, side: int) -> None:

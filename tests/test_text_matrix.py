@@ -83,3 +83,30 @@ def test_pagoda_refusal_on_a_text_model_says_why(tiny_sd_dir, tmp_path):
     cfg = compose(["model=diffusers", f"model.path={tiny_sd_dir}", "method=pagoda"], tmp_path / "r")
     with pytest.raises(Unsupported, match="method=pagoda does not take text conditioning .*is a text-to-image model"):
         support.check(cfg, "pagoda", "none")
+
+
+@pytest.mark.parametrize("name,family", [("selfcascade-sdxl", "sdxl"), ("selfcascade-sd21", "sd"),
+                                         ("adaptive-sdxl", "sdxl")])
+def test_fullscale_text_settings_run_end_to_end_on_the_tiny_folders(name, family, tiny_sd_dir, tiny_sdxl_dir,
+                                                                    tmp_path):
+    """The paper settings as composed, with only what a CPU test must change: the tiny folder for the weights,
+    a few steps at 32 px, one CPU process. On a GPU cluster the real weights are all that is missing."""
+    folder = tiny_sdxl_dir if family == "sdxl" else tiny_sd_dir
+    data = captioned_folder(tmp_path / "data")
+    (tmp_path / "prompts.txt").write_text("a cat\na dog\n")
+    scale = ["model.path=" + str(folder), f"data.root={data}", "data.resolution=32", "trainer=cpu",
+             "trainer.precision=32-true", "trainer.accelerator=cpu", "trainer.devices=1", "sampler.num_steps=4", "metrics=none", *FAST[:2]]
+    ckpt = []
+    if name.startswith("selfcascade"):
+        train_cfg = compose([f"experiment=fullscale/{name}", "task=train", "trainer.max_steps=2", "data.batch_size=2",
+                             "train.grid_every=0", "method.pivot_steps=3", *scale], tmp_path / "train")
+        assert train_cfg.method.mode == "tuned"
+        run.run(train_cfg)
+        ckpt = [f"ckpt_path={tmp_path / 'train'}"]
+    cfg = compose([f"experiment=fullscale/{name}", "task=sample", f"prompts={tmp_path / 'prompts.txt'}",
+                   "sample.num_samples=2", "sample.batch_size=2", *scale, *ckpt], tmp_path / "sample")
+    metrics = run.run(cfg)
+    assert metrics["num_samples"] == 2 and metrics["resolution"] == 32
+    assert metrics["protocol"]["text"]["guidance_scale"] == (5.0 if family == "sdxl" else 7.5)
+    if name == "adaptive-sdxl":
+        assert metrics["nfe_per_image"] <= 4

@@ -158,6 +158,7 @@ class SelfCascade(NoneMethod):
                  pivot_source: str = "downsampled",     # downsampled: the training image's own low-res view |
                                                         # generated: a base sample (official), cached per seed
                  pivot_steps: int = 50,                 # generated pivots: DDIM steps at the base resolution
+                 pivot_guidance: float | None = None,   # generated pivots, text models: CFG scale (None: pipeline's)
                  pivot_upsample: str = "bicubic",       # resize of the pivot in sample space
                  lr_branch_min_t: float = 100):         # LR features off for t < this (official 100 of 1000)
         super().__init__(resolution)
@@ -174,6 +175,7 @@ class SelfCascade(NoneMethod):
                              f"use pivot_source=downsampled")
         self.mode, self.strength, self.stages, self.upsampler = mode, strength, stages, upsampler
         self.pivot_source, self.pivot_steps, self.pivots = pivot_source, pivot_steps, {}
+        self.pivot_guidance = pivot_guidance
         self.pivot_upsample, self.lr_branch_min_t = pivot_upsample, lr_branch_min_t
         self.trains = mode == "tuned"
 
@@ -254,14 +256,16 @@ class SelfCascade(NoneMethod):
         """The official code's pivot: a base-resolution sample (sample space) for the training image's condition,
         not aligned with the image. Seed = the image's dataset index, so the pivot is made once per image and
         kept (the official code samples a fresh one every step; caching makes the cost one base sample per
-        training image). Frozen UNet, DDIM with `pivot_steps` steps."""
+        training image). Frozen UNet, DDIM with `pivot_steps` steps; a text model's pivot is sampled from the image's
+        own caption (never dropped) with classifier-free guidance, `pivot_guidance`."""
         from diffusers import DDIMScheduler
 
         index = batch["index"].tolist()
         todo = [i for i, k in enumerate(index) if k not in self.pivots]
         if todo:
             gens = sampling.generators([index[i] for i in todo])
-            cond = rows(self.base.batch_condition(batch), torch.tensor(todo))
+            cond = rows(self.base.batch_condition(batch, dropout=False, guidance=self.pivot_guidance),
+                        torch.tensor(todo))
             size = self.base.resolution // self.base.latent_factor
             x = sampling.noise(gens, (unet.config.in_channels, size, size), unet.device)
             scheduler = DDIMScheduler.from_config(self.base.scheduler_config)
