@@ -210,7 +210,9 @@ def sample(cfg: DictConfig) -> dict | None:
         metrics.update(report[1])
     if "_target_" in (cfg.get("metrics") or {}):  # quality vs the real set (+ a reference run, same seeds)
         real = instantiate(cfg.data, base_resolution=base.resolution)
-        quality = instantiate(cfg.metrics).evaluate(r["images"], real, cfg.get("reference"), r["seeds"].tolist())
+        texts = conditioner.prompts_of(r["seeds"].tolist()) if base.text is not None else None
+        quality = instantiate(cfg.metrics).evaluate(r["images"], real, cfg.get("reference"), r["seeds"].tolist(),
+                                                    prompts=texts)
         metrics["protocol"].update(quality.pop("protocol"))
         metrics.update(quality)
     outputs.write_json(run_dir / "metrics.json", metrics)

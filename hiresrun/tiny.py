@@ -6,7 +6,7 @@ downsampling, CLIP text encoders, tokenizers, a scheduler, `model_index.json`), 
 offline. The tokenizer's vocabulary is written here (byte-level characters, no merges): nothing downloads.
 Weights are random (seeded): for wiring and parity tests, not for quality.
 
-    python -m hiresrun.tiny sd <folder>      # or sdxl
+    python -m hiresrun.tiny sd <folder>      # or sdxl, or clip (a tiny CLIP for clip_score smoke runs)
 """
 
 from __future__ import annotations
@@ -101,7 +101,30 @@ def build(folder: str | Path, family: str = "sd", sample_size: int = 8) -> Path:
     return folder
 
 
+def clip(folder: str | Path) -> Path:
+    """A tiny random CLIP (transformers CLIPModel + CLIPProcessor at 32 px) for clip_score smoke runs and tests."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    folder = Path(folder)
+    tok = tokenizer(folder / ".tokenizer-src")
+    config = CLIPConfig(text_config={"vocab_size": len(tok), "hidden_size": 16, "intermediate_size": 32,
+                                     "num_hidden_layers": 2, "num_attention_heads": 2,
+                                     "max_position_embeddings": tok.model_max_length, "bos_token_id": tok.bos_token_id,
+                                     "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id},
+                        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+                                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+                        projection_dim=8)
+    torch.manual_seed(4)
+    CLIPModel(config).eval().save_pretrained(folder)
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=images, tokenizer=tok).save_pretrained(folder)
+    for f in (folder / ".tokenizer-src").iterdir():
+        f.unlink()
+    (folder / ".tokenizer-src").rmdir()
+    return folder
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 3:
-        sys.exit("usage: python -m hiresrun.tiny sd|sdxl <folder>")
-    print(build(sys.argv[2], sys.argv[1]))
+        sys.exit("usage: python -m hiresrun.tiny sd|sdxl|clip <folder>")
+    print(clip(sys.argv[2]) if sys.argv[1] == "clip" else build(sys.argv[2], sys.argv[1]))

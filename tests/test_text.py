@@ -273,3 +273,43 @@ def _with_random_upsamplers(method):
 
     method.wrap = wrapped
     return method
+
+
+# -- clip_score -------------------------------------------------------------------------------------------------
+def test_clip_score_from_local_weights_equals_torchmetrics_and_absent_weights_say_so(tiny_sd_dir, tmp_path, capsys):
+    from PIL import Image
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
+    from hiresrun.metrics.clip import Features
+    from hiresrun.tiny import clip
+
+    real = tmp_path / "real"
+    real.mkdir()
+    for i in range(4):
+        Image.fromarray(torch.randint(0, 255, (16, 16, 3), dtype=torch.uint8,
+                                      generator=torch.Generator().manual_seed(i)).numpy()).save(real / f"{i}.png")
+    folder = clip(tmp_path / "clip")
+    common = ["metrics=default", "data=folder", f"data.root={real}", "metrics.patch_fid=false",
+              f"paths.cache_dir={tmp_path / 'cache'}", "sample.guidance_scale=1"]
+    metrics, images = sample(tiny_sd_dir, tmp_path / "run", "sample.prompt=a cat", f"metrics.clip_model={folder}",
+                             *common)
+    from transformers import CLIPModel, CLIPProcessor
+
+    expected = CLIPScore(model_name_or_path=lambda: (Features(CLIPModel.from_pretrained(folder)),
+                                                     CLIPProcessor.from_pretrained(folder)))
+    expected.update(images, ["a cat"] * len(images))
+    assert metrics["clip_score"] == pytest.approx(float(expected.compute()), rel=1e-6)
+    # and the definition itself: max(100 * mean cos, 0) of the projected embeddings, by hand
+    model, processor = CLIPModel.from_pretrained(folder), CLIPProcessor.from_pretrained(folder)
+    with torch.no_grad():
+        pixels = processor(images=list(images), return_tensors="pt")["pixel_values"]
+        img = Features(model).get_image_features(pixel_values=pixels)
+        tokens = processor(text=["a cat"] * len(images), return_tensors="pt", padding=True)
+        txt = Features(model).get_text_features(tokens["input_ids"], tokens["attention_mask"])
+    cos = torch.nn.functional.cosine_similarity(img, txt)
+    assert metrics["clip_score"] == pytest.approx(max(float((100 * cos).mean()), 0.0), rel=1e-4, abs=1e-4)
+    assert metrics["protocol"]["clip_score"]["model"] == str(folder) and "fid" in metrics
+    metrics, _ = sample(tiny_sd_dir, tmp_path / "absent", "sample.prompt=a cat",
+                        "metrics.clip_model=nobody/no-such-clip", *common)
+    assert "clip_score" not in metrics and "fid" in metrics and "kid" in metrics
+    assert "clip_score skipped: no CLIP weights for metrics.clip_model=nobody/no-such-clip" in capsys.readouterr().out

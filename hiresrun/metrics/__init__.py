@@ -63,13 +63,15 @@ class Metrics:
                  lpips_path: str | None = None,           # explicit LPIPS trunk; null = search
                  download: bool = True,                   # last resort when nothing is found offline
                  cache_dir: str = ".cache/hiresrun",      # project-private: reference features, bridged weights
-                 device: str = "auto"):                   # auto = cuda when available
+                 device: str = "auto",                    # auto = cuda when available
+                 clip_model: str | None = "openai/clip-vit-large-patch14"):  # text runs: clip_score's CLIP
+                                                          # (local folder or HF cache only); null = no clip_score
         self.fid, self.kid, self.patch_fid, self.swd, self.digits = fid, kid, patch_fid, swd, digits
         self.num_reference, self.kid_subsets, self.kid_subset_size = num_reference, kid_subsets, kid_subset_size
         self.patch_size, self.patches_per_image, self.seed = patch_size, patches_per_image, seed
         self.digit_threshold, self.digit_classifier, self.lpips_net = digit_threshold, digit_classifier, lpips_net
         self.batch_size, self.inception_path, self.lpips_path = batch_size, inception_path, lpips_path
-        self.download, self.cache_dir = download, cache_dir
+        self.download, self.cache_dir, self.clip_model = download, cache_dir, clip_model
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.cache = Cache(cache_dir)
 
@@ -124,9 +126,10 @@ class Metrics:
 
     # -- the numbers -------------------------------------------------------------------------------------
     def evaluate(self, images: Tensor, real, reference: str | Path | None = None,
-                 seeds: list[int] | None = None) -> dict:
+                 seeds: list[int] | None = None, prompts: list[str] | None = None) -> dict:
         """uint8 (N, C, H, W) samples -> flat metrics + `protocol`. `real`: a datamodule, image folder,
-        cached-statistics folder or RealSet; `reference`: a run folder with samples/<seed>.png for `seeds`."""
+        cached-statistics folder or RealSet; `reference`: a run folder with samples/<seed>.png for `seeds`;
+        `prompts`: each image's prompt (text models), for clip_score."""
         real = real_set(real, images.shape[-1], images.shape[1])
         _check(images, real)
         idx = real.subset(self.num_reference)
@@ -136,7 +139,25 @@ class Metrics:
             part(images, real, n, load, ids, out, proto)
         if reference is not None:
             self._fidelity(images, reference, ids, out, proto)
+        if prompts is not None and self.clip_model:
+            self._clip(images, prompts, out, proto)
         return {**out, "protocol": proto}
+
+    def _clip(self, images, prompts, out, proto) -> None:
+        from hiresrun.metrics import clip
+        from hiresrun.outputs import file_hash
+
+        folder = clip.resolve(self.clip_model)
+        if folder is None:
+            print(clip.missing_line(self.clip_model))
+            proto["clip_score"] = f"skipped: no local weights for {self.clip_model}"
+            return
+        out["clip_score"] = clip.clip_score(images, prompts, folder, self.batch_size, self.device)
+        weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+        proto["clip_score"] = {"model": self.clip_model, "folder": str(folder),
+                               "weights_sha256": file_hash(weights[0]) if weights else None,
+                               "definition": "torchmetrics CLIPScore: max(100 * mean over images of cos, 0), "
+                                             "CLIP processor resize to the model's input size"}
 
     __call__ = evaluate
 
