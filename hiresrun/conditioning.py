@@ -21,6 +21,7 @@ from torch import Tensor
 
 from hiresrun.errors import UsageError
 
+SHIPPED = Path(__file__).parent / "assets" / "prompts"  # prompt sets shipped for tests and smoke runs
 TEXT_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 DEFAULT_GUIDANCE = {"StableDiffusionPipeline": 7.5, "StableDiffusionXLPipeline": 5.0}  # the pipelines' defaults
 
@@ -36,8 +37,12 @@ def read_prompts(path: str) -> list[Prompt]:
     """`.txt` (one prompt per line), `.jsonl` (objects with "prompt" and optional "seed") or `.csv` (a header with
     a `prompt` column and optional `seed`). A missing, empty or malformed file ends with one line naming it."""
     p = Path(path).expanduser()
+    shipped = SHIPPED / f"{path}.txt"
+    if not p.is_file() and shipped.is_file():  # a shipped set by name (prompts=smoke)
+        p = shipped
     if not p.is_file():
-        raise UsageError(f"prompts={path}: no such file; give a .txt (one prompt per line), .jsonl or .csv file")
+        raise UsageError(f"prompts={path}: no such file; give a .txt (one prompt per line), .jsonl or .csv file, or "
+                         f"a shipped set ({', '.join(sorted(f.stem for f in SHIPPED.glob('*.txt')))})")
     kind = p.suffix.lower()
     if kind not in (".txt", ".jsonl", ".csv"):
         raise UsageError(f"prompts={path}: unknown format {kind or '(no suffix)'}; use .txt, .jsonl or .csv")

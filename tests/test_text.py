@@ -102,6 +102,15 @@ def test_prompts_are_recorded_per_image_and_seeds_may_come_from_the_file(tiny_sd
     assert got == ["a cat, sitting", "the sea", "a cat, sitting"]  # image i gets prompt i mod P
 
 
+def test_the_shipped_prompt_set_by_name(tiny_sd_dir, tmp_path):
+    from hiresrun.conditioning import SHIPPED
+
+    sample(tiny_sd_dir, tmp_path / "run", "prompts=smoke", "sample.guidance_scale=1", seeds=17)
+    rows = [json.loads(line)["prompt"] for line in (tmp_path / "run" / "prompts.jsonl").read_text().splitlines()]
+    shipped = (SHIPPED / "smoke.txt").read_text().splitlines()
+    assert len(shipped) == 16 and rows[:16] == shipped and rows[16] == shipped[0]
+
+
 def test_one_prompt_for_every_image_and_the_default_guidance(tiny_sd_dir, tmp_path):
     metrics, _ = sample(tiny_sd_dir, tmp_path / "run", "sample.prompt=a lighthouse", seeds=2)
     assert metrics["protocol"]["text"]["guidance_scale"] == 7.5  # StableDiffusionPipeline's default
