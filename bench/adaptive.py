@@ -57,7 +57,7 @@ class FixedSchedule(Accelerator):
     def __init__(self, mask: list[bool]):
         self.mask = mask
 
-    def wrap(self, model_fn):
+    def wrap(self, model_fn, step=None):
         state = {"i": 0, "cache": None}
 
         def fixed(x, t, cond):
@@ -87,7 +87,7 @@ def build(base, size: int, method: str):
 def generate(net, method, make_scheduler, chunk: list[int], steps: int, acc) -> dict:
     """uint8 images for one batch of seeds, its NFE and wall seconds, and per image its NFE and skip masks."""
     counter, gens = sampling.Counter(), sampling.generators(chunk)
-    wrap = (lambda f: acc.wrap(counter(f))) if acc else counter
+    wrap = (lambda f, step: acc.wrap(counter(f), step)) if acc else counter
     loop = partial(sampling.sample, scheduler=make_scheduler(), num_steps=steps, gens=gens, wrap=wrap)
     before = len(acc.records) if isinstance(acc, AdaptiveDiffusion) else 0
     start = time.perf_counter()

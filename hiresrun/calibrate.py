@@ -26,13 +26,15 @@ SEARCH = "ascending delta grid (calibrate.deltas), stopped at the first delta th
 
 # -- the key: what a calibrated delta is valid for --------------------------------------------------------
 def key(setting: dict, model_weights_sha256: str, rule: dict) -> dict:
-    """(model weights, resolution, sampler, steps), plus the method and every other accelerator setting, as JSON
-    reads them back. `setting` is conf/accelerator/adaptive.yaml's `setting` node: the run's own config."""
+    """(model weights, resolution, sampler, steps), plus the method and every other accelerator setting, and for
+    text models a set guidance scale / negative prompt, as JSON reads them back. `setting` is
+    conf/accelerator/adaptive.yaml's `setting` node: the run's own config."""
     setting = OmegaConf.to_container(setting, resolve=True) if OmegaConf.is_config(setting) else dict(setting)
     sampler = {k: v for k, v in setting["sampler"].items() if k != "_partial_"}
+    guidance = {k: setting[k] for k in ("guidance_scale", "negative_prompt") if setting.get(k) is not None}
     return json.loads(json.dumps({"model_weights_sha256": model_weights_sha256, "resolution": setting["resolution"],
                                   "sampler": sampler, "num_steps": setting["num_steps"], "method": setting["method"],
-                                  "rule": rule}, sort_keys=True))
+                                  "rule": rule, **({"guidance": guidance} if guidance else {})}, sort_keys=True))
 
 
 def model_sha256(path: str, revision: str | None = None) -> str:
@@ -59,10 +61,11 @@ def load(path: str, setting: dict | None, rule: dict) -> float:
         raise UsageError("accelerator.calibration needs accelerator.setting (conf/accelerator/adaptive.yaml fills it "
                          "from the run's config); construct AdaptiveDiffusion with delta= instead")
     here = key(setting, model_sha256(setting["model"], setting.get("revision")), rule)
-    for name in KEY:
-        if saved.get(name) != here[name]:
+    for name in (*KEY, "guidance"):
+        if saved.get(name) != here.get(name):
             raise UsageError(f"accelerator.calibration={path} was calibrated for {name} {_short(saved.get(name))}, "
-                             f"this run has {_short(here[name])}; run `hiresrun calibrate` with this run's settings")
+                             f"this run has {_short(here.get(name))}; run `hiresrun calibrate` with this run's "
+                             f"settings")
     return delta
 
 
@@ -115,7 +118,7 @@ def calibrate(cfg: DictConfig) -> dict:
     missed; writes calibration.json (key, delta, the curve) to the run folder and prints its path."""
     from hiresrun.lit import LitModule
     from hiresrun.metrics.lpips import LPIPS
-    from hiresrun.run import parse_seeds, sampler_scheduler, sampling_net
+    from hiresrun.run import build_conditioner, parse_seeds, sampler_scheduler, sampling_net
 
     target = parse_target(cfg.target)
     if "delta" not in cfg.accelerator:
@@ -126,11 +129,13 @@ def calibrate(cfg: DictConfig) -> dict:
                          f"[0.002,0.005,0.01,0.02]")
     seeds = parse_seeds(cfg.calibrate.seeds, 0)
     base, method, net = sampling_net(cfg)
+    conditioner = build_conditioner(cfg, base)  # text models: the run's prompts and guidance
     device = "cuda" if cfg.trainer.get("accelerator") in ("gpu", "cuda") and torch.cuda.is_available() else "cpu"
     lpips = LPIPS(cache_dir=cfg.paths.cache_dir).to(device) if target[0] == "lpips" else None
 
     def run(acc=None) -> dict:
-        lit = LitModule(net, method, sampler_scheduler(cfg, base, method), cfg.sampler.num_steps, acc).to(device)
+        lit = LitModule(net, method, sampler_scheduler(cfg, base, method), cfg.sampler.num_steps, acc,
+                        conditioner=conditioner).to(device)
         parts = [lit.generate(seeds[i:i + cfg.sample.batch_size])
                  for i in range(0, len(seeds), cfg.sample.batch_size)]
         return {"images": torch.cat([p["images"] for p in parts]), "evals": sum(int(p["evals"]) for p in parts)}

@@ -101,7 +101,7 @@ class LitModule(L.LightningModule):
     def generate(self, seeds: list[int]) -> dict:
         """Images for `seeds` (uint8), with the image evaluations and wall seconds they cost."""
         counter, gens = sampling.Counter(), sampling.generators(seeds)
-        wrap = lambda f: self.accelerator_.wrap(counter(f))
+        wrap = lambda f, step: self.accelerator_.wrap(counter(f), step)
         if self.conditioner is None:
             from hiresrun.conditioning import Conditioner
 
@@ -155,5 +155,6 @@ class LitModule(L.LightningModule):
         seeds, first = torch.unique_consecutive(local["seeds"][order], return_counts=True)
         keep = order[torch.cumsum(first, 0) - first]
         return {"seeds": seeds, "images": local["images"][keep].cpu(),
-                "evals": int(local["evals"].sum()), "passes": int(local["passes"].sum()), "seconds": float(local["seconds"].sum()),
+                "evals": int(local["evals"].sum()), "passes": int(local["passes"].sum()),
+                "seconds": float(local["seconds"].sum()),
                 "generated": len(local["seeds"])}

@@ -131,7 +131,7 @@ def seed_loader(seeds: list[int], batch_size: int) -> DataLoader:
 
 def sampler_scheduler(cfg: DictConfig, base, method=None):
     """The sampler's step rule on the schedule the net was trained with: the base's, or the method's own (simple)."""
-    config = method.scheduler_config(base) if hasattr(method, "scheduler_config") else base.scheduler_config
+    config = method.scheduler_config(base)
     return instantiate(cfg.sampler.scheduler)(config)
 
 
@@ -139,7 +139,7 @@ def sampling_net(cfg: DictConfig):
     """method -> model -> the net to sample, with trained weights from `ckpt_path` where the method trains
     (a missing checkpoint is refused before the model loads)."""
     method = instantiate(cfg.method)
-    if getattr(method, "trains", False) and not cfg.ckpt_path:
+    if method.trains and not cfg.ckpt_path:
         raise UsageError(f"method={choice(cfg, 'method')} samples with trained weights: pass ckpt_path=<a "
                          f"`hiresrun train` run folder, .ckpt or last>, or pick its training-free mode")
     base = instantiate(cfg.model)
@@ -199,7 +199,7 @@ def sample(cfg: DictConfig) -> dict | None:
             "prompts": str(cfg.prompts) if cfg.get("prompts") else "sample.prompt", "unique_prompts": unique,
             "prompt_index_per_image": [unique.index(t) for t in texts], "negative_prompt": conditioner.negative_prompt,
             "guidance_scale": conditioner.guidance_scale, "guidance_rescale": conditioner.guidance_rescale,
-            "micro_conditioning": {k: v or [int(cfg.data.resolution)] * 2 if k != "crops_coords_top_left" else v or [0, 0]
+            "micro_conditioning": {k: v or ([0, 0] if k == "crops_coords_top_left" else [int(cfg.data.resolution)] * 2)
                                    for k, v in conditioner.micro.items()} if base.text.xl else None}
         outputs.write_text(run_dir / "prompts.jsonl", "".join(json.dumps({"seed": sd, "prompt": t}) + "\n"
                                                               for sd, t in zip(given, texts)))
@@ -262,7 +262,7 @@ def _fit(cfg: DictConfig, base, method, data, task: str):
 def train(cfg: DictConfig) -> None:
     """Train what the chosen method trains, at the target resolution, with the base frozen where it says."""
     method = instantiate(cfg.method)
-    if not getattr(method, "trains", False):
+    if not method.trains:
         raise UsageError(f"method={choice(cfg, 'method')} trains nothing; `hiresrun train` needs +method=<a method "
                          f"that trains, e.g. +method=finetune>, or use `hiresrun sample`")
     base = instantiate(cfg.model)
@@ -271,13 +271,12 @@ def train(cfg: DictConfig) -> None:
     if not 0 <= base.caption_dropout <= 1:
         raise UsageError(f"train.caption_dropout={base.caption_dropout}: must lie in [0, 1]")
     data = instantiate(cfg.data, base_resolution=base.resolution)
-    precompute = getattr(method, "precompute", None)  # a stage that only computes and caches (PaGoDA's encoder)
-    if precompute is not None and precompute(base, data, Path(cfg.paths.run_dir)):
+    if method.precompute(base, data, Path(cfg.paths.run_dir)):  # a stage that only computes (PaGoDA's encoder)
         return
     trainer, net, stats = _fit(cfg, base, method, data, "train")
     if trainer.is_global_zero:
         # the size the method trains at (PaGoDA's stage=base: the base's own, whatever data.resolution says)
-        resolution = int(getattr(method, "resolution", cfg.data.resolution))
+        resolution = int(method.resolution)
         _finish_training(cfg, trainer, net, base, {"method": choice(cfg, "method"), "resolution": resolution,
                                                    **stats})
 

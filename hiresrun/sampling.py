@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -27,8 +28,27 @@ def noise(gens: Sequence[torch.Generator], shape: Sequence[int], device: torch.d
     return torch.stack([torch.randn(tuple(shape), generator=g) for g in gens]).to(device)
 
 
+@dataclass
+class Step:
+    """What the loop tells a step-level accelerator about the schedule it wraps (instead of it inferring the call
+    pattern): the timesteps of the model calls this loop makes, the model calls per full step (the scheduler's
+    `order`: 2 for Heun and KDPM2, whose corrector call repeats the next timestep), and the index of the call now
+    running (set by the loop before each call)."""
+
+    timesteps: Tensor
+    order: int
+    index: int = 0
+
+    @property
+    def full_step(self) -> int:
+        return self.index // self.order
+
+
+Wrap = Callable[[ModelFn, Step], ModelFn]
+
+
 def sample(model_fn: ModelFn, x: Tensor, scheduler, num_steps: int, start_step: int = 0,
-           gens: Sequence[torch.Generator] | None = None, wrap: Callable[[ModelFn], ModelFn] = lambda f: f,
+           gens: Sequence[torch.Generator] | None = None, wrap: Wrap = lambda f, step: f,
            callback: Callable[[int, Tensor, Tensor], None] | None = None, renoise: Tensor | None = None,
            cond: dict | None = None) -> Tensor:
     """Integrate from `x` down to t = 0. `x` is pure noise when start_step = 0; otherwise a latent already
@@ -47,9 +67,11 @@ def sample(model_fn: ModelFn, x: Tensor, scheduler, num_steps: int, start_step: 
         x = scheduler.add_noise(x, renoise, timesteps[:1])
     # The accelerator sees the scheduler's own latent x_t: Euler-type samplers rescale the model input
     # (x_t / sqrt(sigma^2 + 1)), and a step-level accelerator must measure x_t, not that (AdaptiveDiffusion spec §9).
-    f = wrap(lambda z, t, c: model_fn(scheduler.scale_model_input(z, t), t, c))
+    step = Step(timesteps=timesteps, order=int(getattr(scheduler, "order", 1)))
+    f = wrap(lambda z, t, c: model_fn(scheduler.scale_model_input(z, t), t, c), step)
     extra = {"generator": list(gens)} if gens is not None and _takes_generator(scheduler) else {}
     for i, t in enumerate(timesteps):
+        step.index = i
         out = f(x, t, cond)
         x = scheduler.step(out, t, x, **extra).prev_sample
         if callback is not None:
@@ -70,7 +92,7 @@ class Counter:
     def __init__(self):
         self.evals, self.passes, self.seconds = 0, 0, 0.0
 
-    def __call__(self, model_fn: ModelFn) -> ModelFn:
+    def __call__(self, model_fn: ModelFn, step: Step | None = None) -> ModelFn:
         def counted(x: Tensor, t: Tensor, cond: dict) -> Tensor:
             start = time.perf_counter()
             out = model_fn(x, t, cond)

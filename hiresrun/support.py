@@ -39,7 +39,8 @@ def refusal(method: str, m: Support, accelerator: str | None, a: Support, model:
                 f"with one network evaluation; use accelerator=none or skiptuning")
     for kind, name, s in (("method", method, m), ("accelerator", accelerator, a)):
         if text and not s.text:
-            return f"{pair}: {kind}={name} does not take text conditioning ({s.why_text}); {model} is a text-to-image model"
+            return (f"{pair}: {kind}={name} does not take text conditioning ({s.why_text}); {model} is a "
+                    f"text-to-image model")
         if space is not None and space not in s.spaces:
             return f"{pair}: {kind}={name} works on {' and '.join(s.spaces)} models only ({s.why}); {model} is {space}"
         if unet is not None and unet not in s.unets:

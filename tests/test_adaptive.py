@@ -40,7 +40,8 @@ def scripted(acc, ms_per_image, calls=None):
     f = acc.wrap(lambda x, t, c: (sizes.append(x.shape[0]), torch.zeros_like(x))[1])
     noise = torch.full((len(ms), 1, 2, 2), 100.0)
     for k in range(calls or z.shape[1] + 1):
-        f(noise if k == 0 else z[:, k - 1].view(-1, 1, 1, 1).expand(-1, 1, 2, 2).contiguous(), torch.tensor(999 - k), {})
+        x = noise if k == 0 else z[:, k - 1].view(-1, 1, 1, 1).expand(-1, 1, 2, 2).contiguous()
+        f(x, torch.tensor(999 - k), {})
     return ["".join("1" if c else "0" for c in m) for m in acc.last_masks], sizes
 
 
@@ -83,7 +84,7 @@ def test_huge_delta_meets_the_call_bound(steps, c_max, cap, calls):
     acc, counter = AdaptiveDiffusion(delta=1e9, c_max=c_max, cap=cap), sampling.Counter()
     gens = sampling.generators([0])
     sampling.sample(lambda x, t, c: 0.1 * x, sampling.noise(gens, (1, 4, 4)), DDIMScheduler.from_config(SCHED), steps,
-                    wrap=lambda f: acc.wrap(counter(f)))
+                    wrap=lambda f, step: acc.wrap(counter(f), step))
     mask = acc.last_masks[0]
     assert counter.evals == calls == sum(mask) and len(mask) == steps and all(mask[:4])
     longest = max(len(r) for r in "".join("1" if c else "0" for c in mask).split("1"))
@@ -92,7 +93,7 @@ def test_huge_delta_meets_the_call_bound(steps, c_max, cap, calls):
 
 def run(fn, sched_cls, seeds, steps=50, acc=None, shape=(1, 16, 16), config=None):
     counter, gens = sampling.Counter(), sampling.generators(seeds)
-    wrap = (lambda f: acc.wrap(counter(f))) if acc else counter
+    wrap = (lambda f, step: acc.wrap(counter(f), step)) if acc else counter
     with torch.no_grad():
         x = sampling.sample(fn, sampling.noise(gens, shape), sched_cls.from_config(config or SCHED), steps, wrap=wrap)
     return x, counter.evals
@@ -156,7 +157,7 @@ def test_the_accelerator_sees_the_unscaled_latent_with_euler():
     """Spec §9: the wrapped model_fn receives the scheduler's x_t; the network gets x_t / sqrt(sigma^2 + 1)."""
     seen, net_inputs, states = [], [], []
     fn = lambda x, t, c: (net_inputs.append(x.clone()), 0.1 * x)[1]
-    spy = lambda f: lambda x, t, c: (seen.append(x.clone()), f(x, t, c))[1]
+    spy = lambda f, step: lambda x, t, c: (seen.append(x.clone()), f(x, t, c))[1]
     x_T = sampling.noise(sampling.generators([0]), (1, 4, 4))
     scheduler = EulerDiscreteScheduler.from_config(SCHED)
     sampling.sample(fn, x_T, scheduler, 6, wrap=spy, callback=lambda i, t, x: states.append(x.clone()))
@@ -210,7 +211,7 @@ def test_second_order_samplers_decide_per_full_step(sched_cls, calls_per_step):
     fn = lambda x, t, c: (called.append(len(called)), 0.1 * x)[1]
     seen = []
     acc = AdaptiveDiffusion(delta=1e9, calls_per_step=calls_per_step)
-    wrap = lambda f: (lambda g: lambda x, t, c: (seen.append(len(seen)), g(x, t, c))[1])(acc.wrap(f))
+    wrap = lambda f, step: (lambda g: lambda x, t, c: (seen.append(len(seen)), g(x, t, c))[1])(acc.wrap(f, step))
     gens = sampling.generators([0])
     sampling.sample(fn, sampling.noise(gens, (1, 4, 4)), sched_cls.from_config(SCHED), 14, wrap=wrap)
     assert len(seen) == 27 and len(called) == 10  # 2 * 14 - 1 calls

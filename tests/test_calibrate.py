@@ -49,7 +49,7 @@ def resample(model_dir, delta: float) -> torch.Tensor:
     gens = sampling.generators(SEEDS)
     with torch.no_grad():
         x = sampling.sample(model_fn(unet), sampling.noise(gens, (1, 16, 16)), scheduler, 12,
-                            wrap=acc.wrap if acc else (lambda f: f))
+                            wrap=acc.wrap if acc else (lambda f, step: f))
     return to_uint8(x)
 
 

@@ -175,8 +175,8 @@ def test_every_sampler_strength_one_is_none_and_tuned_runs(name):
 
 
 def test_tuned_with_per_image_adaptive_skipping_matches_one_image_at_a_time():
-    """AdaptiveDiffusion evaluates only the images that need a call; the tuned upsamplers' pivots (bound to the
-    whole batch) follow those rows (models.BATCH_ROWS), so each image equals its batch-of-one run."""
+    """AdaptiveDiffusion evaluates only the images that need a call; the tuned upsamplers' pivots travel in cond and
+    are sliced to those rows (models.rows), so each image equals its batch-of-one run."""
     from hiresrun.accelerators.adaptive import AdaptiveDiffusion
 
     b = base()

@@ -24,7 +24,7 @@ def run(unet, acc=None, seeds=(0, 1), steps=4):
     try:
         with torch.no_grad():
             return sampling.sample(model_fn(unet), x, DDIMScheduler.from_config(SCHED), steps,
-                                   wrap=acc.wrap if acc else (lambda f: f))
+                                   wrap=acc.wrap if acc else (lambda f, step: f))
     finally:
         for h in handles:
             h.remove()

@@ -82,7 +82,8 @@ def test_sdxl_micro_conditioning_defaults_to_the_target_size_and_can_be_set(tiny
     assert (ours.float() - ref).abs().max() <= 1.0
     micro = metrics["protocol"]["text"]["micro_conditioning"]
     assert micro == {"original_size": [64, 64], "crops_coords_top_left": [2, 4], "target_size": [16, 16]}
-    _, default = sample(tiny_sdxl_dir, tmp_path / "default", f"prompts={prompt_file}", "sample.guidance_scale=1", seeds=2)
+    _, default = sample(tiny_sdxl_dir, tmp_path / "default", f"prompts={prompt_file}", "sample.guidance_scale=1",
+                        seeds=2)
     assert not torch.equal(default, ours)
 
 
@@ -135,7 +136,8 @@ def test_bad_text_inputs_are_one_line_before_anything_is_written(extra, match, t
 def test_bad_prompt_files_name_the_problem(tmp_path):
     from hiresrun.conditioning import read_prompts
 
-    cases = {"empty.txt": ("\n\n", "holds no prompts"), "bad.jsonl": ('{"prompt": "a"}\nnot json\n', "line 2 is not JSON"),
+    cases = {"empty.txt": ("\n\n", "holds no prompts"),
+             "bad.jsonl": ('{"prompt": "a"}\nnot json\n', "line 2 is not JSON"),
              "noprompt.jsonl": ('{"text": "a"}\n', "line 1 has no string `prompt`"),
              "seed.jsonl": ('{"prompt": "a", "seed": -3}\n', "seed=-3"),
              "mixed.jsonl": ('{"prompt": "a", "seed": 1}\n{"prompt": "b"}\n', "some rows give a seed"),

@@ -95,7 +95,8 @@ def test_fullscale_text_settings_run_end_to_end_on_the_tiny_folders(name, family
     data = captioned_folder(tmp_path / "data")
     (tmp_path / "prompts.txt").write_text("a cat\na dog\n")
     scale = ["model.path=" + str(folder), f"data.root={data}", "data.resolution=32", "trainer=cpu",
-             "trainer.precision=32-true", "trainer.accelerator=cpu", "trainer.devices=1", "sampler.num_steps=4", "metrics=none", *FAST[:2]]
+             "trainer.precision=32-true", "trainer.accelerator=cpu", "trainer.devices=1", "sampler.num_steps=4",
+             "metrics=none", *FAST[:2]]
     ckpt = []
     if name.startswith("selfcascade"):
         train_cfg = compose([f"experiment=fullscale/{name}", "task=train", "trainer.max_steps=2", "data.batch_size=2",
@@ -110,3 +111,22 @@ def test_fullscale_text_settings_run_end_to_end_on_the_tiny_folders(name, family
     assert metrics["protocol"]["text"]["guidance_scale"] == (5.0 if family == "sdxl" else 7.5)
     if name == "adaptive-sdxl":
         assert metrics["nfe_per_image"] <= 4
+
+
+def test_calibrate_on_a_text_model_keys_the_guidance(tiny_sd_dir, tmp_path):
+    """`hiresrun calibrate` samples the run's prompts under its guidance, and the file is refused for another
+    guidance scale (the delta is valid for the setting it was found under only)."""
+    common = ["model=diffusers", f"model.path={tiny_sd_dir}", "accelerator=adaptive", "sample.prompt=a cat",
+              "data.resolution=16", "sampler.num_steps=12", "calibrate.seeds=1000-1001",
+              "calibrate.deltas=[0.0005,0.002]", *FAST[:2]]
+    record = run.run(compose(common + ["task=calibrate", "target.psnr=10", "sample.guidance_scale=3"],
+                             tmp_path / "cal"))
+    assert record["key"]["guidance"] == {"guidance_scale": 3.0} and record["delta"] > 0
+    path = tmp_path / "cal" / "calibration.json"
+    ok = compose(common + ["sample.guidance_scale=3", f"accelerator.calibration={path}", "sample.num_samples=2"],
+                 tmp_path / "s1")
+    assert run.run(ok)["num_samples"] == 2
+    other = compose(common + ["sample.guidance_scale=5", f"accelerator.calibration={path}", "sample.num_samples=2"],
+                    tmp_path / "s2")
+    with pytest.raises(Exception, match="calibrated for guidance .*3.*, this run has .*5"):  # via Hydra's wrapper
+        run.run(other)

@@ -18,8 +18,9 @@ class Accelerator:
     """The accelerator protocol and its neutral setting.
 
     `attach(net)` registers hooks and returns their handles; the caller removes them in `finally`.
-    `wrap(model_fn)` returns the function the loop calls at every step; per-call state lives in the
-    closure it builds, so nothing needs resetting between sampling calls.
+    `wrap(model_fn, step)` returns the function the loop calls at every step, `(x_t, t, cond)` as every model
+    function; `step` (sampling.Step) gives the loop's timesteps, the calls per full step and the current call's
+    index. Per-call state lives in the closure it builds, so nothing needs resetting between sampling calls.
     """
 
     supports = Support()  # what a subclass works with (hiresrun/support.py); the base works with everything
@@ -27,5 +28,5 @@ class Accelerator:
     def attach(self, net: nn.Module) -> list[RemovableHandle]:
         return []
 
-    def wrap(self, model_fn: ModelFn) -> ModelFn:
+    def wrap(self, model_fn: ModelFn, step=None) -> ModelFn:  # step: sampling.Step, the loop's schedule context
         return model_fn

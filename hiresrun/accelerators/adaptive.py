@@ -99,10 +99,13 @@ class AdaptiveDiffusion(Accelerator):
         return {"c_max": self.c_max, "cap": self.cap, "estimator": self.estimator,
                 "decision_scope": self.decision_scope, "warmup": self.warmup, "calls_per_step": self.calls_per_step}
 
-    def wrap(self, model_fn: ModelFn) -> ModelFn:
-        record = {"called": [], "order": self.calls_per_step or 1}
+    def wrap(self, model_fn: ModelFn, step=None) -> ModelFn:
+        """`step` (sampling.Step): the loop's calls per full step (Heun's corrector repeats a timestep); without it
+        (a caller outside the loop) the call pattern is inferred from the timesteps."""
+        order = self.calls_per_step or (step.order if step is not None else 0)
+        record = {"called": [], "order": order or 1}
         self.records.append(record)
-        steps = _Steps(self, record)  # fresh per sampling call: no reset, no leak between calls
+        steps = _Steps(self, record, order)  # fresh per sampling call: no reset, no leak between calls
 
         def adaptive(x: Tensor, t: Tensor, cond: dict) -> Tensor:  # x, cond: un-doubled (guidance is inside)
             return steps.evaluate(model_fn, x, t, cond, steps.observe(x, t))
@@ -142,9 +145,9 @@ def masks(record: dict) -> list[list[bool]]:
 class _Steps:
     """One sampling call's controller state; `AdaptiveDiffusion.wrap` makes a fresh one per call."""
 
-    def __init__(self, acc: AdaptiveDiffusion, record: dict):
+    def __init__(self, acc: AdaptiveDiffusion, record: dict, order: int):
         self.acc, self.record, self.per_sample = acc, record, acc.decision_scope == "sample"
-        self.calls, self.order = 0, acc.calls_per_step   # order 0: inferred at the third call
+        self.calls, self.order = 0, order                # order 0: inferred at the third call
         self.prev_t = self.pending = None
         self.latents: list[Tensor] = []                  # last step-start latents z (4 for vector3, else 1)
         self.m: list[Tensor] = []                        # last three magnitudes m_k, oldest first

@@ -121,7 +121,7 @@ class SkipTuning(Accelerator):
 
         return scale
 
-    def wrap(self, model_fn: ModelFn) -> ModelFn:
+    def wrap(self, model_fn: ModelFn, step=None) -> ModelFn:
         state = self._state
 
         def timed(x: Tensor, t: Tensor, cond: dict) -> Tensor:

@@ -1,33 +1,57 @@
 """Adaptation methods: how a low-resolution base model is made to produce the target resolution.
 
-`+method=<name>` picks conf/method/<name>.yaml, whose `_target_` is the class in methods/<name>.py.
+`+method=<name>` picks conf/method/<name>.yaml, whose `_target_` is the class in methods/<name>.py. Every method
+derives from `Method`, the explicit no-op base that lists every member a method may have, so that `support.py`'s
+declarations and the verbs read attributes that always exist (no `getattr` guesses).
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from hiresrun.errors import UsageError
 from hiresrun.models import BaseModel
+from hiresrun.support import Support
 
 
-class Method(Protocol):
-    """The method protocol.
+class Method:
+    """The method interface and its neutral members.
 
-    `trains`: whether `hiresrun train` has anything to optimise.
-    `wrap(base)`: the module Lightning trains and checkpoints (freezes what the method freezes).
+    `trains`: whether `hiresrun train` has anything to optimise (an instance may decide: Self-Cascade's `mode`).
+    `supports`: what it works with (hiresrun/support.py); checked before anything loads.
+    `resolution`: the target resolution in pixels.
+    `wrap(base)`: the module Lightning trains and checkpoints (freezes what the method freezes); keeps `base`.
     `loss(net, batch)`: a dict whose "loss" is back-propagated; the other entries are logged.
     `sample(net, gens, loop)`: images in [-1, 1] at the target resolution, one per generator; `loop` is
-    `sampling.sample` with scheduler, steps, generators and accelerator wrapping bound.
+        `sampling.sample` with scheduler, steps, generators, accelerator wrapping and the per-image `cond` bound.
+    `scheduler_config(base)`: the schedule the net samples on (simple diffusion trains its own).
+    `precompute(base, data, run_dir)`: a stage that only computes and caches; True ends `hiresrun train` there.
+    Manual optimisation is opted into by defining both `training_step(lit, batch)` and `optimizers(net, factory)`
+    (PaGoDA's generator and discriminator); their presence is what switches Lightning's automatic optimisation off,
+    so the base class does not define them.
     """
 
-    trains: bool
-    resolution: int
+    trains: bool = False
+    supports: Support = Support()
 
-    def wrap(self, base: BaseModel) -> nn.Module: ...
+    def __init__(self, resolution: int):  # target resolution in pixels
+        self.resolution = resolution
 
-    def loss(self, net: nn.Module, batch: dict) -> dict[str, Tensor]: ...
+    def wrap(self, base: BaseModel) -> nn.Module:
+        self.base = base
+        return base.unet.eval().requires_grad_(False)
 
-    def sample(self, net: nn.Module, gens: list[torch.Generator], loop) -> Tensor: ...
+    def loss(self, net: nn.Module, batch: dict) -> dict[str, Tensor]:
+        raise UsageError(f"{type(self).__name__} trains nothing; `hiresrun train` needs a method that trains")
+
+    def sample(self, net: nn.Module, gens: list[torch.Generator], loop) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__}.sample")
+
+    def scheduler_config(self, base: BaseModel) -> dict:
+        return base.scheduler_config
+
+    def precompute(self, base: BaseModel, data, run_dir: Path) -> bool:
+        return False

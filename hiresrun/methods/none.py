@@ -6,22 +6,15 @@ import torch
 from torch import Tensor, nn
 
 from hiresrun import sampling
-from hiresrun.models import BaseModel, model_fn
+from hiresrun.methods import Method
+from hiresrun.models import model_fn
 from hiresrun.support import Support
 
 
-class NoneMethod:
+class NoneMethod(Method):
     """Zero-shot: the convolutional base UNet run at a resolution it was never trained on."""
 
-    trains = False
-    supports = Support()  # pixel and latent, any diffusers UNet, any sampler
-
-    def __init__(self, resolution: int):  # target resolution in pixels
-        self.resolution = resolution
-
-    def wrap(self, base: BaseModel) -> nn.Module:
-        self.base = base
-        return base.unet.eval().requires_grad_(False)
+    supports = Support()  # pixel and latent, any diffusers UNet, any sampler, text or not
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         size = resolution // self.base.latent_factor

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from hiresrun import sampling
 from hiresrun.data import resize
 from hiresrun.errors import UsageError
+from hiresrun.methods import Method
 from hiresrun.methods.pagoda.cache import LatentCache, encode_dataset, lookup
 from hiresrun.methods.pagoda.nets import Discriminator, Generator, diff_augment, freeze_for_growing
 from hiresrun.methods.pagoda.ode import VEView, ddim_invert, heun, heun_invert, karras_sigmas
@@ -41,7 +42,7 @@ class PagodaNet(nn.Module):
         return self.gen.unet.device
 
 
-class PaGoDA:
+class PaGoDA(Method):
     """Frozen base as PF-ODE encoder, one-step decoder trained with L_rec + adaptive hinge GAN, progressive growing."""
 
     trains = True
@@ -253,6 +254,8 @@ class PaGoDA:
         size = self.base.resolution // self.base.latent_factor
         z = self.sigma_max * sampling.noise(gens, (self.base.unet.config.in_channels, size, size), net.device)
         cond = loop.keywords.get("cond") or {}
-        f = loop.keywords.get("wrap", lambda fn: fn)(lambda x, t, c: net.gen(x, c))
-        x = f(z, torch.tensor(self.view.t(self.sigma_max)), cond)
+        t = torch.tensor(self.view.t(self.sigma_max))
+        wrap = loop.keywords.get("wrap", lambda fn, step: fn)
+        f = wrap(lambda x, t_, c: net.gen(x, c), sampling.Step(timesteps=t[None], order=1))
+        x = f(z, t, cond)
         return self.base.decode(x.clamp(-1, 1) if self.base.vae is None else x)
