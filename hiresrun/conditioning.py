@@ -51,14 +51,9 @@ def read_prompts(path: str) -> list[Prompt]:
     if kind == ".txt":
         rows = [Prompt(line.strip()) for line in text.splitlines() if line.strip()]
     elif kind == ".jsonl":
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"prompts={path}: line {n} is not JSON ({e.msg}); write one object per line, "
-                                 f'e.g. {{"prompt": "a cat", "seed": 3}}') from None
+        from hiresrun.outputs import read_jsonl
+
+        for n, row in read_jsonl(p, f"prompts={path}", '{"prompt": "a cat", "seed": 3}'):
             rows.append(_row(row, path, f"line {n}"))
     else:
         reader = csv.DictReader(text.splitlines())

@@ -115,19 +115,12 @@ def read_captions(root: Path, files: list[Path], column: str = "text") -> dict[P
     """Captions for text-to-image training: `<root>/metadata.jsonl` as in the Hugging Face image-folder convention
     (one object per line, `file_name` relative to the folder holding metadata.jsonl, the caption under `column`),
     else a same-stem `.txt` beside each image. Images without one get no entry (trained with the empty prompt)."""
-    import json
+    from hiresrun.outputs import read_jsonl
 
     captions: dict[Path, str] = {}
     meta = root / "metadata.jsonl"
     if meta.is_file():
-        for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{meta}: line {n} is not JSON ({e.msg}); write one object per line with "
-                                 f'"file_name" and "{column}"') from None
+        for n, row in read_jsonl(meta, str(meta), f'{{"file_name": "0001.png", "{column}": "a cat"}}'):
             if not isinstance(row, dict) or "file_name" not in row or not isinstance(row.get(column), str):
                 raise UsageError(f"{meta}: line {n} lacks \"file_name\" or a string \"{column}\" (data.caption_column)")
             captions[(root / row["file_name"]).resolve()] = row[column]

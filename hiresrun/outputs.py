@@ -60,6 +60,23 @@ def write_json(path: Path, obj: dict) -> None:
     os.replace(f.name, path)
 
 
+def read_jsonl(path: Path, name: str, example: str) -> list[tuple[int, object]]:
+    """(line number, value) for each non-blank line of a JSON-lines file; a line that does not parse ends with one
+    line naming `name` (how the user gave the file), the line, and an `example` of a good line."""
+    from hiresrun.errors import UsageError
+
+    rows = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((n, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{name}: line {n} is not JSON ({e.msg}); write one object per line, e.g. "
+                             f"{example}") from None
+    return rows
+
+
 def write_text(path: Path, text: str) -> None:
     """A text file, atomically (temp file + rename) like every other write here."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -70,3 +70,31 @@ def test_folder_empty_or_missing_is_an_error(tmp_path):
         FolderDataModule(root=str(tmp_path / "empty")).setup()
     with pytest.raises(UsageError, match="no such folder"):
         FolderDataModule(root=str(tmp_path / "nowhere")).setup()
+
+
+def test_captions_from_metadata_jsonl_or_same_stem_txt(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from hiresrun.data import FolderDataModule
+
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / f"{i}.png")
+    (tmp_path / "1.txt").write_text("a red square\n")
+    dm = FolderDataModule(str(tmp_path), resolution=8, base_resolution=4, batch_size=1)
+    dm.setup()
+    assert [dm.train_set[i]["caption"] for i in range(3)] == ["", "a red square", ""]
+    rows = [{"file_name": f"{i}.png", "text": f"square {i}"} for i in range(3)]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dm.setup()  # metadata.jsonl wins over .txt files
+    assert [dm.train_set[i]["caption"] for i in range(3)] == ["square 0", "square 1", "square 2"]
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "0.png", "text": "a"}\n{broken\n')
+    with pytest.raises(UsageError, match="metadata.jsonl: line 2 is not JSON"):
+        dm.setup()
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "0.png", "caption": "a"}\n')
+    with pytest.raises(UsageError, match='lacks "file_name" or a string "text"'):
+        dm.setup()
+    none = FolderDataModule(str(tmp_path), resolution=8, base_resolution=4, batch_size=1, captions="none")
+    none.setup()
+    assert "caption" not in none.train_set[0]
