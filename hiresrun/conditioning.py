@@ -200,8 +200,9 @@ class Conditioner:
 
     def __init__(self, base, prompts: Prompts | None = None, negative_prompt: str | None = None,
                  guidance_scale: float | None = None, guidance_rescale: float = 0.0, size: int | None = None,
-                 micro: dict | None = None):
+                 micro: dict | None = None, class_labels: list[int] | None = None):
         self.base, self.prompts, self.negative_prompt = base, prompts, negative_prompt
+        self.class_labels = class_labels
         self.size, self.micro = size or base.resolution, micro or {}
         text = base.text
         self.guidance_scale = float(guidance_scale if guidance_scale is not None
@@ -216,9 +217,20 @@ class Conditioner:
         if text is None and (prompts is not None or negative_prompt is not None):
             raise UsageError(f"prompts / sample.prompt / sample.negative_prompt given, but model.path={base.source} "
                              f"is not a text-to-image model; drop them or pick a Stable Diffusion model")
-        if text is None and self.guidance_scale != 1.0:
-            raise UsageError(f"sample.guidance_scale={guidance_scale}: model.path={base.source} has no text "
+        if base.conditioning == "none" and self.guidance_scale != 1.0:
+            raise UsageError(f"sample.guidance_scale={guidance_scale}: model.path={base.source} has no text or class "
                              f"conditioning to guide; leave it unset")
+        if base.conditioning == "class" and self.guidance_scale > 1 and base.null_class is None:
+            raise UsageError(f"sample.guidance_scale={guidance_scale}: class guidance needs the model's null class; "
+                             f"set model.null_class=<the label it was trained with as 'no class'> (-1 = the last)")
+        if class_labels is not None:
+            if base.conditioning != "class":
+                raise UsageError(f"sample.class_labels given, but model.path={base.source} is not class-conditional; "
+                                 f"drop it")
+            bad = [c for c in class_labels if not 0 <= c < base.class_table or c == base.null_class]
+            if bad or not class_labels:
+                raise UsageError(f"sample.class_labels={class_labels}: labels must lie in 0..{base.class_table - 1}"
+                                 f"{f' and not be the null class {base.null_class}' if base.null_class is not None else ''}")
         if text is not None and prompts is None:
             raise UsageError(f"model.path={base.source} is a text-to-image model and no prompt is given; pass "
                              f"prompts=<file.txt|.jsonl|.csv> or sample.prompt=\"...\"")
@@ -229,7 +241,15 @@ class Conditioner:
 
     @property
     def guided(self) -> bool:
-        return self.base.text is not None and self.guidance_scale > 1
+        return self.base.conditioning in ("text", "class") and self.guidance_scale > 1
+
+    def labels_of(self, seeds: list[int], gens: list[torch.Generator]) -> Tensor:
+        """Each seed's class: drawn uniformly from its own generator (always drawn, so the noise that follows is the
+        same whether labels are given or not), or sample.class_labels[seed mod L]."""
+        drawn = torch.cat([torch.randint(self.base.num_classes, (1,), generator=g) for g in gens])
+        if self.class_labels is None:
+            return drawn
+        return torch.tensor([self.class_labels[int(s) % len(self.class_labels)] for s in seeds])
 
     def prompts_of(self, seeds: list[int]) -> list[str]:
         return [self.prompts(int(s)) for s in seeds] if self.prompts is not None else []
@@ -246,8 +266,12 @@ class Conditioner:
         base = self.base
         cond = base.broadcast(len(gens), device)
         if base.conditioning == "class":
-            labels = torch.cat([torch.randint(base.num_classes, (1,), generator=g) for g in gens])
-            cond["class_labels"] = labels.to(device)
+            labels = self.labels_of(seeds, gens).to(device)
+            cond["class_labels"] = labels
+            if self.guided:  # the unconditional half: the null class (DiT: its num_classes row)
+                cond["negative"] = {"class_labels": torch.full_like(labels, base.null_class)}
+                cond["guidance_scale"] = self.guidance_scale
+                cond["guidance_rescale"] = self.guidance_rescale
         elif base.conditioning == "text":
             negative = None if self.negative_prompt is None else [self.negative_prompt] * len(seeds)
             cond.update(base.text.encode(self.prompts_of(seeds), device, negative=negative, guidance=self.guided,

@@ -132,15 +132,51 @@ def read_captions(root: Path, files: list[Path], column: str = "text") -> dict[P
     return captions
 
 
+def class_labels(root: Path, files: list[Path], class_index: str | None) -> tuple[list[int], dict[str, int]]:
+    """ImageNet-style labels, `<root>/<class>/<image>`: the class-to-index mapping is the sorted subfolder names
+    (torchvision's ImageFolder order), or a JSON file {name: index} (`data.class_index`, e.g. the official
+    1,000-class order). A class folder without images, an image outside every class folder, or a folder the
+    mapping does not name ends with one line."""
+    import json
+
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if class_index is not None:
+        path = Path(class_index).expanduser()
+        try:
+            mapping = {str(k): int(v) for k, v in json.loads(path.read_text()).items()}
+        except (OSError, ValueError, AttributeError) as e:
+            raise UsageError(f"data.class_index={class_index}: not a JSON object {{class folder: index}} "
+                             f"({type(e).__name__}); write one, e.g. {{\"n01440764\": 0}}") from None
+        unknown = [f for f in folders if f not in mapping]
+        if unknown:
+            raise UsageError(f"data.class_index={class_index} names no index for class folder {unknown[0]!r} "
+                             f"({len(unknown)} in all); add it or remove the folder")
+    else:
+        mapping = {name: i for i, name in enumerate(folders)}
+    labels, counts = [], dict.fromkeys(folders, 0)
+    for f in files:
+        rel = f.relative_to(root).parts
+        if len(rel) < 2:
+            raise UsageError(f"data.labels=subfolders: {f} lies directly in data.root={root}; put every image in "
+                             f"its class folder <root>/<class>/<image>")
+        labels.append(mapping[rel[0]])
+        counts[rel[0]] += 1
+    empty = [name for name, n in counts.items() if n == 0]
+    if empty:
+        raise UsageError(f"data.labels=subfolders: class folder {root / empty[0]} holds no readable image "
+                         f"({len(empty)} empty in all); remove it or add images")
+    return labels, {name: mapping[name] for name in folders}
+
+
 class FolderImages(Dataset):
     """Images from a folder, centre-cropped to a square and resized with antialiasing (PIL bicubic); with
     `captions`, each item also carries its caption ("" where an image has none)."""
 
     def __init__(self, files: list[Path], resolution: int, base_resolution: int, channels: int,
-                 captions: dict[Path, str] | None = None):
+                 captions: dict[Path, str] | None = None, labels: list[int] | None = None):
         self.files, self.resolution, self.base_resolution = files, resolution, base_resolution
         self.mode = "L" if channels == 1 else "RGB"
-        self.captions = captions
+        self.captions, self.labels = captions, labels
 
     def __len__(self) -> int:
         return len(self.files)
@@ -160,7 +196,7 @@ class FolderImages(Dataset):
     def __getitem__(self, i: int) -> dict:
         f = self.files[i]
         item = {"image": self._load(f, self.resolution), "base": self._load(f, self.base_resolution),
-                "label": torch.tensor(-1), "index": torch.tensor(i)}
+                "label": torch.tensor(-1 if self.labels is None else self.labels[i]), "index": torch.tensor(i)}
         if self.captions is not None:
             item["caption"] = self.captions.get(f, "")
         return item
@@ -204,12 +240,17 @@ class FolderDataModule(_Module):
                  on_error: str = "fail",              # fail | skip: what an unreadable file does
                  seed: int = 0,
                  captions: str = "auto",              # auto (metadata.jsonl or same-stem .txt, when present) | none
-                 caption_column: str = "text"):       # metadata.jsonl's caption field
+                 caption_column: str = "text",        # metadata.jsonl's caption field
+                 labels: str = "none",                # none | subfolders (<root>/<class>/<image>, class-conditional)
+                 class_index: str | None = None):     # subfolders: JSON {class folder: index}; null = sorted names
         super().__init__(batch_size, num_workers, seed)
         if root is None or str(root) in ("", "???"):
             raise UsageError("data=folder needs data.root=<folder of images>")
         if captions not in ("auto", "none"):
             raise UsageError(f"data.captions={captions}: choose auto or none")
+        if labels not in ("none", "subfolders"):
+            raise UsageError(f"data.labels={labels}: choose none or subfolders")
+        self.labels, self.class_index, self.class_to_index = labels, class_index, None
         self.root, self.resolution, self.base_resolution = Path(root).expanduser(), resolution, base_resolution
         self.channels, self.on_error, self.use_captions, self.caption_column = channels, on_error, captions, \
             caption_column
@@ -218,6 +259,9 @@ class FolderDataModule(_Module):
         files = readable_images(self.root, self.on_error)
         captions = read_captions(self.root, files, self.caption_column) if self.use_captions == "auto" else {}
         self.num_captions = len(captions)
+        labels = None
+        if self.labels == "subfolders":
+            labels, self.class_to_index = class_labels(self.root, files, self.class_index)
         self.train_set = FolderImages(files, self.resolution, self.base_resolution, self.channels,
-                                      captions if captions else None)
+                                      captions if captions else None, labels)
         self.ref_set = self.train_set

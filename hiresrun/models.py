@@ -46,6 +46,8 @@ class BaseModel:
     vae_shift: float = 0.0               # the VAE config's shift_factor (SD3-style VAEs; SD/SDXL have none)
     vae_tile_above: int | None = None    # tiled VAE decode/encode for images larger than this side (pixels)
     caption_dropout: float = 0.0         # training: share of captions replaced by "" (serves unguided calls)
+    null_class: int | None = None        # class models: the label the model was trained with as "no class"
+    label_dropout: float = 0.0           # training: share of labels replaced by null_class (class guidance)
 
     @property
     def downsample_factor(self) -> int:
@@ -67,8 +69,14 @@ class BaseModel:
                              f"factor; use e.g. data.resolution={ok[-1]}")
 
     @property
-    def num_classes(self) -> int:
+    def class_table(self) -> int:
+        """Rows of the class embedding: valid labels are 0 .. class_table - 1 (the null class among them)."""
         return int(getattr(self.unet.config, "num_class_embeds", None) or 0)
+
+    @property
+    def num_classes(self) -> int:
+        """Classes to draw from: the embedding's rows without the null class when it is the last row."""
+        return self.class_table - (1 if self.null_class == self.class_table - 1 else 0)
 
     def broadcast(self, batch: int, device) -> dict:
         """`cond`'s fixed keyword arguments as one row per image."""
@@ -83,9 +91,17 @@ class BaseModel:
         device = (batch["image"] if "image" in batch else batch["label"]).device
         cond = self.broadcast(size, device)
         if self.conditioning == "class":
-            if (batch["label"] < 0).any():
-                raise UsageError("model.conditioning=class needs labelled data (data=mnist); this data has no labels")
-            cond["class_labels"] = batch["label"]
+            labels = batch["label"]
+            if (labels < 0).any():
+                raise UsageError("model.conditioning=class needs labelled data (data=mnist, or data=folder "
+                                 "data.labels=subfolders); this data has no labels")
+            if int(labels.max()) >= self.class_table:
+                raise UsageError(f"a training label is {int(labels.max())}, but the model's class embedding has "
+                                 f"{self.class_table} rows; use a model with more classes or fewer class folders")
+            if dropout and self.label_dropout > 0:
+                drop = (torch.rand(len(labels)) < self.label_dropout).to(labels.device)
+                labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
+            cond["class_labels"] = labels
         elif self.conditioning == "text":
             captions = list(batch.get("caption") or [""] * size)
             if dropout and self.caption_dropout > 0:
@@ -293,7 +309,7 @@ def _fetch(path: str, revision: str | None) -> Path:
 
 def load_model(path: str, revision: str | None = None, init: str = "pretrained", vae: str | None = None,
                vae_scale: float | None = None, conditioning: str = "auto",
-               vae_tile_above: int | None = None) -> BaseModel:
+               vae_tile_above: int | None = None, null_class: int | None = None) -> BaseModel:
     """Load the base model. `init=scratch` builds the same architecture with fresh weights (pretrain).
     `conditioning=auto`: text when the folder is a text-to-image pipeline, class when the UNet has a class
     embedding, else none."""
@@ -333,10 +349,19 @@ def load_model(path: str, revision: str | None = None, init: str = "pretrained",
         from hiresrun.conditioning import TextEncoder
 
         text = TextEncoder.load(root, unet, autoencoder, _scheduler_config(root))
-    return BaseModel(unet=unet, scheduler_config=_scheduler_config(root), resolution=resolution,
+    base = BaseModel(unet=unet, scheduler_config=_scheduler_config(root), resolution=resolution,
                      channels=channels, weights_hash=digest, source=str(root), vae=autoencoder,
                      vae_scale=scale, conditioning=conditioning, text=text, vae_shift=float(shift),
                      vae_tile_above=vae_tile_above)
+    if null_class is not None:
+        if conditioning != "class":
+            raise UsageError(f"model.null_class={null_class}, but {path} is not class-conditional; drop it")
+        index = null_class + base.class_table if null_class < 0 else null_class
+        if not 0 <= index < base.class_table:
+            raise UsageError(f"model.null_class={null_class}: outside the model's {base.class_table} class rows "
+                             f"(0..{base.class_table - 1}; -1 = the last)")
+        base.null_class = index
+    return base
 
 
 def _read_json(path: Path) -> dict:

@@ -121,8 +121,11 @@ def build_conditioner(cfg: DictConfig, base, for_grids: bool = False):
     for k, v in micro.items():
         if v is not None and (len(v) != 2 or any(not isinstance(x, int) or x < 0 for x in v)):
             raise UsageError(f"sample.{k}={v}: give two non-negative integers [height, width]")
+    labels = s.get("class_labels")
+    if labels is not None:
+        labels = parse_seeds(labels, 0) if isinstance(labels, (str, int)) else [int(c) for c in labels]
     return Conditioner(base, prompts, s.get("negative_prompt"), s.get("guidance_scale"), s.get("guidance_rescale", 0.0),
-                       size=int(cfg.data.resolution), micro=micro)
+                       size=int(cfg.data.resolution), micro=micro, class_labels=labels)
 
 
 def seed_loader(seeds: list[int], batch_size: int) -> DataLoader:
@@ -268,12 +271,19 @@ def train(cfg: DictConfig) -> None:
     base = instantiate(cfg.model)
     base.check_resolution(cfg.data.resolution)
     base.caption_dropout = float(cfg.train.get("caption_dropout", 0.0))
-    if not 0 <= base.caption_dropout <= 1:
-        raise UsageError(f"train.caption_dropout={base.caption_dropout}: must lie in [0, 1]")
+    base.label_dropout = float(cfg.train.get("label_dropout", 0.0))
+    for name in ("caption_dropout", "label_dropout"):
+        if not 0 <= getattr(base, name) <= 1:
+            raise UsageError(f"train.{name}={getattr(base, name)}: must lie in [0, 1]")
+    if base.label_dropout > 0 and base.null_class is None:
+        raise UsageError(f"train.label_dropout={base.label_dropout} replaces labels by the null class; set "
+                         f"model.null_class=<its index> (-1 = the class embedding's last row)")
     data = instantiate(cfg.data, base_resolution=base.resolution)
     if method.precompute(base, data, Path(cfg.paths.run_dir)):  # a stage that only computes (PaGoDA's encoder)
         return
     trainer, net, stats = _fit(cfg, base, method, data, "train")
+    if trainer.is_global_zero and getattr(data, "class_to_index", None):  # the labels this run trained with
+        outputs.write_json(Path(cfg.paths.run_dir) / "class_index.json", data.class_to_index)
     if trainer.is_global_zero:
         # the size the method trains at (PaGoDA's stage=base: the base's own, whatever data.resolution says)
         resolution = int(method.resolution)

@@ -1,0 +1,199 @@
+"""Class-conditional bases: labels per seed, class guidance through the same wrapper as text, labelled image
+folders (ImageNet-style trees), label dropout, and the bad inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import compose
+from hydra.errors import InstantiationException
+
+from hiresrun import run, sampling
+from hiresrun.errors import UsageError
+
+ONE_LINE = (UsageError, InstantiationException)  # Hydra wraps errors raised while building a config's object
+from hiresrun.models import model_fn, save_pipeline
+from hiresrun.outputs import load_images
+
+SCHED = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"}
+
+
+@pytest.fixture(scope="module")
+def class_dir(tmp_path_factory) -> Path:
+    """A tiny class-conditional UNet2DModel: 10 classes + a null row (index 10), 8 px, 1 channel."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=8, num_class_embeds=11)
+    folder = tmp_path_factory.mktemp("cls") / "model"
+    save_pipeline(unet, SCHED, folder)
+    return folder
+
+
+def sample(folder, run_dir, *extra, n=4):
+    cfg = compose(["model=diffusers", f"model.path={folder}", "data.resolution=8", "sampler.num_steps=5",
+                   f"sample.num_samples={n}", "logger=none", "trainer.enable_progress_bar=false", *extra], run_dir)
+    return run.run(cfg), load_images(run_dir / "samples")
+
+
+def test_given_labels_keep_each_seeds_noise(class_dir, tmp_path):
+    """Labels are always drawn from the seed's generator first, so giving a seed the label it would have drawn
+    changes nothing; a different label changes the image."""
+    from hiresrun.conditioning import Conditioner
+    from hiresrun.models import load_model
+
+    drawn = Conditioner(load_model(str(class_dir), null_class=-1)).labels_of([0, 1, 2, 3],
+                                                                            sampling.generators([0, 1, 2, 3]))
+    assert drawn.max() < 10  # the null row is never drawn
+    _, free = sample(class_dir, tmp_path / "free", "model.null_class=-1")
+    labels = "[" + ",".join(str(int(c)) for c in drawn) + "]"
+    _, given = sample(class_dir, tmp_path / "given", "model.null_class=-1", f"sample.class_labels={labels}")
+    assert torch.equal(free, given)
+    other = "[" + ",".join(str((int(c) + 1) % 10) for c in drawn) + "]"
+    _, moved = sample(class_dir, tmp_path / "moved", "model.null_class=-1", f"sample.class_labels={other}")
+    assert not torch.equal(free, moved)
+
+
+def test_class_guidance_is_the_cfg_formula_on_the_null_class(class_dir, tmp_path):
+    """w = 3 on class 7 against the null class, checked against a DDIM loop written here."""
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    metrics, ours = sample(class_dir, tmp_path / "g", "model.null_class=-1", "sample.class_labels=[7]",
+                           "sample.guidance_scale=3", n=2)
+    assert metrics["unet_passes_per_image"] == 2 * metrics["nfe_per_image"] == 10
+    unet = UNet2DModel.from_pretrained(class_dir / "unet").eval()
+    scheduler = DDIMScheduler.from_config(json.loads((class_dir / "scheduler" / "scheduler_config.json").read_text()))
+    scheduler.set_timesteps(5)
+    gens = sampling.generators([0, 1])
+    for g in gens:  # the label draw that precedes the noise
+        torch.randint(10, (1,), generator=g)
+    x = sampling.noise(gens, (1, 8, 8))
+    labels, null = torch.tensor([7, 7]), torch.tensor([10, 10])
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            c, u = unet(x, t, class_labels=labels).sample, unet(x, t, class_labels=null).sample
+            x = scheduler.step(u + 3 * (c - u), t, x).prev_sample
+    ref = ((x.clamp(-1, 1) + 1) * 127.5).round()
+    assert (ours.float() - ref).abs().max() <= 1
+
+
+def test_the_guidance_wrapper_is_one_for_text_and_class():
+    """models.model_fn: without `negative` (or w <= 1) one pass; with it one doubled pass, [uncond; cond]."""
+    calls = []
+
+    class Net(torch.nn.Module):
+        def forward(self, x, t, class_labels=None):
+            calls.append(class_labels.tolist())
+            return type("Out", (), {"sample": x * class_labels.view(-1, 1, 1, 1).float()})()
+
+    fn, x = model_fn(Net()), torch.ones(2, 1, 1, 1)
+    plain = fn(x, torch.tensor(5), {"class_labels": torch.tensor([2, 3])})
+    assert calls == [[2, 3]] and plain.flatten().tolist() == [2.0, 3.0]
+    guided = fn(x, torch.tensor(5), {"class_labels": torch.tensor([2, 3]), "guidance_scale": 2.0,
+                                     "negative": {"class_labels": torch.tensor([0, 0])}})
+    assert calls[-1] == [0, 0, 2, 3] and guided.flatten().tolist() == [4.0, 6.0]  # 0 + 2 (c - 0)
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["sample.guidance_scale=2"], "class guidance needs the model's null class; set model.null_class"),
+    (["model.null_class=-1", "sample.class_labels=[10]"], "not be the null class 10"),
+    (["sample.class_labels=[11]"], r"labels must lie in 0..10"),
+    (["model.null_class=12"], "outside the model's 11 class rows"),
+])
+def test_bad_class_inputs_are_one_line(extra, match, class_dir, tmp_path):
+    with pytest.raises(ONE_LINE, match=match):
+        sample(class_dir, tmp_path / "r", *extra)
+    assert not (tmp_path / "r" / "metrics.json").exists()
+
+
+def test_class_labels_on_an_unconditional_model_are_refused(tiny_model_dir, tmp_path):
+    cfg = compose(["model=diffusers", f"model.path={tiny_model_dir}", "data.resolution=16", "logger=none",
+                   "sample.class_labels=[1]"], tmp_path / "r")
+    with pytest.raises(UsageError, match="not class-conditional"):
+        run.run(cfg)
+
+
+# -- labelled folders ---------------------------------------------------------------------------------------------
+def tree(root: Path, classes: dict[str, int]) -> Path:
+    from PIL import Image
+
+    for name, n in classes.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            pixels = np.random.default_rng(hash((name, i)) % 2**32).integers(0, 255, (16, 16), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+def train_cfg(folder, data, run_dir, *extra):
+    return compose(["model=diffusers", f"model.path={folder}", "method=finetune", "task=train", "data=folder",
+                    f"data.root={data}", "data.channels=1", "data.resolution=8", "data.labels=subfolders",
+                    "data.batch_size=4", "trainer.max_steps=2", "train.grid_every=0", "logger=none",
+                    "trainer.enable_progress_bar=false", *extra], run_dir)
+
+
+def test_labelled_tree_trains_with_label_dropout_and_records_its_classes(class_dir, tmp_path):
+    from hiresrun.data import FolderDataModule
+
+    data = tree(tmp_path / "tree", {"cat": 3, "ant": 2, "dog": 3})
+    dm = FolderDataModule(str(data), resolution=8, base_resolution=8, channels=1, labels="subfolders")
+    dm.setup()
+    assert dm.class_to_index == {"ant": 0, "cat": 1, "dog": 2}  # sorted names
+    assert sorted(int(dm.train_set[i]["label"]) for i in range(len(dm.train_set))) == [0, 0, 1, 1, 1, 2, 2, 2]
+    run.run(train_cfg(class_dir, data, tmp_path / "run", "model.null_class=-1", "train.label_dropout=0.5"))
+    assert json.loads((tmp_path / "run" / "class_index.json").read_text()) == {"ant": 0, "cat": 1, "dog": 2}
+    (tmp_path / "order.json").write_text(json.dumps({"dog": 0, "cat": 1, "ant": 2}))
+    official = FolderDataModule(str(data), resolution=8, base_resolution=8, channels=1, labels="subfolders",
+                                class_index=str(tmp_path / "order.json"))
+    official.setup()
+    assert official.class_to_index == {"ant": 2, "cat": 1, "dog": 0}
+
+
+def test_label_dropout_replaces_labels_by_the_null_class():
+    from hiresrun.models import BaseModel
+
+    unet = torch.nn.Module()
+    unet.config = type("C", (), {"num_class_embeds": 11, "block_out_channels": (8,)})()
+    base = BaseModel(unet=unet, scheduler_config=SCHED, resolution=8, channels=1, weights_hash="x", source="x",
+                     conditioning="class", null_class=10, label_dropout=0.5)
+    torch.manual_seed(0)
+    labels = base.batch_condition({"label": torch.arange(10).repeat(10)})["class_labels"]
+    dropped = (labels == 10).float().mean()
+    assert 0.35 < dropped < 0.65 and torch.equal(labels[labels != 10], torch.arange(10).repeat(10)[labels != 10])
+    assert torch.equal(base.batch_condition({"label": torch.arange(10)}, dropout=False)["class_labels"],
+                       torch.arange(10))
+
+
+@pytest.mark.parametrize("case,match", [
+    ("empty", "class folder .*bird holds no readable image"),
+    ("loose", "lies directly in data.root"),
+    ("unmapped", "names no index for class folder 'dog'"),
+    ("dropout", "train.label_dropout=0.5 replaces labels by the null class; set model.null_class"),
+    ("range", "a training label is 11"),
+])
+def test_bad_labelled_folders_are_one_line(case, match, class_dir, tmp_path):
+    from PIL import Image
+
+    data = tree(tmp_path / "tree", {"cat": 2, "dog": 2})
+    extra = []
+    if case == "empty":
+        (data / "bird").mkdir()
+    elif case == "loose":
+        Image.new("L", (16, 16)).save(data / "stray.png")
+    elif case == "unmapped":
+        (tmp_path / "order.json").write_text(json.dumps({"cat": 0}))
+        extra = [f"data.class_index={tmp_path / 'order.json'}"]
+    elif case == "dropout":
+        extra = ["train.label_dropout=0.5"]
+    else:
+        (tmp_path / "order.json").write_text(json.dumps({"cat": 0, "dog": 11}))
+        extra = [f"data.class_index={tmp_path / 'order.json'}"]
+    with pytest.raises(ONE_LINE, match=match):
+        run.run(train_cfg(class_dir, data, tmp_path / "run", *extra))
+    assert not (tmp_path / "run" / "checkpoints").exists()
