@@ -229,8 +229,9 @@ class Conditioner:
                                  f"drop it")
             bad = [c for c in class_labels if not 0 <= c < base.class_table or c == base.null_class]
             if bad or not class_labels:
-                raise UsageError(f"sample.class_labels={class_labels}: labels must lie in 0..{base.class_table - 1}"
-                                 f"{f' and not be the null class {base.null_class}' if base.null_class is not None else ''}")
+                null = f" and not be the null class {base.null_class}" if base.null_class is not None else ""
+                raise UsageError(f"sample.class_labels={class_labels}: labels must lie in "
+                                 f"0..{base.class_table - 1}{null}")
         if text is not None and prompts is None:
             raise UsageError(f"model.path={base.source} is a text-to-image model and no prompt is given; pass "
                              f"prompts=<file.txt|.jsonl|.csv> or sample.prompt=\"...\"")

@@ -14,11 +14,10 @@ from hydra.errors import InstantiationException
 
 from hiresrun import run, sampling
 from hiresrun.errors import UsageError
-
-ONE_LINE = (UsageError, InstantiationException)  # Hydra wraps errors raised while building a config's object
 from hiresrun.models import model_fn, save_pipeline
 from hiresrun.outputs import load_images
 
+ONE_LINE = (UsageError, InstantiationException)  # Hydra wraps errors raised while building a config's object
 SCHED = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"}
 
 
