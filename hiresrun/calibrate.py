@@ -39,10 +39,10 @@ def key(setting: dict, model_weights_sha256: str, rule: dict) -> dict:
 
 def model_sha256(path: str, revision: str | None = None) -> str:
     """The base's identity as `load_model` computes it: sha256 over the UNet folder's weight files."""
-    from hiresrun.models import _fetch, _resolve, weights_hash
+    from hiresrun.models import _fetch, _resolve, denoiser_dir, weights_hash
 
     root = _resolve(path) or _fetch(path, revision)
-    return weights_hash(root / "unet" if (root / "unet" / "config.json").is_file() else root)
+    return weights_hash(denoiser_dir(root))
 
 
 def load(path: str, setting: dict | None, rule: dict) -> float:

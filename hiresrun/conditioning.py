@@ -205,8 +205,7 @@ class Conditioner:
         self.class_labels = class_labels
         self.size, self.micro = size or base.resolution, micro or {}
         text = base.text
-        self.guidance_scale = float(guidance_scale if guidance_scale is not None
-                                    else text.default_guidance if text is not None else 1.0)
+        self.guidance_scale = float(guidance_scale if guidance_scale is not None else base.default_guidance)
         self.guidance_rescale = float(guidance_rescale)
         if not math.isfinite(self.guidance_scale) or self.guidance_scale < 1:
             raise UsageError(f"sample.guidance_scale={guidance_scale}: must be a number >= 1 (1 = no guidance, one "

@@ -51,7 +51,9 @@ class BaseModel:
 
     @property
     def downsample_factor(self) -> int:
-        """Spatial size must be divisible by this (2 per down block that downsamples)."""
+        """Spatial size must be divisible by this (2 per down block that downsamples; a transformer's patch)."""
+        if _is_transformer(self.unet):
+            return int(self.unet.config.patch_size)
         return 2 ** (len(self.unet.config.block_out_channels) - 1)
 
     @property
@@ -69,9 +71,17 @@ class BaseModel:
                              f"factor; use e.g. data.resolution={ok[-1]}")
 
     @property
+    def default_guidance(self) -> float:
+        """The guidance scale of the model's own pipeline when the user sets none: SD 7.5, SDXL 5.0, DiT 4.0
+        (DiTPipeline's default); 1 (no guidance) otherwise."""
+        if self.text is not None:
+            return self.text.default_guidance
+        return 4.0 if _is_transformer(self.unet) and self.conditioning == "class" else 1.0
+
+    @property
     def class_table(self) -> int:
         """Rows of the class embedding: valid labels are 0 .. class_table - 1 (the null class among them)."""
-        return int(getattr(self.unet.config, "num_class_embeds", None) or 0)
+        return _class_rows(self.unet)
 
     @property
     def num_classes(self) -> int:
@@ -151,7 +161,8 @@ def _fp32(vae: nn.Module):
 
     if not _upcast(vae):
         return nullcontext()
-    vae.to(torch.float32)
+    if next(vae.parameters()).dtype != torch.float32:
+        vae.to(torch.float32)
     return torch.autocast(next(vae.parameters()).device.type, enabled=False)
 
 
@@ -190,7 +201,11 @@ def unet_kwargs(cond: dict) -> dict:
 
 def model_fn(unet: nn.Module) -> ModelFn:
     """The denoiser the loop calls: one UNet pass, or under guidance one pass over the doubled batch
-    [unconditional; conditional] (diffusers' order), combined as eps_u + w (eps_c - eps_u), optionally rescaled."""
+    [unconditional; conditional] (diffusers' order), combined as eps_u + w (eps_c - eps_u), optionally rescaled.
+    A DiT transformer goes through `transformer_fn`."""
+    if _is_transformer(unet):
+        return transformer_fn(unet)
+
     def call(x: Tensor, t: Tensor, cond: dict) -> Tensor:
         kwargs = unet_kwargs(cond)
         if not guided(cond):
@@ -204,6 +219,38 @@ def model_fn(unet: nn.Module) -> ModelFn:
 
             out = rescale_noise_cfg(out, text, guidance_rescale=float(cond["guidance_rescale"]))
         return out
+
+    return call
+
+
+TRANSFORMERS = ("DiTTransformer2DModel", "Transformer2DModel")  # diffusers transformer denoisers hiresrun drives
+
+
+def denoiser_dir(root: Path) -> Path:
+    """Where a model folder keeps its denoiser: `unet/` or `transformer/` (pipeline layouts), else the folder."""
+    for sub in ("unet", "transformer"):
+        if (root / sub / "config.json").is_file():
+            return root / sub
+    return root
+
+
+def transformer_fn(net: nn.Module) -> ModelFn:
+    """A DiT as `DiTPipeline` calls it: the timestep as one value per row, under guidance the doubled batch in DiT's
+    order [conditional; unconditional] with labels [c; null], guidance on the first `in_channels` output channels,
+    and the learned-variance channels dropped (the sampler takes eps)."""
+    channels = int(net.config.in_channels)
+
+    def call(x: Tensor, t: Tensor, cond: dict) -> Tensor:
+        kwargs, two = unet_kwargs(cond), guided(cond)
+        both = cat_rows(kwargs, cond["negative"]) if two else kwargs
+        xx = torch.cat([x, x]) if two else x
+        tt = torch.as_tensor(t, device=x.device)
+        tt = tt.expand(xx.shape[0]) if tt.ndim == 0 else torch.cat([tt, tt]) if two else tt
+        out = net(xx, timestep=tt, **both).sample[:, :channels]
+        if not two:
+            return out
+        text, uncond = out.chunk(2)
+        return uncond + float(cond["guidance_scale"]) * (text - uncond)
 
     return call
 
@@ -244,18 +291,17 @@ def describe(path: str, revision: str | None = None, vae: str | None = None) -> 
     if root is None:
         from huggingface_hub import try_to_load_from_cache
 
-        for name in ("unet/config.json", "config.json"):
+        for name in ("unet/config.json", "transformer/config.json", "config.json"):
             try:
                 found = try_to_load_from_cache(path, name, revision=revision)
             except ValueError:  # not a hub id either (load_model says so in its own line)
                 return None, None
             if isinstance(found, str):
-                root = Path(found).parent.parent if name.startswith("unet/") else Path(found).parent
+                root = Path(found).parent.parent if "/" in name else Path(found).parent
                 break
         else:
             return None, None
-    unet_dir = root / "unet" if (root / "unet" / "config.json").is_file() else root
-    config = unet_dir / "config.json"
+    config = denoiser_dir(root) / "config.json"
     unet = json.loads(config.read_text()).get("_class_name", "UNet2DModel") if config.is_file() else None
     latent = (Path(vae) if vae else root / "vae").joinpath("config.json").is_file()
     return unet, "latent" if latent else "pixel"
@@ -282,7 +328,7 @@ def text_model(path: str, revision: str | None = None) -> bool | None:
 
 
 # What a hub snapshot needs: configs, the denoiser and VAE, the text encoders and tokenizers, the scheduler.
-HUB_PATTERNS = ["*.json", "*.txt", "unet/*", "vae/*", "scheduler/*", "text_encoder*/*", "tokenizer*/*"]
+HUB_PATTERNS = ["*.json", "*.txt", "unet/*", "transformer/*", "vae/*", "scheduler/*", "text_encoder*/*", "tokenizer*/*"]
 
 
 def _fetch(path: str, revision: str | None) -> Path:
@@ -318,10 +364,10 @@ def load_model(path: str, revision: str | None = None, init: str = "pretrained",
     if conditioning not in ("auto", "none", "class", "text"):
         raise UsageError(f"model.conditioning={conditioning}: choose auto, none, class or text")
     root = _resolve(path) or _fetch(path, revision)
-    unet_dir = root / "unet" if (root / "unet" / "config.json").is_file() else root
+    unet_dir = denoiser_dir(root)
     if not (unet_dir / "config.json").is_file():
-        raise UsageError(f"model.path={path}: no diffusers UNet config.json in {root} or {root}/unet; "
-                         f"point model.path at a folder written by save_pretrained")
+        raise UsageError(f"model.path={path}: no diffusers UNet or transformer config.json in {root}, {root}/unet "
+                         f"or {root}/transformer; point model.path at a folder written by save_pretrained")
     cls = _unet_class(_read_json(unet_dir / "config.json"))
     if init == "scratch":
         unet, digest = cls.from_config(cls.load_config(unet_dir)), "scratch"
@@ -337,8 +383,8 @@ def load_model(path: str, revision: str | None = None, init: str = "pretrained",
                                                                   2 ** (len(autoencoder.config.block_out_channels) - 1))
     is_text = bool(text_model(str(root)))
     if conditioning == "auto":
-        conditioning = "text" if is_text else "class" if getattr(unet.config, "num_class_embeds", None) else "none"
-    if conditioning == "class" and not getattr(unet.config, "num_class_embeds", None):
+        conditioning = "text" if is_text else "class" if _class_rows(unet) else "none"
+    if conditioning == "class" and not _class_rows(unet):
         raise UsageError(f"model.conditioning=class but the UNet at {path} has no class embedding "
                          f"(num_class_embeds); use model.conditioning=none")
     text = None
@@ -353,6 +399,8 @@ def load_model(path: str, revision: str | None = None, init: str = "pretrained",
                      channels=channels, weights_hash=digest, source=str(root), vae=autoencoder,
                      vae_scale=scale, conditioning=conditioning, text=text, vae_shift=float(shift),
                      vae_tile_above=vae_tile_above)
+    if _is_transformer(unet) and conditioning == "class":  # DiT's label embedding keeps its null row last
+        base.null_class = base.class_table - 1
     if null_class is not None:
         if conditioning != "class":
             raise UsageError(f"model.null_class={null_class}, but {path} is not class-conditional; drop it")
@@ -362,6 +410,18 @@ def load_model(path: str, revision: str | None = None, init: str = "pretrained",
                              f"(0..{base.class_table - 1}; -1 = the last)")
         base.null_class = index
     return base
+
+
+def _is_transformer(net: nn.Module) -> bool:
+    return type(net).__name__ in TRANSFORMERS
+
+
+def _class_rows(net: nn.Module) -> int:
+    """Rows of the class embedding: a UNet's num_class_embeds; a DiT's classes plus its null row."""
+    if _is_transformer(net):
+        n = getattr(net.config, "num_embeds_ada_norm", None)
+        return int(n) + 1 if n else 0
+    return int(getattr(net.config, "num_class_embeds", None) or 0)
 
 
 def _read_json(path: Path) -> dict:

@@ -14,6 +14,8 @@ from hiresrun.errors import Unsupported
 
 PIXEL_AND_LATENT = ("pixel", "latent")
 ANY_UNET = ("UNet2DModel", "UNet2DConditionModel")
+TRANSFORMERS = ("DiTTransformer2DModel", "Transformer2DModel")  # models.TRANSFORMERS
+ANY_DENOISER = ANY_UNET + TRANSFORMERS
 
 
 @dataclass(frozen=True)
@@ -21,7 +23,7 @@ class Support:
     """The declaration: the models it works with, and the one fact about sampling that pairs can clash on."""
 
     spaces: tuple[str, ...] = PIXEL_AND_LATENT    # sample spaces: pixel models, latent (VAE) models
-    unets: tuple[str, ...] = ANY_UNET             # diffusers UNet classes it can drive
+    unets: tuple[str, ...] = ANY_DENOISER         # diffusers denoiser classes it can drive (UNets, DiT transformers)
     one_step: bool = False                        # method: samples with one network evaluation, no step loop
     needs_steps: bool = False                     # accelerator: acts between sampler steps (nothing to do in one)
     text: bool = True                             # works with text-to-image bases (prompts, guidance)
@@ -55,7 +57,7 @@ def check(cfg, method: str, accelerator: str | None) -> None:
 
     from hiresrun.models import describe, text_model
 
-    m = get_class(cfg.method._target_).supports
+    m = get_class(cfg.method._target_).declared(cfg.method)
     a = get_class(cfg.accelerator._target_).supports if accelerator else Support()
     unet, space = describe(cfg.model.path, cfg.model.get("revision"), cfg.model.get("vae"))
     text = text_model(cfg.model.path, cfg.model.get("revision")) if cfg.model.get("conditioning") != "none" else False

@@ -6,7 +6,7 @@ downsampling, CLIP text encoders, tokenizers, a scheduler, `model_index.json`), 
 offline. The tokenizer's vocabulary is written here (byte-level characters, no merges): nothing downloads.
 Weights are random (seeded): for wiring and parity tests, not for quality.
 
-    python -m hiresrun.tiny sd <folder>      # or sdxl, or clip (a tiny CLIP for clip_score smoke runs)
+    python -m hiresrun.tiny sd <folder>      # or sdxl, dit, or clip (a tiny CLIP for clip_score smoke runs)
 """
 
 from __future__ import annotations
@@ -101,6 +101,26 @@ def build(folder: str | Path, family: str = "sd", sample_size: int = 8) -> Path:
     return folder
 
 
+def dit(folder: str | Path, sample_size: int = 8, classes: int = 1000) -> Path:
+    """A tiny random DiT pipeline folder (DiTTransformer2DModel with learned variance, AutoencoderKL, DDIM), the
+    layout of facebook/DiT-XL-2-256, which `DiTPipeline.from_pretrained` loads. 1,000 classes, as DiTPipeline
+    hard-codes the null label 1000."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                        num_layers=2, sample_size=sample_size, patch_size=2,
+                                        num_embeds_ada_norm=classes)
+    torch.manual_seed(1)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, layers_per_block=1, sample_size=2 * sample_size)
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                              clip_sample=False)
+    DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler).save_pretrained(folder)
+    return Path(folder)
+
+
 def clip(folder: str | Path) -> Path:
     """A tiny random CLIP (transformers CLIPModel + CLIPProcessor at 32 px) for clip_score smoke runs and tests."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
@@ -126,5 +146,6 @@ def clip(folder: str | Path) -> Path:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:
-        sys.exit("usage: python -m hiresrun.tiny sd|sdxl|clip <folder>")
-    print(clip(sys.argv[2]) if sys.argv[1] == "clip" else build(sys.argv[2], sys.argv[1]))
+        sys.exit("usage: python -m hiresrun.tiny sd|sdxl|dit|clip <folder>")
+    kind, where = sys.argv[1], sys.argv[2]
+    print(clip(where) if kind == "clip" else dit(where) if kind == "dit" else build(where, kind))

@@ -75,3 +75,11 @@ def cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> s
     exe = Path(sys.executable).with_name("hiresrun")
     full_env = {**os.environ, "HIRESRUN_OUTPUTS": str(cwd / "outputs"), **(env or {})}
     return subprocess.run([str(exe), *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_dit_dir(tmp_path_factory) -> Path:
+    """A random tiny DiT pipeline folder: DiTTransformer2DModel (learned variance, 1,000 classes), VAE, DDIM."""
+    from hiresrun.tiny import dit
+
+    return dit(tmp_path_factory.mktemp("tiny-dit") / "dit")

@@ -196,3 +196,76 @@ def test_bad_labelled_folders_are_one_line(case, match, class_dir, tmp_path):
     with pytest.raises(ONE_LINE, match=match):
         run.run(train_cfg(class_dir, data, tmp_path / "run", *extra))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# -- DiT ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("guidance", [1.0, 4.0])
+def test_dit_image_for_image_equal_to_the_dit_pipeline(guidance, tiny_dit_dir, tmp_path):
+    from diffusers import DiTPipeline
+
+    metrics, ours = sample(tiny_dit_dir, tmp_path / "run", "data.resolution=16", "sample.class_labels=[3,1,7]",
+                           f"sample.guidance_scale={guidance}", n=3)
+    pipe = DiTPipeline.from_pretrained(tiny_dit_dir)
+    pipe.set_progress_bar_config(disable=True)
+    gens = sampling.generators([0, 1, 2])
+    for g in gens:  # hiresrun draws each seed's label first (always), then the noise
+        torch.randint(1000, (1,), generator=g)
+    ref = pipe(class_labels=[3, 1, 7], num_inference_steps=5, guidance_scale=guidance, generator=gens,
+               output_type="np").images
+    ref = torch.from_numpy(ref).permute(0, 3, 1, 2) * 255
+    assert ours.shape == ref.shape == (3, 3, 16, 16)
+    assert (ours.float() - ref).abs().max() <= 1.0
+    assert metrics["unet_passes_per_image"] == (10 if guidance > 1 else 5)
+
+
+def test_dit_defaults_to_its_pipelines_guidance_and_null_label(tiny_dit_dir, tmp_path):
+    from hiresrun.models import load_model
+
+    base = load_model(str(tiny_dit_dir))
+    assert (base.conditioning, base.class_table, base.null_class, base.num_classes) == ("class", 1001, 1000, 1000)
+    assert base.resolution == 16 and base.downsample_factor == 2
+    metrics, _ = sample(tiny_dit_dir, tmp_path / "run", "data.resolution=16", n=2)
+    assert metrics["unet_passes_per_image"] == 2 * metrics["nfe_per_image"]  # 4.0: DiTPipeline's default
+
+
+def test_dit_pairs_run_or_are_refused_by_their_declarations(tiny_dit_dir, tmp_path):
+    """Transformers run none / upsample / tuning-free Self-Cascade with adaptive or no accelerator; every pair
+    that needs UNet blocks (Skip-Tuning, FreeU, tuned Self-Cascade, finetune, simple, PaGoDA) is refused up front."""
+    from conftest import CONF
+    from hydra.utils import get_class
+
+    from hiresrun import support
+    from hiresrun.errors import Unsupported
+
+    ran, refused = set(), set()
+    for method in sorted(f.stem for f in (CONF / "method").glob("*.yaml")):
+        for mode in (["tuned", "tuning_free"] if method == "selfcascade" else [None]):
+            for accelerator in sorted(f.stem for f in (CONF / "accelerator").glob("*.yaml")):
+                name = f"{method}{'-' + mode if mode else ''}"
+                extra = [f"method.mode={mode}"] if mode else []
+                cfg = compose(["model=diffusers", f"model.path={tiny_dit_dir}", f"method={method}",
+                               f"accelerator={accelerator}", "data.resolution=32", "sample.num_samples=2",
+                               "sampler.num_steps=6", "logger=none", "trainer.enable_progress_bar=false",
+                               "ckpt_path=/nonexistent", *extra], tmp_path / name / accelerator)
+                m = get_class(cfg.method._target_).declared(cfg.method)
+                a = get_class(cfg.accelerator._target_).supports
+                if support.refusal(method, m, accelerator, a, "m", "DiTTransformer2DModel", "latent", False):
+                    with pytest.raises(Unsupported):
+                        run.run(cfg)  # refused before ckpt_path or the model is looked at
+                    refused.add((name, accelerator))
+                    continue
+                cfg.ckpt_path = None
+                assert run.run(cfg)["num_samples"] == 2
+                ran.add((name, accelerator))
+    assert ran == {(m, a) for m in ("none", "upsample", "selfcascade-tuning_free") for a in ("none", "adaptive")}
+    assert ("selfcascade-tuned", "none") in refused and ("none", "skiptuning") in refused
+    assert ("finetune", "none") in refused and ("pagoda", "none") in refused and ("none", "freeu") in refused
+
+
+def test_identities_hold_on_the_dit_path(tiny_dit_dir, tmp_path):
+    base = ["data.resolution=32", "sample.class_labels=[5,9]", "sample.guidance_scale=4", "sampler.num_steps=10"]
+    _, none = sample(tiny_dit_dir, tmp_path / "none", *base, n=2)
+    _, adaptive = sample(tiny_dit_dir, tmp_path / "ad", *base, "accelerator=adaptive", "accelerator.delta=0", n=2)
+    _, cascade = sample(tiny_dit_dir, tmp_path / "sc", *base, "method=selfcascade", "method.mode=tuning_free",
+                        "method.strength=1", n=2)
+    assert torch.equal(none, adaptive) and torch.equal(none, cascade)

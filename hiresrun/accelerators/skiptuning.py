@@ -16,7 +16,7 @@ from torch.utils.hooks import RemovableHandle
 from hiresrun.accelerators import Accelerator
 from hiresrun.errors import UsageError
 from hiresrun.models import ModelFn
-from hiresrun.support import Support
+from hiresrun.support import ANY_UNET, Support
 
 
 def find_unet(net: nn.Module) -> nn.Module:
@@ -36,7 +36,7 @@ class SkipTuning(Accelerator):
     """Depth-ramped (or constant) skip scaling, optionally weighted over time (paper sec. 5.2)."""
 
     # Both UNet call conventions; one-step generators too (the paper's Table 3 tunes distilled one-step EDMs).
-    supports = Support()
+    supports = Support(unets=ANY_UNET, why="it scales the skips the UNet's up blocks receive; a transformer has none")
 
     def __init__(self, mode: str = "constant",       # constant | linear (depth ramp, endpoint-inclusive)
                  rho: float = 0.8,                     # constant mode: every skip

@@ -37,6 +37,12 @@ class Method:
     trains: bool = False
     supports: Support = Support()
 
+    @classmethod
+    def declared(cls, config) -> Support:
+        """The declaration for this configuration (its `method.*` keys): `supports`, unless a setting narrows it
+        (Self-Cascade's tuned mode hooks UNet blocks)."""
+        return cls.supports
+
     def __init__(self, resolution: int):  # target resolution in pixels
         self.resolution = resolution
 

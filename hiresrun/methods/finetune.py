@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from hiresrun.methods.none import NoneMethod
 from hiresrun.models import BaseModel
+from hiresrun.support import ANY_UNET, Support
 
 
 def denoising_loss(net: nn.Module, scheduler, x0: Tensor, cond: dict | None = None) -> Tensor:
@@ -29,6 +30,8 @@ class Finetune(NoneMethod):
     """All weights trainable, trained at the target resolution; sampled like `none`."""
 
     trains = True
+    supports = Support(unets=ANY_UNET, why="the loss reads the UNet's single eps/v output; a DiT's learned-variance "
+                                           "channels are not trained here")
 
     def wrap(self, base: BaseModel) -> nn.Module:
         from diffusers import DDPMScheduler

@@ -20,6 +20,7 @@ from hiresrun.methods.finetune import denoising_loss
 from hiresrun.methods.none import NoneMethod
 from hiresrun.methods.upsample import upscale
 from hiresrun.models import BaseModel, model_fn, rows
+from hiresrun.support import ANY_UNET, Support
 
 
 class ResBlockUp(nn.Module):
@@ -149,6 +150,12 @@ def attach_upsamplers(net: CascadeNet, stage: int, pivot: Tensor, min_t: float =
 
 class SelfCascade(NoneMethod):
     """Pivot-guided re-schedule (tuning_free) and time-aware feature upsamplers (tuned)."""
+
+    TUNED = Support(unets=ANY_UNET, why="the tuned upsamplers hook the UNet's down and mid blocks")
+
+    @classmethod
+    def declared(cls, config) -> Support:
+        return cls.TUNED if config.get("mode", "tuned") == "tuned" else cls.supports
 
     def __init__(self, resolution: int,                # final target resolution
                  mode: str = "tuned",                  # tuned (train upsamplers) | tuning_free

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from hiresrun.errors import UsageError
 from hiresrun.methods.none import NoneMethod
 from hiresrun.models import BaseModel
+from hiresrun.support import ANY_UNET, Support
 
 T = 1000  # discrete steps of the sampling schedule; net timestep i <-> continuous t = (i + 1) / T
 
@@ -209,6 +210,7 @@ class Simple(NoneMethod):
     """Full fine-tune (init=pretrained) or retrain (init=scratch) at the target resolution, simple-diffusion recipe."""
 
     trains = True
+    supports = Support(unets=ANY_UNET, why="dropout and the multiscale loss sit on UNet blocks")
 
     def __init__(self, resolution: int,                     # target resolution (image_d) in pixels
                  init: str = "pretrained",                  # pretrained (full fine-tune) | scratch (retrain)
