@@ -48,6 +48,7 @@ class BaseModel:
     caption_dropout: float = 0.0         # training: share of captions replaced by "" (serves unguided calls)
     null_class: int | None = None        # class models: the label the model was trained with as "no class"
     label_dropout: float = 0.0           # training: share of labels replaced by null_class (class guidance)
+    parametrization: str = "standard"    # standard (eps/v/x0 on the scheduler's VP grid) | edm (EDM's F, sigma)
 
     @property
     def downsample_factor(self) -> int:
@@ -355,12 +356,18 @@ def _fetch(path: str, revision: str | None) -> Path:
 
 def load_model(path: str, revision: str | None = None, init: str = "pretrained", vae: str | None = None,
                vae_scale: float | None = None, conditioning: str = "auto",
-               vae_tile_above: int | None = None, null_class: int | None = None) -> BaseModel:
+               vae_tile_above: int | None = None, null_class: int | None = None, parametrization: str = "standard",
+               sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0) -> BaseModel:
     """Load the base model. `init=scratch` builds the same architecture with fresh weights (pretrain).
     `conditioning=auto`: text when the folder is a text-to-image pipeline, class when the UNet has a class
     embedding, else none."""
     if init not in ("pretrained", "scratch"):
         raise UsageError(f"model.init={init}: choose pretrained or scratch")
+    if parametrization not in ("standard", "edm"):
+        raise UsageError(f"model.parametrization={parametrization}: choose standard or edm")
+    if parametrization == "edm" and not (0 < sigma_min < sigma_max and sigma_data > 0):
+        raise UsageError(f"model.sigma_min={sigma_min}, sigma_max={sigma_max}, sigma_data={sigma_data}: need "
+                         f"0 < sigma_min < sigma_max and sigma_data > 0 (EDM: 0.002, 80, 0.5)")
     if conditioning not in ("auto", "none", "class", "text"):
         raise UsageError(f"model.conditioning={conditioning}: choose auto, none, class or text")
     root = _resolve(path) or _fetch(path, revision)
@@ -395,10 +402,15 @@ def load_model(path: str, revision: str | None = None, init: str = "pretrained",
         from hiresrun.conditioning import TextEncoder
 
         text = TextEncoder.load(root, unet, autoencoder, _scheduler_config(root))
-    base = BaseModel(unet=unet, scheduler_config=_scheduler_config(root), resolution=resolution,
+    schedule = _scheduler_config(root)
+    if parametrization == "edm":  # EDM's preconditioning lives in the EDM schedulers (hiresrun/edm.py)
+        from hiresrun import edm
+
+        schedule = edm.scheduler_config(sigma_data, sigma_min, sigma_max)
+    base = BaseModel(unet=unet, scheduler_config=schedule, resolution=resolution,
                      channels=channels, weights_hash=digest, source=str(root), vae=autoencoder,
                      vae_scale=scale, conditioning=conditioning, text=text, vae_shift=float(shift),
-                     vae_tile_above=vae_tile_above)
+                     vae_tile_above=vae_tile_above, parametrization=parametrization)
     if _is_transformer(unet) and conditioning == "class":  # DiT's label embedding keeps its null row last
         base.null_class = base.class_table - 1
     if null_class is not None:

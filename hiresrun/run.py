@@ -134,8 +134,17 @@ def seed_loader(seeds: list[int], batch_size: int) -> DataLoader:
 
 def sampler_scheduler(cfg: DictConfig, base, method=None):
     """The sampler's step rule on the schedule the net was trained with: the base's, or the method's own (simple)."""
-    config = method.scheduler_config(base)
-    return instantiate(cfg.sampler.scheduler)(config)
+    config = method.scheduler_config(base) if method is not None else base.scheduler_config
+    scheduler = instantiate(cfg.sampler.scheduler)(config)
+    edm_sampler = type(scheduler).__name__.startswith("EDM")
+    if base.parametrization == "edm" and not edm_sampler:
+        raise UsageError(f"model.parametrization=edm needs an EDM sampler (sampler=edm_heun, edm_euler or "
+                         f"edm_dpmsolver); sampler={choice(cfg, 'sampler')} integrates a VP eps/v model")
+    if edm_sampler and base.parametrization != "edm":
+        raise UsageError(f"sampler={choice(cfg, 'sampler')} integrates an EDM-preconditioned network; this model is "
+                         f"model.parametrization={base.parametrization}: set model.parametrization=edm if it is one, "
+                         f"or pick ddim/euler/heun/dpmsolver")
+    return scheduler
 
 
 def sampling_net(cfg: DictConfig):

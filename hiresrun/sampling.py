@@ -38,6 +38,12 @@ class Step:
     timesteps: Tensor
     order: int
     index: int = 0
+    sigma_max: float | None = None   # EDM schedulers: timesteps are c_noise = ln(sigma) / 4; else None
+
+    def time(self, t) -> float:
+        """The current call's time in the schedule's own unit: sigma for EDM schedulers, t otherwise."""
+        value = float(torch.as_tensor(t).flatten()[0])
+        return float(torch.tensor(4 * value).exp()) if self.sigma_max is not None else value
 
     @property
     def full_step(self) -> int:
@@ -67,7 +73,9 @@ def sample(model_fn: ModelFn, x: Tensor, scheduler, num_steps: int, start_step: 
         x = scheduler.add_noise(x, renoise, timesteps[:1])
     # The accelerator sees the scheduler's own latent x_t: Euler-type samplers rescale the model input
     # (x_t / sqrt(sigma^2 + 1)), and a step-level accelerator must measure x_t, not that (AdaptiveDiffusion spec §9).
-    step = Step(timesteps=timesteps, order=int(getattr(scheduler, "order", 1)))
+    edm = type(scheduler).__name__.startswith("EDM")
+    step = Step(timesteps=timesteps, order=int(getattr(scheduler, "order", 1)),
+                sigma_max=float(scheduler.config.sigma_max) if edm else None)
     f = wrap(lambda z, t, c: model_fn(scheduler.scale_model_input(z, t), t, c), step)
     extra = {"generator": list(gens)} if gens is not None and _takes_generator(scheduler) else {}
     for i, t in enumerate(timesteps):

@@ -21,11 +21,13 @@ def test_groups_are_the_documented_ones():
 
 
 @pytest.mark.parametrize("group,option", [o for o in OPTIONS if o[0] != "experiment"])
-def test_option_composes_and_instantiates(group, option, tiny_model_dir, tiny_sd_dir, tiny_sdxl_dir, tmp_path):
+def test_option_composes_and_instantiates(group, option, tiny_model_dir, tiny_sd_dir, tiny_sdxl_dir, tiny_dit_dir,
+                                         tmp_path):
     overrides = [f"{group}={option}"] + {("model", "diffusers"): [f"model.path={tiny_model_dir}"],
                                          ("model", "sd15"): [f"model.path={tiny_sd_dir}"],
                                          ("model", "sd21"): [f"model.path={tiny_sd_dir}"],
                                          ("model", "sdxl"): [f"model.path={tiny_sdxl_dir}"],
+                                         ("model", "dit"): [f"model.path={tiny_dit_dir}"],
                                          ("data", "folder"): [f"data.root={tmp_path}"]}.get((group, option), [])
     if group == "model":
         overrides.append("model.init=scratch")  # the architecture is enough; weights are tested elsewhere

@@ -36,7 +36,7 @@ def test_bare_unet_folder_with_and_without_scheduler_config(tmp_path):
 
 def test_folder_without_a_unet_is_a_usage_error(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UsageError, match="no diffusers UNet config.json"):
+    with pytest.raises(UsageError, match="no diffusers UNet or transformer config.json"):
         load_model(str(tmp_path / "empty"))
 
 

@@ -161,12 +161,17 @@ def test_every_sampler_strength_one_is_none_and_tuned_runs(name):
     and tuning-free / tuned at strength 0.5 give images of the target size."""
     from omegaconf import OmegaConf
 
+    from hiresrun import edm
+
     make = instantiate(OmegaConf.load(SAMPLERS / f"{name}.yaml").scheduler)
     b = base()
+    schedule = edm.scheduler_config() if name.startswith("edm_") else SCHED  # EDM samplers: an EDM base
+    if name.startswith("edm_"):
+        b.parametrization = "edm"
 
     def run(method, steps=4):
         net = method.wrap(b)
-        return LitModule(net, method, make(SCHED), num_steps=steps).generate([0, 1])["images"]
+        return LitModule(net, method, make(schedule), num_steps=steps).generate([0, 1])["images"]
 
     assert torch.equal(run(SelfCascade(16, mode="tuning_free", strength=1.0)), run(NoneMethod(16)))
     for mode in ("tuning_free", "tuned"):

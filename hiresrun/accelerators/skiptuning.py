@@ -10,6 +10,7 @@ unless `scale_controlnet_residuals=false`, which scales only the UNet's own part
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -60,6 +61,7 @@ class SkipTuning(Accelerator):
                              f"(set accelerator.allow_amplify=true to try anyway)")
         self.mode, self.rho, self.rho_bottom, self.rho_top = mode, rho, rho_bottom, rho_top
         self.time_schedule, self.window, self.T = time_schedule, window, num_train_timesteps
+        self.num_train_timesteps = num_train_timesteps
         self.scale_controlnet_residuals = scale_controlnet_residuals
         self._state: dict = {"t": None, "residuals": None}
 
@@ -122,10 +124,14 @@ class SkipTuning(Accelerator):
         return scale
 
     def wrap(self, model_fn: ModelFn, step=None) -> ModelFn:
+        """Records the call's time for the schedule: t (0..num_train_timesteps), or under an EDM sampler sigma,
+        with sigma_max playing T (so `window` is in sigma there)."""
         state = self._state
+        edm = step is not None and step.sigma_max is not None
+        self.T = float(step.sigma_max) if edm else float(self.num_train_timesteps)
 
         def timed(x: Tensor, t: Tensor, cond: dict) -> Tensor:
-            state["t"] = float(t.flatten()[0]) if isinstance(t, Tensor) else float(t)
+            state["t"] = step.time(t) if edm else float(torch.as_tensor(t).flatten()[0])
             return model_fn(x, t, cond)
 
         return timed

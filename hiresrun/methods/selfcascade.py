@@ -228,8 +228,12 @@ class SelfCascade(NoneMethod):
         handles, state = attach_upsamplers(net, s - 1, pivot, self.lr_branch_min_t)
         plain = model_fn(unet)
 
+        edm = self.base.parametrization == "edm"
+
         def fn(x: Tensor, t: Tensor, c: dict) -> Tensor:  # the pivot travels in cond: it follows sub-batches
-            state["t"], state["pivot"] = float(t.flatten()[0]), c["pivot"]
+            now = float(torch.as_tensor(t).flatten()[0])
+            state["t"] = float(torch.tensor(4 * now).exp()) if edm else now  # EDM: c_noise -> sigma
+            state["pivot"] = c["pivot"]
             return plain(x, t, {k: v for k, v in c.items() if k != "pivot"})
 
         try:

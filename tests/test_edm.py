@@ -1,0 +1,124 @@
+"""EDM-preconditioned bases: sampler=edm_heun is EDM's Algorithm 1 (k-diffusion's sample_heun on
+get_sigmas_karras, float tolerance, 2n - 1 NFE); diffusers' EDM schedulers run; identities; mismatches refused."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+
+import pytest
+import torch
+from conftest import compose
+from diffusers import UNet2DModel
+
+from hiresrun import run, sampling
+from hiresrun.edm import EDMHeunScheduler, coefficients, karras_sigmas
+from hiresrun.errors import UsageError
+from hiresrun.models import model_fn, save_pipeline
+from hiresrun.outputs import load_images
+
+
+def k_sampling():
+    """k-diffusion's sampling module alone (its package __init__ imports training code with heavy dependencies)."""
+    if "k_diffusion" not in sys.modules:
+        spec = importlib.util.find_spec("k_diffusion")
+        package = types.ModuleType("k_diffusion")
+        package.__path__, package.__spec__ = list(spec.submodule_search_locations), spec
+        sys.modules["k_diffusion"] = package
+    return importlib.import_module("k_diffusion.sampling")
+
+
+def tiny_edm_net():
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       norm_num_groups=8, attention_head_dim=8).eval()
+
+
+@pytest.fixture(scope="module")
+def edm_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("edm") / "model"
+    save_pipeline(tiny_edm_net(), {"num_train_timesteps": 1000}, folder)
+    return folder
+
+
+def test_karras_grid_equals_k_diffusion():
+    ks = k_sampling()
+    ours = karras_sigmas(10, 0.002, 80.0, 7.0)
+    ref = ks.get_sigmas_karras(10, 0.002, 80.0, rho=7.0, device="cpu").double()
+    assert torch.allclose(ours, ref, rtol=1e-6, atol=0) and ours[-1] == 0 and len(ours) == 11
+
+
+@pytest.mark.parametrize("steps", [1, 2, 6])
+def test_edm_heun_is_k_diffusions_sample_heun(steps):
+    ks, net = k_sampling(), tiny_edm_net()
+    sigma_data = 0.5
+
+    def denoiser(x, sigma):  # D(x; sigma) = c_skip x + c_out F(c_in x, c_noise)
+        c_skip, c_out, c_in, c_noise = coefficients(sigma.double(), sigma_data)
+        f = net(x * c_in.float().view(-1, 1, 1, 1), c_noise.float()).sample
+        return c_skip.float().view(-1, 1, 1, 1) * x + c_out.float().view(-1, 1, 1, 1) * f
+
+    noise = sampling.noise(sampling.generators([0, 1, 2]), (1, 8, 8))
+    sigmas = ks.get_sigmas_karras(steps, 0.002, 80.0, rho=7.0)
+    with torch.no_grad():
+        ref = ks.sample_heun(denoiser, noise * sigmas[0], sigmas, disable=True)
+        counter = sampling.Counter()
+        ours = sampling.sample(model_fn(net), noise, EDMHeunScheduler(sigma_data=sigma_data), steps,
+                               wrap=lambda f, step: counter(f))
+    # float tolerance: k-diffusion computes the grid and coefficients in float32, hiresrun in float64
+    assert (ours - ref).abs().max() <= 1e-4 * max(1.0, float(ref.abs().max()))
+    assert counter.evals == 3 * (2 * steps - 1)  # 2n - 1 evaluations per image
+
+
+def sample(folder, run_dir, *extra, n=3):
+    cfg = compose(["model=diffusers", f"model.path={folder}", "model.parametrization=edm", "data.resolution=8",
+                   "sample.num_samples=" + str(n), "logger=none",
+                   "trainer.enable_progress_bar=false", *extra], run_dir)
+    return run.run(cfg), load_images(run_dir / "samples")
+
+
+def test_the_verbs_run_every_edm_sampler(edm_dir, tmp_path):
+    metrics, _ = sample(edm_dir, tmp_path / "heun", "sampler=edm_heun", "sampler.num_steps=10")
+    assert metrics["nfe_per_image"] == 19  # Skip-Tuning's headline budget: Heun 10 steps = 19 NFE
+    for sampler in ("edm_euler", "edm_dpmsolver"):
+        metrics, images = sample(edm_dir, tmp_path / sampler, f"sampler={sampler}", "sampler.num_steps=5")
+        assert metrics["nfe_per_image"] == 5 and images.shape == (3, 1, 8, 8)
+
+
+def test_identities_hold_on_the_edm_path(edm_dir, tmp_path):
+    common = ["sampler=edm_heun", "sampler.num_steps=8"]
+    _, none = sample(edm_dir, tmp_path / "none", *common)
+    _, adaptive = sample(edm_dir, tmp_path / "ad", *common, "accelerator=adaptive", "accelerator.delta=0")
+    _, skip = sample(edm_dir, tmp_path / "st", *common, "accelerator=skiptuning", "accelerator.rho=1")
+    assert torch.equal(none, adaptive) and torch.equal(none, skip)
+    _, none16 = sample(edm_dir, tmp_path / "none16", *common, "data.resolution=16")
+    _, cascade = sample(edm_dir, tmp_path / "sc", *common, "method=selfcascade", "method.mode=tuning_free",
+                        "method.strength=1", "data.resolution=16")
+    assert torch.equal(none16, cascade)
+    metrics, _ = sample(edm_dir, tmp_path / "sc2", "sampler=edm_heun", "sampler.num_steps=8", "method=selfcascade",
+                        "method.mode=tuning_free", "method.strength=0.5", "data.resolution=16")
+    assert metrics["nfe_per_image"] == 15 + 7  # the pivot's 8 steps (15 calls), then 4 steps from sigma_4 (7)
+
+
+def test_sampler_and_parametrization_must_agree(edm_dir, tiny_model_dir, tmp_path):
+    with pytest.raises(UsageError, match="model.parametrization=edm needs an EDM sampler"):
+        sample(edm_dir, tmp_path / "a", "sampler=ddim")
+    cfg = compose(["model=diffusers", f"model.path={tiny_model_dir}", "data.resolution=16", "sampler=edm_heun",
+                   "logger=none", "sample.num_samples=1"], tmp_path / "b")
+    with pytest.raises(UsageError, match="integrates an EDM-preconditioned network"):
+        run.run(cfg)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b" / "metrics.json").exists()
+
+
+def test_skiptuning_reads_sigma_under_edm_samplers():
+    from hiresrun.accelerators.skiptuning import SkipTuning
+
+    acc = SkipTuning(rho=0.5, time_schedule="window", window=[1.0, 100.0])
+    step = sampling.Step(timesteps=torch.zeros(1), order=2, sigma_max=80.0)
+    seen = []
+    f = acc.wrap(lambda x, t, c: seen.append(acc._state["t"]), step)
+    f(torch.zeros(1), torch.tensor(0.25 * torch.tensor(10.0).log()), {})  # c_noise of sigma 10
+    assert seen[0] == pytest.approx(10.0, rel=1e-5) and acc.weight(seen[0]) == 1.0 and acc.weight(0.5) == 0.0
