@@ -122,3 +122,29 @@ def test_skiptuning_reads_sigma_under_edm_samplers():
     f = acc.wrap(lambda x, t, c: seen.append(acc._state["t"]), step)
     f(torch.zeros(1), torch.tensor(0.25 * torch.tensor(10.0).log()), {})  # c_noise of sigma 10
     assert seen[0] == pytest.approx(10.0, rel=1e-5) and acc.weight(seen[0]) == 1.0 and acc.weight(0.5) == 0.0
+
+
+def test_fullscale_skiptuning_edm64_runs_end_to_end_on_a_tiny_class_edm_folder(tmp_path):
+    """The paper setting as composed, with a tiny random class-conditional EDM UNet, a labelled tree as the FID
+    reference, a few images and the CPU: only the converted checkpoint and ImageNet are missing."""
+    import numpy as np
+    from PIL import Image
+
+    torch.manual_seed(0)
+    net = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+                      down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                      norm_num_groups=8, num_class_embeds=4)
+    save_pipeline(net, {"num_train_timesteps": 1000}, tmp_path / "edm")
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(3):
+            pixels = np.random.default_rng(i + 10 * (c == "b")).integers(0, 255, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "imgs" / c / f"{i}.png")
+    cfg = compose(["experiment=fullscale/skiptuning-edm64", f"model.path={tmp_path / 'edm'}",
+                   f"data.root={tmp_path / 'imgs'}", "data.labels=subfolders", "data.resolution=8",
+                   "sample.num_samples=4", "sample.batch_size=4", "trainer=cpu", "trainer.accelerator=cpu",
+                   "trainer.precision=32-true", "logger=none", "trainer.enable_progress_bar=false",
+                   "metrics.patch_fid=false", f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path / "run")
+    assert (cfg.sampler.num_steps, cfg.accelerator.rho, cfg.model.parametrization) == (10, 0.78, "edm")
+    metrics = run.run(cfg)
+    assert metrics["nfe_per_image"] == 19 and "fid" in metrics and metrics["num_samples"] == 4

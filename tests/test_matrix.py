@@ -129,7 +129,7 @@ FULLSCALE = {  # experiment -> (model.path, data.resolution, method, accelerator
     "pagoda-imagenet": (None, 128, "pagoda", "none", "ddim", 50),
     "simple-imagenet": ("openai/diffusers-cd_imagenet64_l2", 256, "simple", "none", "ddim", 256),
     "adaptive-sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", 1024, "none", "adaptive", "ddim", 50),
-    "skiptuning-edm64": (None, 64, "none", "skiptuning", "heun", 10),
+    "skiptuning-edm64": (None, 64, "none", "skiptuning", "edm_heun", 10),
 }
 
 
