@@ -203,6 +203,14 @@ def sample(cfg: DictConfig) -> dict | None:
                      "peak_memory_mb": outputs.PEAK_MEMORY,
                      "nfe_per_image": "denoiser steps per image; unet_passes_per_image counts 2 per guided step"},
     }
+    labels = None
+    if base.conditioning == "class":  # which class each image was sampled for (a function of its seed alone)
+        from hiresrun.sampling import generators
+
+        given = [int(s) for s in r["seeds"].tolist()]
+        labels = conditioner.labels_of(given, generators(given)).tolist()
+        metrics["protocol"]["class"] = {"labels_per_image": labels, "given": conditioner.class_labels is not None,
+                                        "null_class": base.null_class, "guidance_scale": conditioner.guidance_scale}
     if base.text is not None:  # which prompt each image got, and the guidance it was sampled under
         given = [int(x) for x in r["seeds"].tolist()]
         texts = conditioner.prompts_of(given)
@@ -224,7 +232,7 @@ def sample(cfg: DictConfig) -> dict | None:
         real = instantiate(cfg.data, base_resolution=base.resolution)
         texts = conditioner.prompts_of(r["seeds"].tolist()) if base.text is not None else None
         quality = instantiate(cfg.metrics).evaluate(r["images"], real, cfg.get("reference"), r["seeds"].tolist(),
-                                                    prompts=texts)
+                                                    prompts=texts, labels=labels)
         metrics["protocol"].update(quality.pop("protocol"))
         metrics.update(quality)
     outputs.write_json(run_dir / "metrics.json", metrics)

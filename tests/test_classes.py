@@ -269,3 +269,18 @@ def test_identities_hold_on_the_dit_path(tiny_dit_dir, tmp_path):
     _, cascade = sample(tiny_dit_dir, tmp_path / "sc", *base, "method=selfcascade", "method.mode=tuning_free",
                         "method.strength=1", n=2)
     assert torch.equal(none, adaptive) and torch.equal(none, cascade)
+
+
+def test_class_acc_counts_images_classified_as_their_requested_digit():
+    import numpy as np
+
+    from hiresrun.metrics.digits import class_acc
+
+    probs = np.eye(10)[[3, 3, 7, 1]]
+    assert class_acc(probs, [3, 5, 7, 1]) == 0.75
+
+
+def test_metrics_json_records_each_images_class(class_dir, tmp_path):
+    metrics, _ = sample(class_dir, tmp_path / "r", "model.null_class=-1", "sample.class_labels=[4,2]", n=3)
+    assert metrics["protocol"]["class"]["labels_per_image"] == [4, 2, 4]
+    assert metrics["protocol"]["class"]["null_class"] == 10

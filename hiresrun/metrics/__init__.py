@@ -126,17 +126,20 @@ class Metrics:
 
     # -- the numbers -------------------------------------------------------------------------------------
     def evaluate(self, images: Tensor, real, reference: str | Path | None = None,
-                 seeds: list[int] | None = None, prompts: list[str] | None = None) -> dict:
+                 seeds: list[int] | None = None, prompts: list[str] | None = None,
+                 labels: list[int] | None = None) -> dict:
         """uint8 (N, C, H, W) samples -> flat metrics + `protocol`. `real`: a datamodule, image folder,
         cached-statistics folder or RealSet; `reference`: a run folder with samples/<seed>.png for `seeds`;
-        `prompts`: each image's prompt (text models), for clip_score."""
+        `prompts`: each image's prompt (text models), for clip_score; `labels`: each image's requested class (class
+        models), for class_acc on the embedded MNIST."""
         real = real_set(real, images.shape[-1], images.shape[1])
         _check(images, real)
         idx = real.subset(self.num_reference)
         n, load, ids = len(idx), _Lazy(real, idx), (list(map(int, seeds)) if seeds is not None else None)
         out, proto = {}, self._protocol(images, real, n, ids)
-        for part in (self._inception_metrics, self._patch_metrics, self._swd_metrics, self._digit_metrics):
+        for part in (self._inception_metrics, self._patch_metrics, self._swd_metrics):
             part(images, real, n, load, ids, out, proto)
+        self._digit_metrics(images, real, n, load, ids, out, proto, labels)
         if reference is not None:
             self._fidelity(images, reference, ids, out, proto)
         if prompts is not None and self.clip_model:
@@ -187,10 +190,12 @@ class Metrics:
         out["swd"], levels = swd_metric.swd(ref, swd_metric.descriptors(images, self.seed), self.seed)
         out.update({f"swd_{r}px": v for r, v in zip(swd_metric.resolutions(images.shape[-1]), levels)})
 
-    def _digit_metrics(self, images, real, n, load, ids, out, proto) -> None:
+    def _digit_metrics(self, images, real, n, load, ids, out, proto, labels=None) -> None:
         if not self._uses_digits(real):
             return
         probs, feats = digit_metrics.classify(self.classifier[0], images)
+        if labels is not None:  # class-conditional digits: does the image show the digit it was sampled for?
+            out["class_acc"] = digit_metrics.class_acc(probs, labels)
         ref, proto["reference_stats_sha256"]["digits"] = self.ref_digits(real, n, load)
         out.update(digit_metrics.scores(probs, self.digit_threshold))
         out["fd_digits"] = frechet_distance(feats, ref["features"])

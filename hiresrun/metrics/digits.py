@@ -79,6 +79,11 @@ def scores(probs: np.ndarray, threshold: float) -> dict:
     return {"digit_acc": float((top >= threshold).mean()), "digit_conf": float(top.mean())}
 
 
+def class_acc(probs: np.ndarray, labels) -> float:
+    """Share of images the classifier labels (top-1, no threshold) as the class they were sampled for."""
+    return float((probs.argmax(1) == np.asarray(labels)).mean())
+
+
 # -- training -----------------------------------------------------------------------------------------------
 def splits(seed: int = 0) -> dict[str, tuple[Tensor, Tensor]]:
     """fit (3,500) / test (500, 50 per class) from the 4,000 non-reference images; ref = the 1,000-image
