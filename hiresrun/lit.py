@@ -35,6 +35,20 @@ def ema_avg_fn(decay: float):
     return avg
 
 
+class FinalCheckpoint(L.Callback):
+    """`last.ckpt` at the last step when max_steps is not a multiple of checkpoint_every (ModelCheckpoint saves only
+    at multiples), written inside the fit stage after the EMA update, so it holds the final raw and EMA weights and
+    resumes exactly. Listed after the EMA callback."""
+
+    def __init__(self, path: Path, every: int):
+        self.path, self.every = Path(path), every
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if trainer.max_steps is not None and step == trainer.max_steps > 0 and step % self.every:
+            trainer.save_checkpoint(self.path)
+
+
 class EMA(WeightAveraging):
     """Exponential moving average of every weight, updated after each optimiser step."""
 
@@ -79,6 +93,11 @@ class LitModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         auto = self.automatic_optimization
         out = self.method.loss(self.net, batch) if auto else self.method.training_step(self, batch)
+        if not torch.isfinite(out["loss"].detach()).all():  # diverged: stop before a NaN step is taken or saved
+            from hiresrun.errors import DataError
+
+            raise DataError(f"train: the loss is {float(out['loss'])} at step {self.global_step}: training diverged; "
+                            f"lower optimizer.lr; checkpoints/last.ckpt keeps the last periodic (finite) state")
         self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, prog_bar=True,
                       batch_size=batch["image"].shape[0])
         return out["loss"] if auto else None

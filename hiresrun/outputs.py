@@ -51,11 +51,23 @@ def peak_memory_mb(device: torch.device) -> float:
         return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # no /proc: lifetime peak
 
 
+def strict(obj):
+    """`obj` with every non-finite float replaced: NaN -> null, +-inf -> "inf" / "-inf" (strings), so the file is
+    strict JSON (a bare NaN or Infinity token is not, and most readers outside Python reject it)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    return obj
+
+
 def write_json(path: Path, obj: dict) -> None:
-    """Temp file in the same folder + rename: a reader never sees half a file."""
+    """Temp file in the same folder + rename: a reader never sees half a file. Strict JSON (see `strict`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        json.dump(strict(obj), f, indent=2, sort_keys=True, default=str, allow_nan=False)
         f.write("\n")
     os.replace(f.name, path)
 

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from hiresrun import checkpoint, outputs, support
 from hiresrun.errors import Unsupported, UsageError
-from hiresrun.lit import EMA, LitModule
+from hiresrun.lit import EMA, FinalCheckpoint, LitModule
 from hiresrun.models import count_params, save_pipeline
 
 
@@ -251,6 +251,7 @@ def _fit(cfg: DictConfig, base, method, data, task: str):
 
     run_dir = Path(cfg.paths.run_dir)
     ckpt = resolve_ckpt(cfg.ckpt_path, cfg.paths.output_root, task)
+    torch.manual_seed(cfg.seed)  # what a method adds (upsamplers, discriminators) starts from `seed`, not chance
     net = method.wrap(base)
     # metrics=...: a small-n FID of the validation grid against the real set, `val/fid_proxy` (a trend, not a result)
     val_metric = instantiate(cfg.metrics).proxy(data) if "_target_" in (cfg.get("metrics") or {}) else None
@@ -262,6 +263,7 @@ def _fit(cfg: DictConfig, base, method, data, task: str):
                                  auto_insert_metric_name=False)]
     if cfg.train.ema_decay > 0:
         callbacks.append(EMA(cfg.train.ema_decay))
+    callbacks.append(FinalCheckpoint(run_dir / "checkpoints" / "last.ckpt", cfg.train.checkpoint_every))
     logger = build_logger(cfg)
     trainable = count_params(net)
     print(f"hiresrun: {task} {'' if task == 'pretrain' else choice(cfg, 'method')}: {trainable:,} trainable parameters"
@@ -312,6 +314,7 @@ def pretrain(cfg: DictConfig) -> None:
     """Train the base model from scratch at its own resolution (the architecture in model.path's config)."""
     from hiresrun.methods.finetune import Finetune
 
+    torch.manual_seed(cfg.seed)  # the fresh architecture's initialisation follows `seed`
     base = instantiate(cfg.model, init="scratch")
     data = instantiate(cfg.data, resolution=base.resolution, base_resolution=base.resolution)
     trainer, net, stats = _fit(cfg, base, Finetune(base.resolution), data, "pretrain")
@@ -384,9 +387,51 @@ def refuse(cfg: DictConfig, error: Unsupported) -> None:
     print(f"hiresrun: refused: {error}")
 
 
+PRECISIONS = ("64", "64-true", "32", "32-true", "16", "16-mixed", "16-true", "bf16", "bf16-mixed", "bf16-true",
+              "transformer-engine", "transformer-engine-float16")
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Values torch or Lightning would fail on late (or, worse, accept): one line each, before anything is built or
+    written. What a constructor checks itself (method.*, accelerator.*) it says in its own line."""
+    import math
+
+    def number(key: str):
+        return OmegaConf.select(cfg, key, throw_on_missing=False)
+
+    for group, key, choice_ in (("model", "path", "model=diffusers"), ("data", "root", "data=folder")):
+        if group in cfg and key in cfg[group].keys() and OmegaConf.is_missing(cfg[group], key):
+            raise UsageError(f"{group}.{key} is required with {choice_}: pass {group}.{key}=<folder>")
+    steps = number("sampler.num_steps")
+    if isinstance(steps, int) and steps < 1:
+        raise UsageError(f"sampler.num_steps={steps}: must be at least 1 (e.g. sampler.num_steps=50)")
+    for key in ("data.batch_size", "sample.batch_size", "train.checkpoint_every"):
+        value = number(key)
+        if isinstance(value, int) and value < 1:
+            raise UsageError(f"{key}={value}: must be at least 1")
+    if cfg.get("sample") and cfg.sample.get("seeds") is None and int(cfg.sample.num_samples) < 1:
+        raise UsageError(f"sample.num_samples={cfg.sample.num_samples}: must be at least 1, or give the images "
+                         f"explicitly with sample.seeds=0-99")
+    lr = number("optimizer.lr")
+    if cfg.task in ("train", "pretrain") and lr is not None and not (isinstance(lr, (int, float)) and
+                                                                     math.isfinite(lr) and lr > 0):
+        raise UsageError(f"optimizer.lr={lr}: must be a positive finite number (e.g. optimizer.lr=2e-4)")
+    trainer = cfg.get("trainer") or {}
+    devices = trainer.get("devices")
+    if isinstance(devices, int) and (devices == 0 or devices < -1):
+        raise UsageError(f"trainer.devices={devices}: give a count >= 1, -1 (all) or a list of device indices")
+    precision = trainer.get("precision")
+    if precision is not None and str(precision) not in PRECISIONS:
+        raise UsageError(f"trainer.precision={precision}: choose one of {', '.join(PRECISIONS[:10])}")
+    if str(trainer.get("accelerator")) in ("gpu", "cuda") and not __import__("torch").cuda.is_available():
+        raise UsageError("trainer.accelerator=gpu but no CUDA device is visible; use trainer=cpu (or run on a GPU "
+                         "machine)")
+
+
 def run(cfg: DictConfig):
     if cfg.task not in TASKS:
         raise UsageError(f"task={cfg.task}: choose one of {', '.join(TASKS)}")
+    check_values(cfg)
     OmegaConf.resolve(cfg)
     if cfg.task in ("sample", "train", "calibrate"):  # before anything loads (hiresrun/support.py)
         try:

@@ -61,3 +61,97 @@ def test_train_refuses_a_method_that_trains_nothing(tiny_model_dir, tmp_path):
     cfg = compose(tiny_overrides(tiny_model_dir) + ["task=train"], tmp_path / "x")
     with pytest.raises(UsageError, match="trains nothing"):
         run.run(cfg)
+
+
+# -- reliability (issue: checkpoints that are final, seeded initialisation, NaN stops, values refused) -------------
+def test_last_checkpoint_is_the_final_step_when_not_a_multiple(tiny_model_dir, tmp_path):
+    run.run(train_cfg(tiny_model_dir, tmp_path / "train" / "a" / "r", 7))  # checkpoint_every=3: 3, 6, then 7
+    last = torch.load(tmp_path / "train/a/r/checkpoints/last.ckpt", weights_only=True)
+    assert last["global_step"] == 7
+    # and it resumes exactly: 7 + 3 more steps equals 10 steps in one go
+    run.run(train_cfg(tiny_model_dir, tmp_path / "train" / "b" / "whole", 10))
+    run.run(train_cfg(tiny_model_dir, tmp_path / "train" / "c" / "rest", 10, f"ckpt_path={tmp_path}/train/a/r"))
+    whole = torch.load(tmp_path / "train/b/whole/checkpoints/last.ckpt", weights_only=True)
+    rest = torch.load(tmp_path / "train/c/rest/checkpoints/last.ckpt", weights_only=True)
+    assert all(torch.equal(whole["current_model_state"][k], rest["current_model_state"][k])
+               for k in whole["current_model_state"])
+
+
+def test_same_seed_same_initial_weights_for_what_a_method_adds(tiny_model_dir, tmp_path):
+    """Tuned Self-Cascade's upsamplers start from `seed`: two identical commands, identical checkpoints."""
+    def once(name, seed=0):
+        cfg = compose(tiny_overrides(tiny_model_dir) + ["task=train", "method=selfcascade", "trainer.max_steps=1",
+                                                       "data.batch_size=4", "train.grid_every=0", f"seed={seed}",
+                                                       "train.ema_decay=0"], tmp_path / name)
+        run.run(cfg)
+        return torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+    a, b, c = once("a"), once("b"), once("c", seed=1)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_pretrain_initialisation_follows_the_seed(tiny_model_dir, tmp_path):
+    def once(name):
+        cfg = compose(tiny_overrides(tiny_model_dir) + ["task=pretrain", "trainer.max_steps=1", "data.batch_size=4",
+                                                       "train.grid_every=0"], tmp_path / name)
+        run.run(cfg)
+        return load_model(str(tmp_path / name / "model")).unet.state_dict()
+
+    a, b = once("a"), once("b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_non_finite_loss_stops_training_with_one_line(tiny_model_dir, tmp_path):
+    from hiresrun.errors import DataError
+
+    cfg = train_cfg(tiny_model_dir, tmp_path / "nan", 8, "optimizer.lr=1e12", "train.ema_decay=0")
+    with pytest.raises(DataError, match=r"the loss is (nan|inf) at step \d+: training diverged; lower optimizer.lr"):
+        run.run(cfg)
+    assert not (tmp_path / "nan" / "metrics.json").exists()
+    for f in (tmp_path / "nan" / "checkpoints").glob("*.ckpt"):  # whatever was saved is finite
+        state = torch.load(f, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values()), f
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["sampler.num_steps=0"], "sampler.num_steps=0: must be at least 1"),
+    (["sampler.num_steps=-5"], "sampler.num_steps=-5: must be at least 1"),
+    (["data.resolution=0"], "data.resolution=0: must be a positive image side"),
+    (["data.resolution=-32"], "data.resolution=-32: must be a positive image side"),
+    (["data.batch_size=0"], "data.batch_size=0: must be at least 1"),
+    (["sample.batch_size=0"], "sample.batch_size=0: must be at least 1"),
+    (["trainer.devices=0"], "trainer.devices=0: give a count"),
+    (["trainer.devices=-3"], "trainer.devices=-3: give a count"),
+    (["trainer.precision=banana"], "trainer.precision=banana: choose one of"),
+    (["optimizer.lr=nan", "task=train", "method=finetune"], "optimizer.lr=nan: must be a positive finite"),
+    (["optimizer.lr=-1", "task=train", "method=finetune"], "optimizer.lr=-1: must be a positive finite"),
+    (["train.checkpoint_every=-1", "task=train", "method=finetune"], "train.checkpoint_every=-1: must be at least 1"),
+    (["sample.num_samples=0"], "sample.num_samples=0: must be at least 1, or give .* sample.seeds"),
+    (["trainer.accelerator=gpu"], "no CUDA device is visible"),
+])
+def test_bad_values_are_refused_before_anything_is_written(extra, match, tiny_model_dir, tmp_path):
+    if "gpu" in match and torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible: trainer.accelerator=gpu is valid here")
+    cfg = compose(tiny_overrides(tiny_model_dir) + extra, tmp_path / "r")
+    with pytest.raises(UsageError, match=match):
+        run.run(cfg)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_missing_model_path_or_data_root_is_one_line(tmp_path):
+    with pytest.raises(UsageError, match=r"model.path is required with model=diffusers: pass model.path=<folder>"):
+        run.run(compose(["model=diffusers"], tmp_path / "r"))
+    with pytest.raises(UsageError, match=r"data.root is required with data=folder"):
+        run.run(compose(["data=folder"], tmp_path / "r"))
+
+
+def test_metrics_json_is_strict_json(tmp_path):
+    import json
+
+    from hiresrun.outputs import write_json
+
+    write_json(tmp_path / "m.json", {"a": float("nan"), "b": [float("inf")], "c": {"d": -float("inf")}, "e": 1.5})
+    text = (tmp_path / "m.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"a": None, "b": ["inf"], "c": {"d": "-inf"}, "e": 1.5}
