@@ -62,16 +62,29 @@ def build_trainer(cfg: DictConfig, logger, callbacks=(), **overrides):
     return instantiate(cfg.trainer, logger=logger, callbacks=list(callbacks), **{**extra, **overrides})
 
 
-def resolve_ckpt(ckpt_path: str | None, output_root: str, task: str) -> str | None:
-    """A checkpoint file, a run folder (its checkpoints/last.ckpt), or `last`: the newest last.ckpt of
-    any earlier `hiresrun <task>` run under output_root."""
+def run_method(run_dir: Path) -> str | None:
+    """The method `_target_` a run folder was made with (its saved Hydra config), or None when it has none."""
+    config = run_dir / ".hydra" / "config.yaml"
+    if not config.is_file():
+        return None
+    return str(OmegaConf.load(config).get("method", {}).get("_target_"))
+
+
+def resolve_ckpt(ckpt_path: str | None, output_root: str, task: str, method: str | None = None) -> str | None:
+    """A checkpoint file, a run folder (its checkpoints/last.ckpt), or `last`: the newest last.ckpt of an earlier
+    `hiresrun <task>` run under output_root (<root>/<task>/<date>/<time>/, where Hydra puts runs by default) made with
+    the same method (`method`: its `_target_`); runs placed elsewhere with hydra.run.dir need their folder given."""
     if ckpt_path is None:
         return None
     if ckpt_path == "last":
         found = sorted(Path(output_root, task).glob("*/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if method is not None:
+            found = [p for p in found if run_method(p.parents[1]) in (method, None)]
         if not found:
-            raise UsageError(f"ckpt_path=last: no earlier `hiresrun {task}` checkpoint under {output_root}/{task}; "
-                             f"give a checkpoint file or run folder")
+            which = f" with method {method.rsplit('.', 1)[-1]}" if method else ""
+            raise UsageError(f"ckpt_path=last: no earlier `hiresrun {task}` checkpoint{which} under "
+                             f"{output_root}/{task}/<date>/<time>/; give the checkpoint file or run folder "
+                             f"(runs placed with hydra.run.dir are not searched)")
         return str(found[-1])
     p = Path(ckpt_path)
     if p.is_dir():
@@ -158,7 +171,12 @@ def sampling_net(cfg: DictConfig):
     base.check_resolution(cfg.data.resolution)
     net = method.wrap(base)
     if cfg.ckpt_path:
-        load_net_weights(net, resolve_ckpt(cfg.ckpt_path, cfg.paths.output_root, "train"), base)
+        ckpt = resolve_ckpt(cfg.ckpt_path, cfg.paths.output_root, "train", str(cfg.method._target_))
+        trained_with = run_method(Path(ckpt).parents[1])
+        if trained_with is not None and trained_with != str(cfg.method._target_):
+            raise UsageError(f"ckpt_path={ckpt} was trained with method {trained_with.rsplit('.', 1)[-1]}; sample it "
+                             f"with that +method= (this run is {str(cfg.method._target_).rsplit('.', 1)[-1]})")
+        load_net_weights(net, ckpt, base)
     return base, method, net
 
 
@@ -250,7 +268,12 @@ def _fit(cfg: DictConfig, base, method, data, task: str):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     run_dir = Path(cfg.paths.run_dir)
-    ckpt = resolve_ckpt(cfg.ckpt_path, cfg.paths.output_root, task)
+    ckpt = resolve_ckpt(cfg.ckpt_path, cfg.paths.output_root, task, str(cfg.method._target_))
+    trained_with = run_method(Path(ckpt).parents[1]) if ckpt else None
+    if trained_with is not None and trained_with != str(cfg.method._target_):
+        raise UsageError(f"ckpt_path={ckpt} was trained with method {trained_with.rsplit('.', 1)[-1]}, this run is "
+                         f"{str(cfg.method._target_).rsplit('.', 1)[-1]}: resume with the same +method=, or start "
+                         f"without ckpt_path")
     torch.manual_seed(cfg.seed)  # what a method adds (upsamplers, discriminators) starts from `seed`, not chance
     net = method.wrap(base)
     # metrics=...: a small-n FID of the validation grid against the real set, `val/fid_proxy` (a trend, not a result)
@@ -258,9 +281,11 @@ def _fit(cfg: DictConfig, base, method, data, task: str):
     lit = LitModule(net, method, sampler_scheduler(cfg, base, method), cfg.sampler.num_steps,
                     optimizer=instantiate(cfg.optimizer), seed=cfg.seed, grid_dir=str(run_dir / "grids"),
                     val_metric=val_metric, conditioner=build_conditioner(cfg, base, for_grids=True))
+    # enable_version_counter=False: a run resumed into its own folder overwrites last.ckpt (no last-v1.ckpt beside a
+    # stale last.ckpt that `ckpt_path=<folder>` would then load)
     callbacks = [ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step_{step:07d}", save_last=True,
                                  every_n_train_steps=cfg.train.checkpoint_every, save_top_k=-1,
-                                 auto_insert_metric_name=False)]
+                                 auto_insert_metric_name=False, enable_version_counter=False)]
     if cfg.train.ema_decay > 0:
         callbacks.append(EMA(cfg.train.ema_decay))
     callbacks.append(FinalCheckpoint(run_dir / "checkpoints" / "last.ckpt", cfg.train.checkpoint_every))

@@ -155,3 +155,37 @@ def test_metrics_json_is_strict_json(tmp_path):
     text = (tmp_path / "m.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"a": None, "b": ["inf"], "c": {"d": "-inf"}, "e": 1.5}
+
+
+def test_resume_into_the_same_folder_keeps_one_last_ckpt(tiny_model_dir, tmp_path):
+    from conftest import cli
+
+    common = ["model=diffusers", f"model.path={tiny_model_dir}", "data.resolution=16", "logger=none",
+              "+method=finetune", "data.batch_size=4", "train.grid_every=0", "train.checkpoint_every=2",
+              "trainer.enable_progress_bar=false", "hydra.run.dir=run"]
+    assert cli("train", *common, "trainer.max_steps=2", cwd=tmp_path).returncode == 0
+    out = cli("train", *common, "trainer.max_steps=5", "ckpt_path=run", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert "last-v1.ckpt" not in names and "last.ckpt" in names
+    assert torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)["global_step"] == 5
+
+
+def test_ckpt_path_last_follows_the_method_and_another_methods_checkpoint_is_refused(tiny_model_dir, tmp_path):
+    from conftest import cli
+
+    common = ["model=diffusers", f"model.path={tiny_model_dir}", "data.resolution=16", "logger=none",
+              "data.batch_size=4", "train.grid_every=0", "trainer.max_steps=1", "trainer.enable_progress_bar=false"]
+    assert cli("train", "+method=finetune", *common, cwd=tmp_path).returncode == 0
+    assert cli("train", "+method=selfcascade", *common, cwd=tmp_path).returncode == 0  # the newest run
+    runs = list((tmp_path / "outputs" / "train").glob("*/*"))
+    finetune_run = next(p for p in runs if "finetune" in (p / ".hydra" / "config.yaml").read_text())
+    cascade_run = next(p for p in runs if p != finetune_run)
+    out = cli("train", "+method=finetune", *common, "trainer.max_steps=2", "ckpt_path=last", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    resumed = next(line for line in out.stdout.splitlines() if "resuming from" in line)
+    assert str(finetune_run) in resumed
+    refused = cli("sample", "+method=finetune", *common[:4], f"ckpt_path={cascade_run}", cwd=tmp_path)
+    assert refused.returncode == 2
+    (line,) = [ln for ln in refused.stderr.splitlines() if ln.strip()]
+    assert "was trained with method SelfCascade; sample it with that +method=" in line
