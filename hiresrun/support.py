@@ -27,12 +27,15 @@ class Support:
     one_step: bool = False                        # method: samples with one network evaluation, no step loop
     needs_steps: bool = False                     # accelerator: acts between sampler steps (nothing to do in one)
     text: bool = True                             # works with text-to-image bases (prompts, guidance)
+    edm: bool = True                              # works with EDM-preconditioned bases (model.parametrization=edm)
     why: str = ""                                 # the code behind a restriction, shown in the refusal
     why_text: str = ""                            # the code behind text=False
+    why_edm: str = ""                             # the code behind edm=False
 
 
 def refusal(method: str, m: Support, accelerator: str | None, a: Support, model: str,
-            unet: str | None = None, space: str | None = None, text: bool | None = None) -> str | None:
+            unet: str | None = None, space: str | None = None, text: bool | None = None,
+            edm: bool = False) -> str | None:
     """The reason (method, accelerator) cannot run on this model, or None. Unknown model facts (None) pass;
     accelerator None: the method alone (`hiresrun train`)."""
     pair = f"method={method}{f' with accelerator={accelerator}' if accelerator else ''} is not supported"
@@ -40,6 +43,9 @@ def refusal(method: str, m: Support, accelerator: str | None, a: Support, model:
         return (f"{pair}: accelerator={accelerator} acts between sampler steps ({a.why}) and method={method} samples "
                 f"with one network evaluation; use accelerator=none or skiptuning")
     for kind, name, s in (("method", method, m), ("accelerator", accelerator, a)):
+        if edm and not s.edm:
+            return (f"{pair}: {kind}={name} does not drive EDM-preconditioned networks ({s.why_edm}); {model} has "
+                    f"model.parametrization=edm")
         if text and not s.text:
             return (f"{pair}: {kind}={name} does not take text conditioning ({s.why_text}); {model} is a "
                     f"text-to-image model")
@@ -61,6 +67,7 @@ def check(cfg, method: str, accelerator: str | None) -> None:
     a = get_class(cfg.accelerator._target_).supports if accelerator else Support()
     unet, space = describe(cfg.model.path, cfg.model.get("revision"), cfg.model.get("vae"))
     text = text_model(cfg.model.path, cfg.model.get("revision")) if cfg.model.get("conditioning") != "none" else False
-    reason = refusal(method, m, accelerator, a, f"model.path={cfg.model.path}", unet, space, text)
+    edm = cfg.model.get("parametrization", "standard") == "edm"
+    reason = refusal(method, m, accelerator, a, f"model.path={cfg.model.path}", unet, space, text, edm)
     if reason:
         raise Unsupported(reason)

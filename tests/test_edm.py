@@ -148,3 +148,34 @@ def test_fullscale_skiptuning_edm64_runs_end_to_end_on_a_tiny_class_edm_folder(t
     assert (cfg.sampler.num_steps, cfg.accelerator.rho, cfg.model.parametrization) == (10, 0.78, "edm")
     metrics = run.run(cfg)
     assert metrics["nfe_per_image"] == 19 and "fid" in metrics and metrics["num_samples"] == 4
+
+
+def test_every_pair_on_an_edm_network_runs_or_is_refused_up_front(edm_dir, tmp_path):
+    """Sampling methods and accelerators run on EDM networks through the EDM samplers; what trains on the VP grid
+    (finetune, simple) or reads a VP base (PaGoDA) is refused by its declaration before anything loads."""
+    from conftest import CONF
+    from hydra.utils import get_class
+
+    from hiresrun import support
+    from hiresrun.errors import Unsupported
+
+    ran, refused = set(), set()
+    for method in sorted(f.stem for f in (CONF / "method").glob("*.yaml")):
+        for accelerator in sorted(f.stem for f in (CONF / "accelerator").glob("*.yaml")):
+            extra = ["method.mode=tuning_free"] if method == "selfcascade" else []
+            cfg = compose(["model=diffusers", f"model.path={edm_dir}", "model.parametrization=edm",
+                           f"method={method}", f"accelerator={accelerator}", "data.resolution=16", "sampler=edm_heun",
+                           "sampler.num_steps=4", "sample.num_samples=2", "logger=none",
+                           "trainer.enable_progress_bar=false", *extra], tmp_path / method / accelerator)
+            m = get_class(cfg.method._target_).declared(cfg.method)
+            a = get_class(cfg.accelerator._target_).supports
+            if support.refusal(method, m, accelerator, a, "m", "UNet2DModel", "pixel", False, True):
+                with pytest.raises(Unsupported):
+                    run.run(cfg)
+                refused.add((method, accelerator))
+                continue
+            assert run.run(cfg)["num_samples"] == 2
+            ran.add((method, accelerator))
+    assert {m for m, a in refused if a == "none"} == {"finetune", "simple", "pagoda"}
+    assert {m for m, _ in ran} == {"none", "upsample", "selfcascade"}
+    assert ("none", "freeu") in refused and ("none", "skiptuning") in ran and ("selfcascade", "adaptive") in ran

@@ -31,7 +31,8 @@ class Finetune(NoneMethod):
 
     trains = True
     supports = Support(unets=ANY_UNET, why="the loss reads the UNet's single eps/v output; a DiT's learned-variance "
-                                           "channels are not trained here")
+                                           "channels are not trained here",
+                       edm=False, why_edm="its loss is DDPM's on the VP grid; EDM's weighted loss is not built")
 
     def wrap(self, base: BaseModel) -> nn.Module:
         from diffusers import DDPMScheduler

@@ -210,7 +210,8 @@ class Simple(NoneMethod):
     """Full fine-tune (init=pretrained) or retrain (init=scratch) at the target resolution, simple-diffusion recipe."""
 
     trains = True
-    supports = Support(unets=ANY_UNET, why="dropout and the multiscale loss sit on UNet blocks")
+    supports = Support(unets=ANY_UNET, why="dropout and the multiscale loss sit on UNet blocks", edm=False,
+                       why_edm="it trains its own VP log-SNR schedule")
 
     def __init__(self, resolution: int,                     # target resolution (image_d) in pixels
                  init: str = "pretrained",                  # pretrained (full fine-tune) | scratch (retrain)

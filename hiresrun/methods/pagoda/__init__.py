@@ -49,7 +49,9 @@ class PaGoDA(Method):
     supports = Support(spaces=("pixel",), unets=("UNet2DModel",), one_step=True, text=False,
                        why="G grows through UNet2DModel's positional up-block call; L_rec is LPIPS in sample space",
                        why_text="its one-step generator and discriminator take no text embeddings, and the encoder "
-                                "integrates the unguided ODE")
+                                "integrates the unguided ODE",
+                       edm=False, why_edm="its encoder and generator read a VP eps/v/x0 base (methods/pagoda/ode.py, "
+                                          "VEView); the EDM denoiser path is not built")
 
     def __init__(self, resolution: int,                  # target resolution of stage=grow (2x, 4x the base)
                  stage: str = "base",                    # encode | base | grow
