@@ -60,6 +60,8 @@ def studies(root: str) -> dict[str, list[str]]:
         "adaptive": [f"{PY} bench/adaptive.py --threads 1 --out bench/results/adaptive.json"],
         "simple": [f"{PY} experiments/simple/run.py --steps 500 --n 500 --out {root}/simple",
                    f"{PY} experiments/simple/study.py --out {root}/simple"],
+        "classguidance": [f"{PY} experiments/classguidance/run.py --n 500 --steps 1500 --init {init} "
+                          f"--out {root}/classguidance" for init in ("normal", "zero")],
         "pagoda": [f"{PY} experiments/pagoda/run.py --n 500 --out {root}/pagoda",
                    f"{PY} experiments/pagoda/run.py --sweep --out {root}/pagoda"],
         # every method x accelerator pair at 32 px on the checkpoints the studies above trained (linked, not

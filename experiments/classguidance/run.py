@@ -1,10 +1,11 @@
 """Class guidance on the embedded data: does classifier-free guidance over digit labels buy prompt adherence, and
 what does it cost in FID?
 
-    OMP_NUM_THREADS=1 python experiments/classguidance/run.py [--n 500] [--steps 1500] [--out runs/classguidance]
+    OMP_NUM_THREADS=1 python experiments/classguidance/run.py [--n 500] [--steps 1500] [--init normal|zero]
 
-1. The base: the embedded tiny-mnist UNet with an 11-row class embedding added (digits 0-9 and the null class 10),
-   initialised to zero, so at step 0 it is the unconditional base exactly (checked here).
+1. The base: the embedded tiny-mnist UNet with an 11-row class embedding added (digits 0-9 and the null class 10).
+   `--init zero`: initialised to zero, so at step 0 it is the unconditional base exactly (checked here);
+   `--init normal` (default): PyTorch's N(0, 1) embedding init, what a class-conditional diffusers UNet starts from.
 2. `hiresrun train +method=finetune` of every weight at 16 px on the 4,000 labelled training digits, labels dropped
    to the null class with probability `--label-dropout` (0.1), so one network is conditional and unconditional.
 3. `hiresrun sample` seeds 0..n-1, DDIM 50, label i mod 10 for seed i, guidance scale 1 / 2 / 4 (and the
@@ -37,8 +38,8 @@ def hiresrun(*args: str) -> None:
     subprocess.run([HIRESRUN, *args], check=True)
 
 
-def class_base(folder: Path) -> None:
-    """tiny-mnist plus a zero-initialised class embedding of 11 rows (null = 10), as a diffusers folder."""
+def class_base(folder: Path, init: str) -> None:
+    """tiny-mnist plus a class embedding of 11 rows (null = 10), zero- or N(0, 1)-initialised, as a diffusers folder."""
     from diffusers import UNet2DModel
 
     from hiresrun.models import load_model, save_pipeline
@@ -47,10 +48,13 @@ def class_base(folder: Path) -> None:
     unet = UNet2DModel.from_config({**base.unet.config, "num_class_embeds": 11})
     missing, unexpected = unet.load_state_dict(base.unet.state_dict(), strict=False)
     assert not unexpected and set(missing) == {"class_embedding.weight"}, (missing, unexpected)
-    torch.nn.init.zeros_(unet.class_embedding.weight)
-    x, t = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor(500)
-    with torch.no_grad():  # zero embedding: the conditional copy starts as the unconditional base, exactly
-        assert torch.equal(unet(x, t, class_labels=torch.tensor([3, 10])).sample, base.unet(x, t).sample)
+    if init == "zero":
+        torch.nn.init.zeros_(unet.class_embedding.weight)
+        x, t = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor(500)
+        with torch.no_grad():  # zero embedding: the conditional copy starts as the unconditional base, exactly
+            assert torch.equal(unet(x, t, class_labels=torch.tensor([3, 10])).sample, base.unet(x, t).sample)
+    else:
+        torch.nn.init.normal_(unet.class_embedding.weight, generator=torch.Generator().manual_seed(0))
     save_pipeline(unet, base.scheduler_config, folder)
 
 
@@ -68,12 +72,13 @@ def main() -> None:
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--label-dropout", type=float, default=0.1)
+    p.add_argument("--init", choices=("normal", "zero"), default="normal")
     p.add_argument("--out", default="runs/classguidance")
     args = p.parse_args()
-    out = Path(args.out)
+    out = Path(args.out) / f"init-{args.init}"
     base = out / "base"
     if not (base / "unet" / "config.json").is_file():
-        class_base(base)
+        class_base(base, args.init)
     train = out / "train"
     model = ["model=diffusers", f"model.path={base}", "model.null_class=-1"]
     if not (train / "metrics.json").is_file():
@@ -93,12 +98,16 @@ def main() -> None:
             hiresrun("sample", *trained, *sample, *extra, f"hydra.run.dir={folder}")
         m = json.loads((folder / "metrics.json").read_text())
         results[name] = {k: m.get(k) for k in COLUMNS}
-    record = {"n": args.n, "train_steps": args.steps, "label_dropout": args.label_dropout, "arms": results,
+    record = {"n": args.n, "train_steps": args.steps, "label_dropout": args.label_dropout, "init": args.init,
+              "arms": results,
               "protocol": "seeds 0..n-1, label i mod 10, DDIM 50, 16 px; FID/KID Inception pool3 (clean resize) vs "
                           "the 1,000 held-out MNIST digits at 16 px; class_acc = the shipped digit classifier's top-1 "
                           "equals the requested digit; 2-core CPU"}
-    (HERE / "results.json").write_text(json.dumps(record, indent=2) + "\n")
-    write_block(HERE / "README.md", "results", table(results, args.n))
+    path = HERE / "results.json"
+    every = json.loads(path.read_text()) if path.is_file() else {}
+    every[f"init-{args.init}"] = record
+    path.write_text(json.dumps(every, indent=2, sort_keys=True) + "\n")
+    write_block(HERE / "README.md", f"results-{args.init}", table(results, args.n))
     print(table(results, args.n))
 
 
