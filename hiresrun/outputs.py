@@ -101,8 +101,8 @@ def save_png(image: Tensor, path: Path) -> None:
     """uint8 (C, H, W) -> PNG, written atomically."""
     a = image.permute(1, 2, 0).numpy()
     im = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
-    tmp = path.with_suffix(".tmp.png")
-    im.save(tmp)
+    tmp = path.with_name(f".{path.name}.partial")  # a name no reader globs (not *.png): a kill leaves no "image"
+    im.save(tmp, format="PNG")
     os.replace(tmp, path)
 
 
@@ -138,7 +138,13 @@ def side_by_side(grids: list[tuple[str, Path]], path: Path, top: int = 18, pad: 
 
 
 def save_samples(seeds: Tensor, images: Tensor, folder: Path) -> None:
+    """samples/<seed>.png for each seed; images of other seeds left by an earlier run into the same folder are
+    removed, so the folder holds exactly the seeds this run's metrics.json names."""
     folder.mkdir(parents=True, exist_ok=True)
+    names = {f"{s:06d}.png" for s in seeds.tolist()}
+    for stale in folder.glob("*.png"):
+        if stale.name not in names:
+            stale.unlink()
     for s, im in zip(seeds.tolist(), images):
         save_png(im, folder / f"{s:06d}.png")
 
