@@ -93,11 +93,13 @@ class LitModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         auto = self.automatic_optimization
         out = self.method.loss(self.net, batch) if auto else self.method.training_step(self, batch)
-        if not torch.isfinite(out["loss"].detach()).all():  # diverged: stop before a NaN step is taken or saved
+        bad = [k for k, v in out.items() if not torch.isfinite(v.detach()).all()]  # loss, or PaGoDA's loss_g/loss_d
+        if bad:  # diverged: stop before a NaN step is saved
             from hiresrun.errors import DataError
 
-            raise DataError(f"train: the loss is {float(out['loss'])} at step {self.global_step}: training diverged; "
-                            f"lower optimizer.lr; checkpoints/last.ckpt keeps the last periodic (finite) state")
+            raise DataError(f"train: the loss is {float(out[bad[0]].detach().float().mean())} ({bad[0]}) at step "
+                            f"{self.global_step}: training diverged; lower optimizer.lr; checkpoints/last.ckpt keeps "
+                            f"the last periodic (finite) state")
         self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, prog_bar=True,
                       batch_size=batch["image"].shape[0])
         return out["loss"] if auto else None
