@@ -96,3 +96,10 @@ def test_condition_model_and_vae_load_and_decode(tmp_path):
     assert lit.generate([0])["images"].shape == (1, 3, 8, 8)
     z = base.encode(torch.zeros(1, 3, 8, 8))
     assert z.shape == (1, 4, 4, 4)
+
+
+def test_a_broken_config_json_is_named_in_one_line(tmp_path):
+    (tmp_path / "m" / "unet").mkdir(parents=True)
+    (tmp_path / "m" / "unet" / "config.json").write_text('{"_class_name": "UNet2DModel",')
+    with pytest.raises(UsageError, match=r"m/unet/config.json: not valid JSON .*; repair or re-export"):
+        load_model(str(tmp_path / "m"))
