@@ -71,6 +71,55 @@ class TensorImages(Dataset):
         return {"image": self.image[i], "base": self.base[i], "label": self.label[i], "index": torch.tensor(i)}
 
 
+class EpochShuffle(torch.utils.data.Sampler[int]):
+    """A fresh permutation per epoch that is a function of (seed, epoch) alone. Lightning calls `set_epoch` at the
+    start of every epoch (on resume with the restored epoch), and StatefulDataLoader fast-forwards within the
+    epoch, so a run resumed anywhere, across any number of epoch boundaries, sees the batches an uninterrupted run
+    sees. (A generator-driven shuffle restored mid-epoch finished that epoch right but drew the next one from
+    another state.)"""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return _EpochIterator(self, self.epoch)
+
+
+class _EpochIterator:
+    """One epoch of `EpochShuffle`, resumable: its state is (epoch, samples yielded), what StatefulDataLoader saves
+    in a checkpoint and hands back on resume (torchdata's Stateful protocol)."""
+
+    def __init__(self, sampler: EpochShuffle, epoch: int):
+        self.sampler, self.epoch, self.yielded = sampler, epoch, 0
+        self.perm = self._perm()
+
+    def _perm(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.sampler.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.sampler.n, generator=g).tolist()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> int:
+        if self.yielded >= len(self.perm):
+            raise StopIteration
+        self.yielded += 1
+        return self.perm[self.yielded - 1]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "yielded": self.yielded}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.yielded = int(state["epoch"]), int(state["yielded"])
+        self.perm = self._perm()
+
+
 class _Module(L.LightningDataModule):
     """Shared loader: a resumable (stateful) shuffled loader so `ckpt_path=last` continues mid-epoch exactly."""
 
@@ -83,9 +132,8 @@ class _Module(L.LightningDataModule):
         if len(self.train_set) < self.batch_size:
             raise UsageError(f"data.batch_size={self.batch_size} exceeds the {len(self.train_set)} training images; "
                              f"lower data.batch_size")
-        return StatefulDataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                                  num_workers=self.num_workers,
-                                  generator=torch.Generator().manual_seed(self.seed))
+        return StatefulDataLoader(self.train_set, batch_size=self.batch_size, drop_last=True,
+                                  sampler=EpochShuffle(len(self.train_set), self.seed), num_workers=self.num_workers)
 
 
 class MnistDataModule(_Module):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import compose, tiny_overrides
@@ -190,3 +191,40 @@ def test_ckpt_path_last_follows_the_method_and_another_methods_checkpoint_is_ref
     assert refused.returncode == 2
     (line,) = [ln for ln in refused.stderr.splitlines() if ln.strip()]
     assert "was trained with method SelfCascade; sample it with that +method=" in line
+
+
+@pytest.mark.parametrize("method", ["finetune", "selfcascade"])
+def test_resume_is_exact_across_two_epoch_boundaries(method, tiny_model_dir, tmp_path):
+    """8 images at batch 4 = 2 steps per epoch: stop at step 3 (mid-epoch 2), resume to 7 (crossing 4 and 6)."""
+    from PIL import Image
+
+    for i in range(8):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (16, 16), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+
+    def cfg(name, steps, *extra):
+        return compose(tiny_overrides(tiny_model_dir) + [
+            "task=train", f"method={method}", f"trainer.max_steps={steps}", "data=folder", f"data.root={tmp_path}",
+            "data.channels=1", "data.resolution=16", "data.batch_size=4", "train.checkpoint_every=3",
+            "train.grid_every=0", "train.ema_decay=0.9", *extra], tmp_path / "train" / name)
+
+    run.run(cfg("whole", 7))
+    run.run(cfg("first", 3))
+    run.run(cfg("rest", 7, f"ckpt_path={tmp_path}/train/first"))
+    whole = torch.load(tmp_path / "train/whole/checkpoints/last.ckpt", weights_only=True)
+    rest = torch.load(tmp_path / "train/rest/checkpoints/last.ckpt", weights_only=True)
+    assert whole["global_step"] == rest["global_step"] == 7 and whole["epoch"] == rest["epoch"]
+    for key in ("state_dict", "current_model_state"):
+        for name in whole[key]:
+            assert torch.equal(whole[key][name], rest[key][name]), (key, name)
+
+
+def test_the_shuffle_is_a_function_of_seed_and_epoch():
+    from hiresrun.data import EpochShuffle
+
+    a, b = EpochShuffle(10, seed=3), EpochShuffle(10, seed=3)
+    first = list(a)
+    a.set_epoch(1)
+    b.set_epoch(1)
+    assert list(a) == list(b) != first and sorted(first) == list(range(10))
+    b.set_epoch(0)
+    assert list(b) == first
