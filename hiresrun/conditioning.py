@@ -237,7 +237,6 @@ class Conditioner:
         if not (text is not None and text.xl) and any(v is not None for v in self.micro.values()):
             raise UsageError(f"sample.{next(k for k, v in self.micro.items() if v is not None)} is SDXL "
                              f"micro-conditioning, but model.path={base.source} is not an SDXL model; drop it")
-        self.warned = False
 
     @property
     def guided(self) -> bool:
