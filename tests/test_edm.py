@@ -152,14 +152,14 @@ def test_fullscale_skiptuning_edm64_runs_end_to_end_on_a_tiny_class_edm_folder(t
 
 def test_every_pair_on_an_edm_network_runs_or_is_refused_up_front(edm_dir, tmp_path):
     """Sampling methods and accelerators run on EDM networks through the EDM samplers; what trains on the VP grid
-    (finetune, simple) or reads a VP base (PaGoDA) is refused by its declaration before anything loads."""
+    (finetune, simple) is refused by its declaration before anything loads; PaGoDA passes and asks for its ckpt."""
     from conftest import CONF
     from hydra.utils import get_class
 
     from hiresrun import support
     from hiresrun.errors import Unsupported
 
-    ran, refused = set(), set()
+    ran, refused, trained = set(), set(), set()
     for method in sorted(f.stem for f in (CONF / "method").glob("*.yaml")):
         for accelerator in sorted(f.stem for f in (CONF / "accelerator").glob("*.yaml")):
             extra = ["method.mode=tuning_free"] if method == "selfcascade" else []
@@ -174,8 +174,13 @@ def test_every_pair_on_an_edm_network_runs_or_is_refused_up_front(edm_dir, tmp_p
                     run.run(cfg)
                 refused.add((method, accelerator))
                 continue
+            if method == "pagoda":  # runs on EDM (tests/test_pagoda_edm.py) once trained: sampling needs a ckpt
+                with pytest.raises(Exception, match="ckpt_path="):
+                    run.run(cfg)
+                trained.add((method, accelerator))
+                continue
             assert run.run(cfg)["num_samples"] == 2
             ran.add((method, accelerator))
-    assert {m for m, a in refused if a == "none"} == {"finetune", "simple", "pagoda"}
-    assert {m for m, _ in ran} == {"none", "upsample", "selfcascade"}
+    assert {m for m, a in refused if a == "none"} == {"finetune", "simple"}
+    assert {m for m, _ in ran} == {"none", "upsample", "selfcascade"} and ("pagoda", "none") in trained
     assert ("none", "freeu") in refused and ("none", "skiptuning") in ran and ("selfcascade", "adaptive") in ran

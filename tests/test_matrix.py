@@ -126,7 +126,7 @@ def test_refused_alone_is_an_error_and_in_a_sweep_a_status_file(tmp_path):
 FULLSCALE = {  # experiment -> (model.path, data.resolution, method, accelerator, sampler, steps)
     "selfcascade-sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", 2048, "selfcascade", "none", "euler", 50),
     "selfcascade-sd21": ("stabilityai/stable-diffusion-2-1-base", 1024, "selfcascade", "none", "ddim", 50),
-    "pagoda-imagenet": (None, 128, "pagoda", "none", "ddim", 50),
+    "pagoda-imagenet": (None, 128, "pagoda", "none", "edm_heun", 18),
     "simple-imagenet": ("openai/diffusers-cd_imagenet64_l2", 256, "simple", "none", "ddim", 256),
     "adaptive-sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", 1024, "none", "adaptive", "ddim", 50),
     "skiptuning-edm64": (None, 64, "none", "skiptuning", "edm_heun", 10),
@@ -156,6 +156,8 @@ def test_fullscale_config_composes_with_the_papers_values(name):
     if name == "selfcascade-sdxl":
         assert (cfg.method.mode, cfg.method.strength, cfg.method.pivot_source) == ("tuned", 0.7, "generated")
         assert (cfg.optimizer.lr, cfg.trainer.max_steps, cfg.trainer.devices) == (5e-5, 12000, 4)
+    if name == "pagoda-imagenet":
+        assert (cfg.model.parametrization, cfg.data.labels, cfg.method.inv_solver) == ("edm", "subfolders", "heun")
     if name == "skiptuning-edm64":
         assert (cfg.accelerator.rho, cfg.sample.num_samples) == (0.78, 50000)
     if name == "adaptive-sdxl":

@@ -163,7 +163,7 @@ def test_generator_at_init_is_the_base_at_sigma_max():
     assert all(torch.equal(p, q) for p, q in zip(net.gen.unet.parameters(), b.unet.parameters()))
     with torch.no_grad():  # both in eval mode: train mode takes another attention kernel (last-bit differences)
         assert torch.equal(net.gen.eval()(z), view.denoise(b.unet, z, 80.0))  # the base's one-step x0 at sigma_max
-        raw = PaGoDA(8).wrap(b).gen.eval()(z)
+        raw = PaGoDA(8, g_output="raw").wrap(b).gen.eval()(z)
         assert torch.equal(raw, b.unet(c_in(80.0) * z, torch.full((2,), view.t(80.0))).sample)
 
 

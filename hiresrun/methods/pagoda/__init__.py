@@ -22,7 +22,7 @@ from hiresrun.errors import UsageError
 from hiresrun.methods import Method
 from hiresrun.methods.pagoda.cache import LatentCache, encode_dataset, lookup
 from hiresrun.methods.pagoda.nets import Discriminator, Generator, diff_augment, freeze_for_growing
-from hiresrun.methods.pagoda.ode import VEView, ddim_invert, heun, heun_invert, karras_sigmas
+from hiresrun.methods.pagoda.ode import ddim_invert, heun, heun_invert, karras_sigmas, view_of
 from hiresrun.models import BaseModel
 from hiresrun.support import Support
 
@@ -49,9 +49,7 @@ class PaGoDA(Method):
     supports = Support(spaces=("pixel",), unets=("UNet2DModel",), one_step=True, text=False,
                        why="G grows through UNet2DModel's positional up-block call; L_rec is LPIPS in sample space",
                        why_text="its one-step generator and discriminator take no text embeddings, and the encoder "
-                                "integrates the unguided ODE",
-                       edm=False, why_edm="its encoder and generator read a VP eps/v/x0 base (methods/pagoda/ode.py, "
-                                          "VEView); the EDM denoiser path is not built")
+                                "integrates the unguided ODE")
 
     def __init__(self, resolution: int,                  # target resolution of stage=grow (2x, 4x the base)
                  stage: str = "base",                    # encode | base | grow
@@ -62,7 +60,7 @@ class PaGoDA(Method):
                  encode_chunk: int = 64,                 # images per cache file (the resume granularity)
                  cache_dir: str = ".cache/hiresrun",     # latents under <cache_dir>/pagoda/<key>/
                  cache_tag: str = "",                    # part of the cache key: set when the data changes
-                 g_output: str = "raw",                  # raw (official) | x0 (the base's own x0 formula)
+                 g_output: str = "auto",                 # auto: x0 for eps/v bases, raw for x0/EDM | raw | x0
                  rec_loss: str = "lpips_alex",           # lpips_alex | lpips_vgg | l2_pyramid (official: cnn_vit)
                  pixel_weight: float = 1.0,              # L2 term added to the LPIPS term
                  adv_weight: float = 0.2,                # discriminator_weight (stage 2: 0.2; growing: 1.0)
@@ -75,7 +73,7 @@ class PaGoDA(Method):
                  d_lr: float = 2.0e-3,
                  d_width: int = 32):                     # discriminator's first conv width
         for name, value, options in (("stage", stage, STAGES), ("inv_solver", inv_solver, SOLVERS),
-                                     ("rec_loss", rec_loss, REC_LOSSES), ("g_output", g_output, ("raw", "x0"))):
+                                     ("rec_loss", rec_loss, REC_LOSSES), ("g_output", g_output, ("auto", "raw", "x0"))):
             if value not in options:
                 raise UsageError(f"method.{name}={value}: choose {' | '.join(options)}")
         if not set(flips) <= {0, 1} or not flips:
@@ -97,7 +95,10 @@ class PaGoDA(Method):
 
     def encoder(self, base: BaseModel):
         """(base view in [-1, 1], labels) -> z in VE scale, with the frozen base."""
-        view, unet = VEView(base.scheduler_config), base.unet.eval().requires_grad_(False)
+        view, unet = view_of(base.scheduler_config), base.unet.eval().requires_grad_(False)
+        if view.kind == "edm" and self.inv_solver != "heun":
+            raise UsageError(f"method.inv_solver={self.inv_solver} integrates a VP model's DDIM grid; an EDM base "
+                             f"(model.parametrization=edm) is inverted with method.inv_solver=heun")
 
         def encode(x: Tensor, labels: Tensor) -> Tensor:
             x0, cond = base.encode(x.to(unet.device)), base.batch_condition({"label": labels.to(unet.device)})
@@ -122,7 +123,7 @@ class PaGoDA(Method):
 
     # -- the networks ---------------------------------------------------------------------------------------
     def wrap(self, base: BaseModel) -> nn.Module:
-        self.base, self.view = base, VEView(base.scheduler_config)
+        self.base, self.view = base, view_of(base.scheduler_config)
         self.teacher = base.unet.eval().requires_grad_(False)
         levels = 0
         if self.stage == "grow":
@@ -137,7 +138,7 @@ class PaGoDA(Method):
         self.levels = levels
         self.resolution = base.resolution * 2 ** levels
         gen = Generator(copy.deepcopy(base.unet).train().requires_grad_(True), base.scheduler_config,
-                        self.sigma_max, levels, self.g_output)
+                        self.sigma_max, levels, self.generator_output(self.view.kind))
         if self.stage == "grow":
             from hiresrun.methods.pagoda.grow import load_previous
 
@@ -145,6 +146,13 @@ class PaGoDA(Method):
             freeze_for_growing(gen, self.activate_frac)
         disc = Discriminator(base.unet.config.in_channels, self.resolution // base.latent_factor, self.d_width)
         return PagodaNet(gen, disc)
+
+    def generator_output(self, kind: str) -> str:
+        """method.g_output, or (auto) what makes G's initial output image-like: the raw network output predicts
+        noise for an eps base and -x0-ish for a v base at sigma_max, so those start from the base's own D(z)."""
+        if self.g_output != "auto":
+            return self.g_output
+        return "x0" if kind in ("epsilon", "v_prediction") else "raw"
 
     def optimizers(self, net: PagodaNet, factory) -> list:
         """Two optimisers (the configured class): G at g_lr over its trainable part, D at d_lr."""

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hiresrun.methods.pagoda.ode import VEView, c_in
+from hiresrun.methods.pagoda.ode import view_of
 
 
 def grow_level(C: int, E: int, groups: int) -> nn.ModuleList:
@@ -25,14 +25,16 @@ def grow_level(C: int, E: int, groups: int) -> nn.ModuleList:
 
 class Generator(nn.Module):
     """G(z) = UNet(c_in(sigma_max) z, t(sigma_max)) (spec §4), grown by `levels` doublings applied to the output of
-    the last up block (before conv_norm_out, which is reused). g_output=x0 returns the base's own x0 formula
-    D(z; sigma_max) = up(z) - sigma_max eps_hat; raw returns the UNet output (the official choice for EDM)."""
+    the last up block (before conv_norm_out, which is reused). g_output=x0 returns the base's own denoised image
+    D(z; sigma_max) (VP: up(z) - sigma_max eps_hat; EDM: c_skip up(z) + c_out F); raw returns the network output,
+    image-like only for x0-predicting and EDM bases (for EDM, F ~ D / sigma_data at sigma_max: the official choice).
+    `PaGoDA` picks x0 for eps and v bases and raw otherwise unless method.g_output says."""
 
     def __init__(self, unet: nn.Module, scheduler_config: dict, sigma_max: float = 80.0, levels: int = 0,
                  g_output: str = "raw"):
         super().__init__()
         self.unet, self.sigma_max, self.g_output = unet, sigma_max, g_output
-        self.view = VEView(scheduler_config)
+        self.view = view_of(scheduler_config)
         C, E = unet.config.block_out_channels[0], unet.time_embedding.linear_2.out_features
         self.levels = nn.ModuleList(grow_level(C, E, unet.config.norm_num_groups) for _ in range(levels))
         unet.up_blocks[-1].register_forward_hook(self._grow)  # a bound method: deep copies (EMA) follow it
@@ -47,12 +49,11 @@ class Generator(nn.Module):
     def forward(self, z: Tensor, cond: dict | None = None) -> Tensor:
         sigma = self.sigma_max
         t = torch.full((z.shape[0],), self.view.t(sigma), device=z.device, dtype=torch.float32)
-        x_t = c_in(sigma) * z
-        out = self.unet(x_t, t, **(cond or {})).sample
+        out = self.unet(self.view.c_in(sigma) * z, t, **(cond or {})).sample
         if self.g_output == "raw":
             return out
         up = lambda v: F.interpolate(v, size=out.shape[-2:], mode="nearest") if v.shape[-1] != out.shape[-1] else v
-        return up(z) - sigma * self.view.eps(out, up(x_t), sigma)  # = (x_t - sqrt(1 - abar) eps) / sqrt(abar)
+        return self.view.x0(out, up(z), sigma)
 
 
 def up_path_units(unet: nn.Module) -> list[list[nn.Module]]:

@@ -1,8 +1,13 @@
 """PaGoDA's encoder: the frozen base as a deterministic PF-ODE map data -> noise (Kim et al. 2024, §3 of the spec).
 
-The base is a VP model; its VE view (Karras et al. 2022, EDM) is x_sigma = x + sigma eps with
-sigma(t) = sqrt((1 - abar_t) / abar_t) and D(x; sigma) = x - sigma eps_hat(x / sqrt(1 + sigma^2), t(sigma)),
-t(sigma) interpolated on the discrete training grid. Latents are stored in VE scale (std ~ sigma_max).
+Everything here works in the VE view of Karras et al. 2022 (EDM): x_sigma = x + sigma eps and a denoiser
+D(x; sigma). A view is how one base's network gives D: its input scaling c_in(sigma), its time input t(sigma), and
+x0(out, x, sigma), the denoised image from the raw network output.
+- A VP base (`VEView`): sigma(t) = sqrt((1 - abar_t) / abar_t), c_in = 1 / sqrt(1 + sigma^2) (x_t itself),
+  t(sigma) interpolated on the discrete training grid, D = x - sigma eps_hat (eps, v or x0 prediction).
+- An EDM-preconditioned base (`EDMView`, model.parametrization=edm): c_in = 1 / sqrt(sigma^2 + sigma_data^2),
+  t = c_noise = ln(sigma) / 4, D = c_skip x + c_out F (EDM Table 1, hiresrun/edm.py).
+Latents are stored in VE scale (std ~ sigma_max).
 """
 
 from __future__ import annotations
@@ -14,7 +19,50 @@ from torch import Tensor, nn
 from hiresrun.errors import UsageError
 
 
-class VEView:
+class View:
+    """D(x; sigma) = x0(net(c_in(sigma) x, t(sigma)), x, sigma); subclasses say what each part is."""
+
+    kind: str
+
+    def t(self, sigma: float) -> float:
+        raise NotImplementedError
+
+    def c_in(self, sigma: float) -> float:
+        raise NotImplementedError
+
+    def x0(self, out: Tensor, x: Tensor, sigma: float) -> Tensor:
+        raise NotImplementedError
+
+    def denoise(self, unet: nn.Module, x: Tensor, sigma: float, cond: dict | None = None) -> Tensor:
+        t = torch.full((x.shape[0],), self.t(sigma), device=x.device, dtype=torch.float32)
+        return self.x0(unet(self.c_in(sigma) * x, t, **(cond or {})).sample, x, sigma)
+
+
+def view_of(scheduler_config: dict) -> View:
+    """The view of a base from its scheduler config (EDM bases carry parametrization=edm there)."""
+    return EDMView(scheduler_config) if scheduler_config.get("parametrization") == "edm" else VEView(scheduler_config)
+
+
+class EDMView(View):
+    """An EDM-preconditioned network F: D(x; sigma) = c_skip x + c_out F(c_in x, ln(sigma) / 4)."""
+
+    kind = "edm"
+
+    def __init__(self, scheduler_config: dict):
+        self.sigma_data = float(scheduler_config.get("sigma_data", 0.5))
+
+    def t(self, sigma: float) -> float:
+        return float(np.log(sigma) / 4)
+
+    def c_in(self, sigma: float) -> float:
+        return c_in(sigma, self.sigma_data)
+
+    def x0(self, out: Tensor, x: Tensor, sigma: float) -> Tensor:
+        total = sigma ** 2 + self.sigma_data ** 2
+        return self.sigma_data ** 2 / total * x + sigma * self.sigma_data / total ** 0.5 * out
+
+
+class VEView(View):
     """sigma <-> t on the base's discrete schedule, and the denoiser D(x; sigma) of a VP UNet."""
 
     def __init__(self, scheduler_config: dict):
@@ -40,11 +88,12 @@ class VEView:
             return (x_t - a * out) / s
         return out
 
-    def denoise(self, unet: nn.Module, x: Tensor, sigma: float, cond: dict | None = None) -> Tensor:
+    def c_in(self, sigma: float) -> float:
+        return c_in(sigma)
+
+    def x0(self, out: Tensor, x: Tensor, sigma: float) -> Tensor:
         """D(x; sigma) = x - sigma eps_hat (EDM eq. 7 for a VP eps-model)."""
-        x_t = c_in(sigma) * x
-        t = torch.full((x.shape[0],), self.t(sigma), device=x.device, dtype=torch.float32)
-        return x - sigma * self.eps(unet(x_t, t, **(cond or {})).sample, x_t, sigma)
+        return x - sigma * self.eps(out, self.c_in(sigma) * x, sigma)
 
 
 def c_in(sigma: float, sigma_data: float = 1.0) -> float:
@@ -70,7 +119,7 @@ def heun(denoise, x: Tensor, sigmas: Tensor) -> Tensor:
     return x
 
 
-def heun_invert(view: VEView, unet: nn.Module, x0: Tensor, steps: int, sigma_max: float, cond=None) -> Tensor:
+def heun_invert(view: View, unet: nn.Module, x0: Tensor, steps: int, sigma_max: float, cond=None) -> Tensor:
     """Official encoder: x0 taken as x at sigma_min = 0.002, Heun up the reversed Karras grid to sigma_max:
     2 (steps - 1) evaluations (78 for 40 points)."""
     sigmas = karras_sigmas(steps, sigma_max=sigma_max)[:-1].flip(0)
