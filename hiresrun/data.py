@@ -60,15 +60,20 @@ def holdout_split(labels: Tensor, per_class: int, seed: int) -> tuple[Tensor, Te
 class TensorImages(Dataset):
     """Target-resolution images (and their base views) held in memory, scaled to [-1, 1]."""
 
-    def __init__(self, images: Tensor, labels: Tensor, resolution: int, base_resolution: int):
+    def __init__(self, images: Tensor, labels: Tensor, resolution: int, base_resolution: int,
+                 captions: list[str] | None = None):
         x = images.float() / 127.5 - 1
         self.image, self.base, self.label = resize(x, resolution), resize(x, base_resolution), labels
+        self.captions = captions
 
     def __len__(self) -> int:
         return len(self.label)
 
     def __getitem__(self, i: int) -> dict:
-        return {"image": self.image[i], "base": self.base[i], "label": self.label[i], "index": torch.tensor(i)}
+        item = {"image": self.image[i], "base": self.base[i], "label": self.label[i], "index": torch.tensor(i)}
+        if self.captions is not None:
+            item["caption"] = self.captions[i]
+        return item
 
 
 class EpochShuffle(torch.utils.data.Sampler[int]):
@@ -144,15 +149,23 @@ class MnistDataModule(_Module):
                  batch_size: int = 64,                # per device
                  num_workers: int = 0,
                  ref_per_class: int = 100,            # held-out reference images per class (FID reference)
-                 seed: int = 0):                      # shuffling and the reference split
+                 seed: int = 0,                       # shuffling and the reference split
+                 captions: str = "none"):             # none | digits (templates of hiresrun/digits_text.py)
         super().__init__(batch_size, num_workers, seed)
+        if captions not in ("none", "digits"):
+            raise UsageError(f"data.captions={captions}: choose none or digits (a caption per image from its label)")
         self.resolution, self.base_resolution, self.ref_per_class = resolution, base_resolution, ref_per_class
-        self.channels = 1
+        self.channels, self.captions = 1, captions
 
     def setup(self, stage: str | None = None) -> None:
         images, labels = load_mnist()
         train, ref = holdout_split(labels, self.ref_per_class, self.seed)
-        self.train_set = TensorImages(images[train], labels[train], self.resolution, self.base_resolution)
+        texts = None
+        if self.captions == "digits":
+            from hiresrun.digits_text import caption
+
+            texts = [caption(int(d), i) for i, d in enumerate(labels[train].tolist())]
+        self.train_set = TensorImages(images[train], labels[train], self.resolution, self.base_resolution, texts)
         self.ref_set = TensorImages(images[ref], labels[ref], self.resolution, self.base_resolution)
 
 

@@ -49,6 +49,7 @@ class BaseModel:
     null_class: int | None = None        # class models: the label the model was trained with as "no class"
     label_dropout: float = 0.0           # training: share of labels replaced by null_class (class guidance)
     parametrization: str = "standard"    # standard (eps/v/x0 on the scheduler's VP grid) | edm (EDM's F, sigma)
+    default_prompts: str | None = None   # text models: the prompt set used when neither prompts= nor sample.prompt is given
 
     @property
     def downsample_factor(self) -> int:
@@ -357,7 +358,8 @@ def _fetch(path: str, revision: str | None) -> Path:
 def load_model(path: str, revision: str | None = None, init: str = "pretrained", vae: str | None = None,
                vae_scale: float | None = None, conditioning: str = "auto",
                vae_tile_above: int | None = None, null_class: int | None = None, parametrization: str = "standard",
-               sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0) -> BaseModel:
+               sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0,
+               prompts: str | None = None) -> BaseModel:
     """Load the base model. `init=scratch` builds the same architecture with fresh weights (pretrain).
     `conditioning=auto`: text when the folder is a text-to-image pipeline, class when the UNet has a class
     embedding, else none."""
@@ -411,6 +413,10 @@ def load_model(path: str, revision: str | None = None, init: str = "pretrained",
                      channels=channels, weights_hash=digest, source=str(root), vae=autoencoder,
                      vae_scale=scale, conditioning=conditioning, text=text, vae_shift=float(shift),
                      vae_tile_above=vae_tile_above, parametrization=parametrization)
+    if prompts is not None:
+        if text is None:
+            raise UsageError(f"model.prompts={prompts}: {path} takes no text; drop it")
+        base.default_prompts = str(prompts)
     if _is_transformer(unet) and conditioning == "class":  # DiT's label embedding keeps its null row last
         base.null_class = base.class_table - 1
     if null_class is not None:

@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from hiresrun import checkpoint, outputs, support
+from hiresrun import checkpoint, outputs, sampling, support
 from hiresrun.errors import Unsupported, UsageError
 from hiresrun.lit import EMA, FinalCheckpoint, LitModule
 from hiresrun.models import count_params, save_pipeline
@@ -39,6 +39,9 @@ def parse_seeds(seeds, num_samples: int) -> list[int]:
             out += list(range(int(m[1]), int(m[2] or m[1]) + 1))
     if not out or min(out) < 0 or len(set(out)) != len(out):
         raise UsageError(f"sample.seeds={seeds}: seeds must be non-negative, distinct and at least one")
+    if max(out) >= sampling.TRAINING_SEEDS:
+        raise UsageError(f"sample.seeds={seeds}: seeds must lie below 2^31 (torch's generator reads 32 bits, and "
+                         f"2^31 .. 2^32 - 1 are reserved for training draws, e.g. Self-Cascade's generated pivots)")
     return out
 
 
@@ -127,6 +130,8 @@ def build_conditioner(cfg: DictConfig, base, for_grids: bool = False):
         prompts = Prompts(read_prompts(str(cfg.prompts)))
     elif s.get("prompt") is not None:
         prompts = Prompts([Prompt(str(s.prompt))])
+    elif base.default_prompts and base.text is not None:  # the model's own prompt set (model.prompts)
+        prompts = Prompts(read_prompts(base.default_prompts))
     elif for_grids and base.text is not None:
         prompts = Prompts([Prompt("")])
     micro = {k: (list(s[k]) if s.get(k) is not None else None)
@@ -306,14 +311,8 @@ def _fit(cfg: DictConfig, base, method, data, task: str):
     return trainer, net, {"trainable_params": trainable, "train_seconds": time.perf_counter() - start}
 
 
-def train(cfg: DictConfig) -> None:
-    """Train what the chosen method trains, at the target resolution, with the base frozen where it says."""
-    method = instantiate(cfg.method)
-    if not method.trains:
-        raise UsageError(f"method={choice(cfg, 'method')} trains nothing; `hiresrun train` needs +method=<a method "
-                         f"that trains, e.g. +method=finetune>, or use `hiresrun sample`")
-    base = instantiate(cfg.model)
-    base.check_resolution(cfg.data.resolution)
+def set_dropout(cfg: DictConfig, base) -> None:
+    """train.caption_dropout / train.label_dropout onto the base (what its training batches drop for guidance)."""
     base.caption_dropout = float(cfg.train.get("caption_dropout", 0.0))
     base.label_dropout = float(cfg.train.get("label_dropout", 0.0))
     for name in ("caption_dropout", "label_dropout"):
@@ -322,6 +321,17 @@ def train(cfg: DictConfig) -> None:
     if base.label_dropout > 0 and base.null_class is None:
         raise UsageError(f"train.label_dropout={base.label_dropout} replaces labels by the null class; set "
                          f"model.null_class=<its index> (-1 = the class embedding's last row)")
+
+
+def train(cfg: DictConfig) -> None:
+    """Train what the chosen method trains, at the target resolution, with the base frozen where it says."""
+    method = instantiate(cfg.method)
+    if not method.trains:
+        raise UsageError(f"method={choice(cfg, 'method')} trains nothing; `hiresrun train` needs +method=<a method "
+                         f"that trains, e.g. +method=finetune>, or use `hiresrun sample`")
+    base = instantiate(cfg.model)
+    base.check_resolution(cfg.data.resolution)
+    set_dropout(cfg, base)
     data = instantiate(cfg.data, base_resolution=base.resolution)
     if method.precompute(base, data, Path(cfg.paths.run_dir)):  # a stage that only computes (PaGoDA's encoder)
         return
@@ -341,6 +351,7 @@ def pretrain(cfg: DictConfig) -> None:
 
     torch.manual_seed(cfg.seed)  # the fresh architecture's initialisation follows `seed`
     base = instantiate(cfg.model, init="scratch")
+    set_dropout(cfg, base)
     data = instantiate(cfg.data, resolution=base.resolution, base_resolution=base.resolution)
     trainer, net, stats = _fit(cfg, base, Finetune(base.resolution), data, "pretrain")
     if trainer.is_global_zero:

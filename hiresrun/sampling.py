@@ -23,6 +23,17 @@ def generators(seeds: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
 
 
+# torch's CPU generator (mt19937) keeps only the low 32 bits of a seed: s and s + 2^32 give the same noise. Seeds
+# 2^31 .. 2^32 - 1 are reserved for what training draws per image (Self-Cascade's generated pivots); sampling seeds
+# lie below 2^31 (run.parse_seeds refuses the rest), so no training draw ever equals an evaluation draw.
+TRAINING_SEEDS = 2 ** 31
+
+
+def training_generators(indices: Sequence[int]) -> list[torch.Generator]:
+    """One generator per training image (index < 2^31), in a seed space disjoint from every sampling seed."""
+    return generators([TRAINING_SEEDS + int(i) % TRAINING_SEEDS for i in indices])
+
+
 def noise(gens: Sequence[torch.Generator], shape: Sequence[int], device: torch.device | str = "cpu") -> Tensor:
     """Standard normal noise of `shape` (without the batch axis) per generator, stacked, then moved."""
     return torch.stack([torch.randn(tuple(shape), generator=g) for g in gens]).to(device)

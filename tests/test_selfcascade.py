@@ -14,6 +14,8 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 from hydra.utils import instantiate
 
 from hiresrun.errors import UsageError
+from hiresrun.run import parse_seeds
+from hiresrun.sampling import TRAINING_SEEDS
 from hiresrun.lit import LitModule
 from hiresrun.methods.none import NoneMethod
 from hiresrun.methods.selfcascade import CascadeNet, LightUpsampler, ResBlockUpsampler, SelfCascade, attach_upsamplers
@@ -126,7 +128,9 @@ def test_train_then_sample_through_the_cli(tiny_model_dir, tmp_path):
     assert proc.returncode == 2 and "ckpt_path" in proc.stderr
 
 
-def test_generated_pivots_are_base_samples_of_the_index_seed_made_once():
+def test_generated_pivots_are_base_samples_from_a_training_seed_space_made_once():
+    """Training image i's pivot is the base sample of seed 2^31 + i: never the pivot any sampling seed evaluates
+    (seeds >= 2^31 are refused by sample.seeds), so tuned upsamplers cannot reproduce training pairs at test time."""
     b = base()
     method = SelfCascade(16, mode="tuned", upsampler="light", pivot_source="generated", pivot_steps=4)
     net = method.wrap(b)
@@ -135,12 +139,16 @@ def test_generated_pivots_are_base_samples_of_the_index_seed_made_once():
     batch = {"image": torch.rand(3, 1, 16, 16) * 2 - 1, "label": torch.tensor([-1] * 3),
              "index": torch.tensor([5, 9, 5])}
     pivots = method.generated_pivots(net.unet, batch)
-    # what `method=none` draws for seed 5 at the base size, 4 DDIM steps
-    expected = images(NoneMethod(8), seeds=(5, 9), steps=4)
+    # what `method=none` draws at the base size, 4 DDIM steps, for seed 2^31 + index, and not for seed = index
+    expected = images(NoneMethod(8), seeds=(TRAINING_SEEDS + 5, TRAINING_SEEDS + 9), steps=4)
+    evaluated = images(NoneMethod(8), seeds=(5, 9), steps=4)
     assert pivots.shape == (3, 1, 8, 8)
     assert torch.equal(pivots[0], pivots[2])
     got = ((pivots.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     assert (got[:2].int() - expected.int()).abs().max() <= 1
+    assert (got[:2].int() - evaluated.int()).abs().flatten(1).max(1).values.min() > 8
+    with pytest.raises(UsageError, match="2\\^31"):
+        parse_seeds([TRAINING_SEEDS + 5], 1)
     assert calls == [3] * 4  # 3 images (index 5 twice, generated twice, kept once) x 4 steps
     calls.clear()
     method.generated_pivots(net.unet, {**batch, "index": torch.tensor([9, 5])})

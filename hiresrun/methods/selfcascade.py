@@ -265,7 +265,8 @@ class SelfCascade(NoneMethod):
     @torch.no_grad()
     def generated_pivots(self, unet: nn.Module, batch: dict) -> Tensor:
         """The official code's pivot: a base-resolution sample (sample space) for the training image's condition,
-        not aligned with the image. Seed = the image's dataset index, so the pivot is made once per image and
+        not aligned with the image. Seed = 2^31 + the image's dataset index (sampling.training_generators: never a
+        sampling seed, so an evaluated pivot is never a training pivot), so the pivot is made once per image and
         kept (the official code samples a fresh one every step; caching makes the cost one base sample per
         training image). Frozen UNet, DDIM with `pivot_steps` steps; a text model's pivot is sampled from the image's
         own caption (never dropped) with classifier-free guidance, `pivot_guidance`."""
@@ -274,7 +275,7 @@ class SelfCascade(NoneMethod):
         index = batch["index"].tolist()
         todo = [i for i, k in enumerate(index) if k not in self.pivots]
         if todo:
-            gens = sampling.generators([index[i] for i in todo])
+            gens = sampling.training_generators([index[i] for i in todo])
             cond = rows(self.base.batch_condition(batch, dropout=False, guidance=self.pivot_guidance),
                         torch.tensor(todo))
             size = self.base.resolution // self.base.latent_factor

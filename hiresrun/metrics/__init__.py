@@ -130,8 +130,8 @@ class Metrics:
                  labels: list[int] | None = None) -> dict:
         """uint8 (N, C, H, W) samples -> flat metrics + `protocol`. `real`: a datamodule, image folder,
         cached-statistics folder or RealSet; `reference`: a run folder with samples/<seed>.png for `seeds`;
-        `prompts`: each image's prompt (text models), for clip_score; `labels`: each image's requested class (class
-        models), for class_acc on the embedded MNIST."""
+        `prompts`: each image's prompt (text models), for clip_score and, on the embedded MNIST, prompt_acc (the
+        digit each prompt names); `labels`: each image's requested class (class models), for class_acc there."""
         real = real_set(real, images.shape[-1], images.shape[1])
         _check(images, real)
         idx = real.subset(self.num_reference)
@@ -139,7 +139,7 @@ class Metrics:
         out, proto = {}, self._protocol(images, real, n, ids)
         for part in (self._inception_metrics, self._patch_metrics, self._swd_metrics):
             part(images, real, n, load, ids, out, proto)
-        self._digit_metrics(images, real, n, load, ids, out, proto, labels)
+        self._digit_metrics(images, real, n, load, ids, out, proto, labels, prompts)
         if reference is not None:
             self._fidelity(images, reference, ids, out, proto)
         if prompts is not None and self.clip_model:
@@ -190,12 +190,21 @@ class Metrics:
         out["swd"], levels = swd_metric.swd(ref, swd_metric.descriptors(images, self.seed), self.seed)
         out.update({f"swd_{r}px": v for r, v in zip(swd_metric.resolutions(images.shape[-1]), levels)})
 
-    def _digit_metrics(self, images, real, n, load, ids, out, proto, labels=None) -> None:
+    def _digit_metrics(self, images, real, n, load, ids, out, proto, labels=None, prompts=None) -> None:
         if not self._uses_digits(real):
             return
         probs, feats = digit_metrics.classify(self.classifier[0], images)
         if labels is not None:  # class-conditional digits: does the image show the digit it was sampled for?
             out["class_acc"] = digit_metrics.class_acc(probs, labels)
+        if prompts is not None:  # prompted digits: does the image show the digit its prompt asks for?
+            from hiresrun.digits_text import requested_digit
+
+            asked = [requested_digit(p) for p in prompts]
+            if all(d is not None for d in asked):
+                out["prompt_acc"] = digit_metrics.class_acc(probs, asked)
+            else:
+                proto["prompt_acc"] = (f"skipped: {sum(d is None for d in asked)} of {len(asked)} prompts name no "
+                                       f"single digit (zero-nine or 0-9)")
         ref, proto["reference_stats_sha256"]["digits"] = self.ref_digits(real, n, load)
         out.update(digit_metrics.scores(probs, self.digit_threshold))
         out["fd_digits"] = frechet_distance(feats, ref["features"])
