@@ -75,6 +75,20 @@ def test_interpolated_end_points_by_direction():
     assert torch.allclose(eq6[50], (low[50] + high[50]) / 2)
 
 
+def test_interpolated_default_is_the_papers_code_by_hand():
+    """32 -> 512 with noise_d_high = 512 (no shift): lambda(0.75) = 0.75 (cos(0.75) + 2 ln(32/512)) + 0.25 cos(0.75),
+    with cos(t) = -2 ln tan(t_min + t (t_max - t_min)), t_min = atan(e^-7.5), t_max = atan(e^7.5)."""
+    import math
+
+    t_min, t_max = math.atan(math.exp(-7.5)), math.atan(math.exp(7.5))
+    cos = -2 * math.log(math.tan(t_min + 0.75 * (t_max - t_min)))
+    by_hand = 0.75 * (cos + 2 * math.log(32 / 512)) + 0.25 * cos
+    ours = logsnr_schedule(torch.tensor([0.75], dtype=torch.float64), "interpolated", 32, 512, noise_d_high=512)
+    assert float(ours) == pytest.approx(by_hand, abs=1e-9) and by_hand == pytest.approx(cos - 4.1589, abs=1e-3)
+    method = Simple(512, schedule="interpolated", noise_d=32)
+    assert method.settings["interp_direction"] == "pseudocode"
+
+
 def test_discretised_betas_reproduce_alpha_bar_in_diffusers():
     lam = lambda s: logsnr_schedule(s, "shifted", 16, 32)
     grid = torch.arange(1, 1001, dtype=torch.float64) / 1000

@@ -41,11 +41,13 @@ def resolution_shift(noise_d: float, image_d: float) -> float:
 
 
 def logsnr_schedule(t: Tensor, schedule: str, noise_d: float, image_d: float, noise_d_high: float | None = None,
-                    interp_direction: str = "eq6", shift_clamp_range: bool = False,
+                    interp_direction: str = "pseudocode", shift_clamp_range: bool = False,
                     logsnr_range: tuple[float, float] = (-15.0, 15.0)) -> Tensor:
-    """shifted: the cosine shifted from noise_d to image_d. interpolated (paper eq. 6): between the schedules
-    shifted from noise_d (low) and noise_d_high; `eq6` is (1 - t) low + t high, `pseudocode` (lucidrains'
-    port of the appendix) the opposite end points."""
+    """shifted: the cosine shifted from noise_d to image_d. interpolated: between the schedules shifted from
+    noise_d (low) and noise_d_high. `pseudocode` (the default) is the paper's appendix code,
+    t * low + (1 - t) * high: the high-noise end (t -> 1) follows the strongly shifted low-resolution schedule, the
+    clean end the high-resolution one. `eq6` is the opposite assignment, (1 - t) low + t high, as the paper's eq. 6
+    is transcribed in third-party notes and as k-diffusion's lerp(low, high, t) computes it."""
     cosine = lambda d: logsnr_cosine(t, *logsnr_range, resolution_shift(d, image_d), shift_clamp_range)
     if schedule == "shifted":
         return cosine(noise_d)
@@ -218,7 +220,7 @@ class Simple(NoneMethod):
                  schedule: str = "shifted",                 # shifted | interpolated (paper eq. 6)
                  noise_d: int | None = None,                # reference resolution; null = the base resolution
                  noise_d_high: int | None = None,           # interpolated only; null = the target resolution
-                 interp_direction: str = "eq6",             # eq6: low at t=0, high at t=1 | pseudocode: reversed
+                 interp_direction: str = "pseudocode",      # paper's code: high at t=0, low at t=1 | eq6: reversed
                  shift_clamp_range: bool = False,           # true: endpoints stay at logsnr_range after the shift
                  logsnr_range: tuple = (-15.0, 15.0),       # (lambda_min, lambda_max)
                  prediction_type: str = "v_prediction",     # v_prediction (paper) | epsilon
