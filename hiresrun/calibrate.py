@@ -75,20 +75,12 @@ def _short(value) -> str:
 
 
 # -- fidelity to the full-step outputs (spec §7) ----------------------------------------------------------
-def psnr(images: Tensor, reference: Tensor) -> Tensor:
-    """Per-image PSNR in dB (data range 1) of uint8 images. Identical images count as one grey level off in one
-    pixel, the largest finite value at this size, so that a mean over images stays finite."""
-    mse = (images.double() - reference.double()).pow(2).flatten(1).mean(1) / 255 ** 2
-    return 10 * torch.log10(1 / mse.clamp_min(1 / 255 ** 2 / images[0].numel()))
-
-
 def fidelity(images: Tensor, reference: Tensor, lpips=None) -> dict:
-    """Mean PSNR (capped as above), SSIM and, given an LPIPS module, LPIPS of `images` to `reference`."""
-    from torchmetrics.functional.image import structural_similarity_index_measure
+    """Mean PSNR and SSIM (the definitions of hiresrun/metrics/lpips.py, as in sample runs) and, given an LPIPS
+    module, LPIPS of `images` to `reference`."""
+    from hiresrun.metrics.lpips import psnr, ssim
 
-    a, b = images.double() / 255, reference.double() / 255
-    out = {"psnr_to_ref": float(psnr(images, reference).mean()),
-           "ssim_to_ref": float(structural_similarity_index_measure(a, b, data_range=1.0))}
+    out = {"psnr_to_ref": float(psnr(images, reference).mean()), "ssim_to_ref": float(ssim(images, reference).mean())}
     if lpips is not None:
         out["lpips_to_ref"] = float(torch.cat([lpips(images[i:i + 32], reference[i:i + 32])
                                                for i in range(0, len(images), 32)]).mean())

@@ -260,3 +260,24 @@ def test_load_folder_reads_seeds_from_names_and_checks_sizes(tmp_path, mnist):
         load_folder(tmp_path / "empty")
     with pytest.raises(UsageError, match="real set"):
         Metrics(cache_dir=tmp_path).evaluate(images, counting_real(torch.zeros(4, 1, 16, 16, dtype=torch.uint8), []))
+
+
+def test_one_psnr_definition_for_sample_calibrate_and_bench():
+    """Identical images: the same finite PSNR (one grey level off in one pixel) through sample runs' fidelity and
+    calibrate's; different images: torchmetrics' per-image PSNR exactly."""
+    import math
+
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    from hiresrun import calibrate
+    from hiresrun.metrics import lpips as lp
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (4, 1, 32, 32), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, 256, (4, 1, 32, 32), generator=g, dtype=torch.uint8)
+    same = lambda a, b: torch.zeros(len(a))  # LPIPS stand-in: only PSNR/SSIM are compared here
+    sample_side = lp.fidelity(x, x, same)["psnr_to_ref"]
+    assert sample_side == calibrate.fidelity(x, x)["psnr_to_ref"] == pytest.approx(10 * math.log10(255 ** 2 * 1024))
+    ref = peak_signal_noise_ratio(x.double() / 255, y.double() / 255, data_range=1.0, dim=(1, 2, 3), reduction="none")
+    assert torch.allclose(lp.psnr(x, y), ref) and lp.fidelity(x, y, same)["psnr_to_ref"] == pytest.approx(
+        calibrate.fidelity(x, y)["psnr_to_ref"])

@@ -219,7 +219,8 @@ class Metrics:
         proto["reference_run"] = str(reference)
         proto["lpips"] = {"net": self.lpips_net, "version": "0.1", "trunk_sha256": self.lpips.trunk_sha256,
                           "input": "[-1,1] RGB (grey repeated), bilinear-upsampled to >= 32 px"}
-        proto["psnr_ssim"] = "torchmetrics, per image, data range 1, mean over images; SSIM 11x11 Gaussian sigma 1.5"
+        proto["psnr_ssim"] = ("per image on uint8 values, data range 1, mean over images; PSNR capped at one grey "
+                              "level off in one pixel; SSIM torchmetrics 11x11 Gaussian sigma 1.5")
 
     def _protocol(self, images: Tensor, real: RealSet, n: int, ids: list[int] | None) -> dict:
         from hiresrun.outputs import seed_ranges
