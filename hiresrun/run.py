@@ -258,6 +258,12 @@ def sample(cfg: DictConfig) -> dict | None:
                                                     prompts=texts, labels=labels)
         metrics["protocol"].update(quality.pop("protocol"))
         metrics.update(quality)
+    elif cfg.get("reference"):  # metrics=none still scores fidelity to the reference run it was given
+        from hiresrun.metrics import Metrics
+
+        quality = Metrics(cache_dir=cfg.paths.cache_dir).fidelity(r["images"], cfg.reference, r["seeds"].tolist())
+        metrics["protocol"].update(quality.pop("protocol"))
+        metrics.update(quality)
     outputs.write_json(run_dir / "metrics.json", metrics)
     outputs.write_json(run_dir / "manifest.json", outputs.manifest(base.weights_hash, base.source))
     if logger:

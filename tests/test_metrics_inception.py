@@ -116,3 +116,18 @@ def test_validation_logs_the_fid_proxy_with_its_n(tmp_path, tiny_model_dir):
     logger.finalize("success")
     text = (tmp_path / "log" / "version_0" / "metrics.csv").read_text()
     assert "val/fid_proxy" in text and "val/fid_proxy_n" in text and ",3.0" in text
+
+
+def test_reference_without_metrics_default_still_scores_fidelity(tmp_path, tiny_model_dir):
+    """`reference=<run>` with metrics=none: LPIPS / PSNR / SSIM to that run's images are computed, not dropped."""
+    from hiresrun import run
+
+    run.run(compose(tiny_overrides(tiny_model_dir) + ["metrics=none"], tmp_path / "full"))
+    same = run.run(compose(tiny_overrides(tiny_model_dir) + ["metrics=none", f"reference={tmp_path / 'full'}",
+                                                             f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path / "a"))
+    assert same["lpips_to_ref"] == pytest.approx(0, abs=1e-6) and same["ssim_to_ref"] == pytest.approx(1)
+    assert same["psnr_to_ref"] > 70 and same["protocol"]["reference_run"] == str(tmp_path / "full")
+    other = run.run(compose(tiny_overrides(tiny_model_dir) + ["metrics=none", f"reference={tmp_path / 'full'}",
+                                                              "sampler.num_steps=1",
+                                                              f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path / "b"))
+    assert other["psnr_to_ref"] < same["psnr_to_ref"] and other["lpips_to_ref"] > 0

@@ -146,6 +146,12 @@ class Metrics:
             self._clip(images, prompts, out, proto)
         return {**out, "protocol": proto}
 
+    def fidelity(self, images: Tensor, reference: str | Path, seeds: list[int]) -> dict:
+        """LPIPS / PSNR / SSIM to a reference run alone (reference= without metrics=default), with `protocol`."""
+        out, proto = {}, {}
+        self._fidelity(images, reference, list(map(int, seeds)), out, proto)
+        return {**out, "protocol": proto}
+
     def _clip(self, images, prompts, out, proto) -> None:
         from hiresrun.metrics import clip
         from hiresrun.outputs import file_hash
