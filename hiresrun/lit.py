@@ -7,6 +7,9 @@ DDP splits them across ranks; rank 0 gathers every image.
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -14,10 +17,12 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import Tensor, nn
 
 from hiresrun import sampling
 from hiresrun.accelerators import Accelerator
+from hiresrun.errors import DataError
 
 
 def to_uint8(x: Tensor) -> Tensor:
@@ -47,6 +52,68 @@ class FinalCheckpoint(L.Callback):
         step = trainer.global_step
         if trainer.max_steps is not None and step == trainer.max_steps > 0 and step % self.every:
             trainer.save_checkpoint(self.path)
+
+
+class Interrupted(DataError):
+    """Training stopped by SIGINT or SIGTERM after a checkpoint of the last finished step; exit 128 + signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class Interrupt(L.Callback):
+    """SIGINT (Ctrl-C) or SIGTERM (what SLURM sends before a requeue or at the time limit) during training: the
+    current step finishes, `last.ckpt` is written there (so a resume is exact), one line says where and how to
+    resume, and the command exits 130 / 143. A second Ctrl-C stops at once. Under DDP the ranks agree each step
+    (any rank's signal stops all). Listed after the EMA callback, so the checkpoint holds the step's EMA weights."""
+
+    def __init__(self, path: Path):
+        self.path, self.signum, self._previous = Path(path), None, {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self._previous[s] = signal.getsignal(s)
+            signal.signal(s, self._note)
+
+    def _note(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        stop = self.signum is not None
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if not stop:
+            return
+        trainer.save_checkpoint(self.path)
+        signum = self.signum or signal.SIGTERM
+        raise Interrupted(f"interrupted by {signal.Signals(signum).name} after step {trainer.global_step}: saved "
+                          f"{self.path}; resume with the same command plus ckpt_path={self.path.parents[1]}", signum)
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a hidden temporary name and renamed, so a full disk or a kill mid-write never leaves a
+    truncated `.ckpt` (nor replaces a good `last.ckpt` with one); a write error is one line naming the file."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        partial_path = path.with_name(f".{path.name}.partial")
+        try:
+            super().save_checkpoint(checkpoint, partial_path, storage_options)
+            os.replace(partial_path, path)
+        except OSError as e:
+            partial_path.unlink(missing_ok=True)
+            raise DataError(f"could not write checkpoint {path}: {e.strerror or e}; free space in {path.parent} or "
+                            f"put the run on a writable disk (hydra.run.dir=<folder>)") from e
 
 
 class EMA(WeightAveraging):

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from hiresrun import checkpoint, outputs, sampling, support
 from hiresrun.errors import Unsupported, UsageError
-from hiresrun.lit import EMA, FinalCheckpoint, LitModule
+from hiresrun.lit import EMA, FinalCheckpoint, Interrupt, LitModule
 from hiresrun.models import count_params, save_pipeline
 
 
@@ -62,7 +62,10 @@ def build_trainer(cfg: DictConfig, logger, callbacks=(), **overrides):
     extra = {}
     if cfg.train.grid_every <= 0:  # no validation grids
         extra = {"limit_val_batches": 0, "val_check_interval": 1.0, "check_val_every_n_epoch": 1}
-    return instantiate(cfg.trainer, logger=logger, callbacks=list(callbacks), **{**extra, **overrides})
+    from hiresrun.lit import AtomicCheckpointIO
+
+    return instantiate(cfg.trainer, logger=logger, callbacks=list(callbacks), plugins=[AtomicCheckpointIO()],
+                       **{**extra, **overrides})
 
 
 def run_method(run_dir: Path) -> str | None:
@@ -300,6 +303,7 @@ def _fit(cfg: DictConfig, base, method, data, task: str):
     if cfg.train.ema_decay > 0:
         callbacks.append(EMA(cfg.train.ema_decay))
     callbacks.append(FinalCheckpoint(run_dir / "checkpoints" / "last.ckpt", cfg.train.checkpoint_every))
+    callbacks.append(Interrupt(run_dir / "checkpoints" / "last.ckpt"))
     logger = build_logger(cfg)
     trainable = count_params(net)
     print(f"hiresrun: {task} {'' if task == 'pretrain' else choice(cfg, 'method')}: {trainable:,} trainable parameters"
