@@ -6,7 +6,9 @@ run folder that got nothing but Hydra's bookkeeping is removed. HYDRA_FULL_ERROR
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -70,18 +72,66 @@ def flags_first(args: list[str]) -> list[str]:
     return flags + rest
 
 
-def validate(overrides: list[str]) -> None:
+def validate(overrides: list[str], run_dir: str | None = None) -> None:
     """Compose once before Hydra runs, to turn composition errors into one line with exit 2."""
     from hydra import compose, initialize_config_module
     from hydra.errors import HydraException, MissingConfigException
 
     try:
         with initialize_config_module("hiresrun.conf", version_base="1.3"):
-            compose("config", overrides=overrides)
+            cfg = compose("config", overrides=overrides, return_hydra_config=True)
     except MissingConfigException as e:
         fail(_missing_option(e, overrides), 2)
     except (HydraException, ValueError) as e:
-        fail(str(e).strip().splitlines()[0], 2)
+        fail(_unknown_key(e, overrides) or str(e).strip().splitlines()[0], 2)
+    _check_run_dir(run_dir or str(cfg.hydra.run.dir))
+
+
+def _unknown_key(e: Exception, overrides: list[str]) -> str | None:
+    """`sampler.num_step=10` -> one line naming the keys that exist there, closest first."""
+    import difflib
+
+    from hydra import compose, initialize_config_module
+
+    m = re.search(r"Could not override '([^']+)'", str(e))
+    if not m:
+        return None
+    key = m[1]
+    parent, _, leaf = key.rpartition(".")
+    rest = [o for o in overrides if o.lstrip("+~").partition("=")[0] != key]
+    try:
+        with initialize_config_module("hiresrun.conf", version_base="1.3"):
+            node = compose("config", overrides=rest)
+        for part in parent.split(".") if parent else []:
+            node = node[part]
+        keys = sorted(str(k) for k in node.keys())
+    except Exception:  # the rest does not compose either: Hydra's own first line
+        return None
+    close = difflib.get_close_matches(leaf, keys, n=3, cutoff=0.5)
+    where = parent or "the top level"
+    prefix = f"{parent}." if parent else ""
+    hint = f"did you mean {', '.join(prefix + k for k in close)}? " if close else ""
+    return (f"{key} is not a key of {where}; {hint}keys there: {', '.join(keys)} "
+            f"(+{key}=... adds a new key)")
+
+
+def _check_run_dir(run_dir: str) -> None:
+    """The run folder must be creatable and writable before any work starts (one line, exit 2, not a traceback)."""
+    import tempfile
+
+    folder = Path(run_dir).absolute()
+    made = [d for d in [folder, *folder.parents] if not d.exists()]  # what this check creates, leaf first
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        fail(f"cannot write the run folder {run_dir}: {e.strerror or e}; pick a writable place with "
+             f"hydra.run.dir=<folder> or HIRESRUN_OUTPUTS=<folder>", 2)
+    finally:
+        for d in made:  # leave nothing behind: Hydra makes the folder itself when the run starts
+            with contextlib.suppress(OSError):
+                d.rmdir()
 
 
 def _missing_option(e, overrides: list[str]) -> str:
@@ -180,7 +230,8 @@ def main() -> None:
     args = normalise(sys.argv[1:])
     overrides = plain_overrides(args)
     if overrides is not None:
-        validate(overrides)
+        given = [a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")]
+        validate(overrides, given[-1] if given else None)
     sys.argv = [sys.argv[0], *args]
     _entry()
 

@@ -49,7 +49,7 @@ class BaseModel:
     null_class: int | None = None        # class models: the label the model was trained with as "no class"
     label_dropout: float = 0.0           # training: share of labels replaced by null_class (class guidance)
     parametrization: str = "standard"    # standard (eps/v/x0 on the scheduler's VP grid) | edm (EDM's F, sigma)
-    default_prompts: str | None = None   # text models: the prompt set used when neither prompts= nor sample.prompt is given
+    default_prompts: str | None = None   # text models: prompts used when neither prompts= nor sample.prompt is set
 
     @property
     def downsample_factor(self) -> int:

@@ -51,6 +51,11 @@ def choice(cfg: DictConfig, group: str) -> str:
 
     if HydraConfig.initialized():
         return str(HydraConfig.get().runtime.choices.get(group))
+    if group == "sampler":  # composed outside Hydra's run (tests, scripts): the option file with this step rule
+        target = OmegaConf.select(cfg, "sampler.scheduler._target_")
+        for f in sorted((Path(__file__).parent / "conf" / "sampler").glob("*.yaml")):
+            if OmegaConf.select(OmegaConf.load(f), "scheduler._target_") == target:
+                return f.stem
     return str(cfg[group].get("_target_", "?")).rsplit(".", 1)[-1]
 
 
@@ -333,6 +338,14 @@ def set_dropout(cfg: DictConfig, base) -> None:
                          f"model.null_class=<its index> (-1 = the class embedding's last row)")
 
 
+def check_channels(base, data) -> None:
+    """Training data must have the channels the model takes (folder images are converted to data.channels)."""
+    channels = getattr(data, "channels", None)
+    if channels is not None and channels != base.channels:
+        raise UsageError(f"data.channels={channels}, but the model takes {base.channels}-channel images; set "
+                         f"data.channels={base.channels} (folder images are converted when read)")
+
+
 def train(cfg: DictConfig) -> None:
     """Train what the chosen method trains, at the target resolution, with the base frozen where it says."""
     method = instantiate(cfg.method)
@@ -343,6 +356,7 @@ def train(cfg: DictConfig) -> None:
     base.check_resolution(cfg.data.resolution)
     set_dropout(cfg, base)
     data = instantiate(cfg.data, base_resolution=base.resolution)
+    check_channels(base, data)
     if method.precompute(base, data, Path(cfg.paths.run_dir)):  # a stage that only computes (PaGoDA's encoder)
         return
     trainer, net, stats = _fit(cfg, base, method, data, "train")
@@ -363,6 +377,7 @@ def pretrain(cfg: DictConfig) -> None:
     base = instantiate(cfg.model, init="scratch")
     set_dropout(cfg, base)
     data = instantiate(cfg.data, resolution=base.resolution, base_resolution=base.resolution)
+    check_channels(base, data)
     trainer, net, stats = _fit(cfg, base, Finetune(base.resolution), data, "pretrain")
     if trainer.is_global_zero:
         _finish_training(cfg, trainer, net, base, {"method": "pretrain", "resolution": base.resolution, **stats})

@@ -130,9 +130,8 @@ def test_fullscale_pagoda_imagenet_runs_end_to_end_on_a_tiny_class_edm_folder(tm
     """The paper setting as composed (encode -> base -> grow 2x -> one-step sample), on a tiny random
     class-conditional EDM UNet and a labelled tree: only the converted checkpoint and ImageNet are missing.
     The one-step sample gives each seed the class that method=none gives it (labels drawn before the noise)."""
-    from PIL import Image
-
     from diffusers import UNet2DModel
+    from PIL import Image
 
     from hiresrun.models import save_pipeline
 

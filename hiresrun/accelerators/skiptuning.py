@@ -56,8 +56,10 @@ class SkipTuning(Accelerator):
         if time_schedule == "window" and (window is None or len(window) != 2):
             raise UsageError("accelerator.time_schedule=window needs accelerator.window=[t_lo,t_hi]")
         values = [rho] if mode == "constant" else [rho_bottom, rho_top]
+        keys = f"accelerator.rho={rho}" if mode == "constant" else (f"accelerator.rho_bottom={rho_bottom}, "
+                                                                      f"rho_top={rho_top}")
         if min(values) <= 0 or (max(values) > 1 and not allow_amplify):
-            raise UsageError(f"skip scales {values} must lie in (0, 1]; rho > 1 amplifies skips and injects noise "
+            raise UsageError(f"{keys}: skip scales must lie in (0, 1]; rho > 1 amplifies skips and injects noise "
                              f"(set accelerator.allow_amplify=true to try anyway)")
         self.mode, self.rho, self.rho_bottom, self.rho_top = mode, rho, rho_bottom, rho_top
         self.time_schedule, self.window, self.T = time_schedule, window, num_train_timesteps
