@@ -17,6 +17,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.loggers import CSVLogger as _CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import Tensor, nn
 
@@ -100,6 +101,25 @@ class Interrupt(L.Callback):
         self._previous = {}
 
 
+class TrainClock(L.Callback):
+    """Wall seconds spent training, kept in every checkpoint, so a resumed run reports the total, not its last part."""
+
+    def __init__(self):
+        self.before, self.start = 0.0, None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start = time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.before + (time.perf_counter() - self.start if self.start is not None else 0.0)
+
+    def state_dict(self) -> dict:
+        return {"train_seconds": self.seconds()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.before = float(state.get("train_seconds", 0.0))
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints written to a hidden temporary name and renamed, so a full disk or a kill mid-write never leaves a
     truncated `.ckpt` (nor replaces a good `last.ckpt` with one); a write error is one line naming the file."""
@@ -114,6 +134,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             partial_path.unlink(missing_ok=True)
             raise DataError(f"could not write checkpoint {path}: {e.strerror or e}; free space in {path.parent} or "
                             f"put the run on a writable disk (hydra.run.dir=<folder>)") from e
+
+
+class CSVLogger(_CSVLogger):
+    """Lightning's CSV logger, except that a resumed version keeps its earlier rows (Lightning's writer deletes an
+    existing metrics.csv when it opens the version folder)."""
+
+    @property
+    def experiment(self):
+        if self._experiment is not None:
+            return self._experiment
+        path = Path(self.log_dir) / "metrics.csv"
+        kept = path.read_text() if path.is_file() else None
+        experiment = _CSVLogger.experiment.fget(self)
+        if kept:
+            path.write_text(kept)
+            experiment.metrics_keys = kept.splitlines()[0].split(",")
+        return experiment
 
 
 class EMA(WeightAveraging):

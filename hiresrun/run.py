@@ -6,6 +6,7 @@ config -> model -> method -> Lightning -> loop -> metrics -> outputs.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from hiresrun import checkpoint, outputs, sampling, support
 from hiresrun.errors import Unsupported, UsageError
-from hiresrun.lit import EMA, FinalCheckpoint, Interrupt, LitModule
+from hiresrun.lit import EMA, FinalCheckpoint, Interrupt, LitModule, TrainClock
 from hiresrun.models import count_params, save_pipeline
 
 
@@ -59,8 +60,30 @@ def choice(cfg: DictConfig, group: str) -> str:
     return str(cfg[group].get("_target_", "?")).rsplit(".", 1)[-1]
 
 
-def build_logger(cfg: DictConfig):
-    return instantiate(cfg.logger) if cfg.get("logger") and "_target_" in cfg.logger else False
+def build_logger(cfg: DictConfig, resume: bool = False):
+    """The configured logger. Training records which run it logged to in <run>/logger.json; a resume in the same
+    folder continues that run (wandb: the same id, resume=allow; CSV / TensorBoard: the same version)."""
+    if not (cfg.get("logger") and "_target_" in cfg.logger):
+        return False
+    record = Path(cfg.paths.run_dir) / "logger.json"
+    target, extra = str(cfg.logger._target_), {}
+    if resume and record.is_file():
+        previous = json.loads(record.read_text())
+        if previous.get("target") == target:
+            extra = ({"id": previous["version"], "resume": "allow"} if target.endswith("WandbLogger")
+                     else {"version": previous["version"]})
+    if target == "lightning.pytorch.loggers.CSVLogger":
+        from hiresrun.lit import CSVLogger
+
+        config = {k: v for k, v in OmegaConf.to_container(cfg.logger, resolve=True).items() if k != "_target_"}
+        logger = CSVLogger(**{**config, **extra})
+    else:
+        logger = instantiate(cfg.logger, **extra)
+    if cfg.task in ("train", "pretrain") and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        version = logger.experiment.id if target.endswith("WandbLogger") else logger.version  # wandb: starts it
+        outputs.write_json(record, {"target": target, "version": version})
+    return logger
 
 
 def build_trainer(cfg: DictConfig, logger, callbacks=(), **overrides):
@@ -309,12 +332,13 @@ def _fit(cfg: DictConfig, base, method, data, task: str):
         callbacks.append(EMA(cfg.train.ema_decay))
     callbacks.append(FinalCheckpoint(run_dir / "checkpoints" / "last.ckpt", cfg.train.checkpoint_every))
     callbacks.append(Interrupt(run_dir / "checkpoints" / "last.ckpt"))
-    logger = build_logger(cfg)
+    clock = TrainClock()
+    callbacks.append(clock)
+    logger = build_logger(cfg, resume=ckpt is not None)
     trainable = count_params(net)
     print(f"hiresrun: {task} {'' if task == 'pretrain' else choice(cfg, 'method')}: {trainable:,} trainable parameters"
           + (f", resuming from {ckpt}" if ckpt else ""))
     trainer = build_trainer(cfg, logger, callbacks)
-    start = time.perf_counter()
     data.setup("fit")
     grid_loader = seed_loader(list(range(cfg.train.grid_seeds)), cfg.sample.batch_size)
     if ckpt:
@@ -323,7 +347,7 @@ def _fit(cfg: DictConfig, base, method, data, task: str):
                 weights_only=True)
     if logger:
         logger.log_metrics({"train/trainable_params": trainable})
-    return trainer, net, {"trainable_params": trainable, "train_seconds": time.perf_counter() - start}
+    return trainer, net, {"trainable_params": trainable, "train_seconds": clock.seconds()}
 
 
 def set_dropout(cfg: DictConfig, base) -> None:

@@ -203,3 +203,28 @@ def test_the_shuffle_is_a_function_of_seed_and_epoch():
     assert list(a) == list(b) != first and sorted(first) == list(range(10))
     b.set_epoch(0)
     assert list(b) == first
+
+
+@pytest.mark.parametrize("logger", ["csv", "wandb"])
+def test_a_resume_in_the_same_folder_continues_the_logger_run_and_totals_the_time(logger, tiny_model_dir, tmp_path,
+                                                                                  monkeypatch):
+    import json
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    folder = tmp_path / "run"
+    every = "trainer.log_every_n_steps=1"
+    run.run(train_cfg(tiny_model_dir, folder, 3, f"logger={logger}", every))
+    first = json.loads((folder / "metrics.json").read_text())
+    record = json.loads((folder / "logger.json").read_text())
+    run.run(train_cfg(tiny_model_dir, folder, 6, f"logger={logger}", every, f"ckpt_path={folder}"))
+    second = json.loads((folder / "metrics.json").read_text())
+    assert json.loads((folder / "logger.json").read_text()) == record  # the same wandb id / CSV version
+    assert second["steps"] == 6 and second["train_seconds"] > first["train_seconds"]
+    if logger == "csv":
+        assert [p.name for p in (folder / "csv").iterdir()] == [f"version_{record['version']}"]
+        rows = (folder / "csv" / f"version_{record['version']}" / "metrics.csv").read_text().splitlines()
+        steps = {int(r.split(",")[rows[0].split(",").index("step")]) for r in rows[1:] if r}
+        assert {0, 1, 2}.issubset(steps) and {3, 4, 5}.issubset(steps)  # rows of both parts, one file
+    else:
+        assert len(list((folder / "wandb").glob(f"offline-run-*-{record['version']}"))) >= 1
