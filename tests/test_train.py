@@ -168,9 +168,10 @@ def test_ckpt_path_last_follows_the_method_and_another_methods_checkpoint_is_ref
     assert "was trained with method SelfCascade; sample it with that +method=" in line
 
 
-@pytest.mark.parametrize("method", ["finetune", "selfcascade"])
+@pytest.mark.parametrize("method", ["finetune", "selfcascade", "pagoda"])
 def test_resume_is_exact_across_two_epoch_boundaries(method, tiny_model_dir, tmp_path):
-    """8 images at batch 4 = 2 steps per epoch: stop at step 3 (mid-epoch 2), resume to 7 (crossing 4 and 6)."""
+    """8 images at batch 4 = 2 steps per epoch: stop at step 3 (mid-epoch 2), resume to 7 (crossing 4 and 6).
+    PaGoDA: stage=base (G and D steps alternate, both counted) on latents its stage=encode cached first."""
     from PIL import Image
 
     for i in range(8):
@@ -180,8 +181,13 @@ def test_resume_is_exact_across_two_epoch_boundaries(method, tiny_model_dir, tmp
         return compose(tiny_overrides(tiny_model_dir) + [
             "task=train", f"method={method}", f"trainer.max_steps={steps}", "data=folder", f"data.root={tmp_path}",
             "data.channels=1", "data.resolution=16", "data.batch_size=4", "train.checkpoint_every=3",
-            "train.grid_every=0", "train.ema_decay=0.9", *extra], tmp_path / "train" / name)
+            "train.grid_every=0", "train.ema_decay=0.9", *pagoda, *extra], tmp_path / "train" / name)
 
+    pagoda = []
+    if method == "pagoda":
+        pagoda = ["method.inv_steps=3", "method.rec_loss=l2_pyramid", f"paths.cache_dir={tmp_path / 'cache'}"]
+        run.run(cfg("encode", 1, "method.stage=encode"))
+        pagoda.append("method.stage=base")
     run.run(cfg("whole", 7))
     run.run(cfg("first", 3))
     run.run(cfg("rest", 7, f"ckpt_path={tmp_path}/train/first"))
