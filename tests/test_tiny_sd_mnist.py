@@ -31,7 +31,8 @@ def test_equal_to_stable_diffusion_pipeline_with_its_real_weights(guidance, tmp_
     ref = pipeline_images(FOLDER, "sd", "ddim", list(range(4)), digits_text.prompt_set(), guidance_scale=guidance)
     assert ours.shape == ref.shape == (4, 1, 16, 16)
     assert (ours.float() - ref).abs().max() <= 1.0
-    assert metrics["protocol"]["text"]["prompts"][:4] == digits_text.prompt_set()[:4]
+    text = metrics["protocol"]["text"]
+    assert text["prompts"] == "model.prompts=digits" and text["unique_prompts"] == digits_text.prompt_set()[:4]
     assert metrics["unet_passes_per_image"] == (8 if guidance > 1 else 4)
 
 
