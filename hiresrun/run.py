@@ -269,8 +269,9 @@ def sample(cfg: DictConfig) -> dict | None:
         texts = conditioner.prompts_of(given)
         unique = list(dict.fromkeys(texts))
         metrics["protocol"]["text"] = {
-            "prompts": (str(cfg.prompts) if cfg.get("prompts") else "sample.prompt" if cfg.sample.get("prompt") is not None
-                        else f"model.prompts={base.default_prompts}"), "unique_prompts": unique,
+            "prompts": (str(cfg.prompts) if cfg.get("prompts") else "sample.prompt"
+                        if cfg.sample.get("prompt") is not None else f"model.prompts={base.default_prompts}"),
+            "unique_prompts": unique,
             "prompt_index_per_image": [unique.index(t) for t in texts], "negative_prompt": conditioner.negative_prompt,
             "guidance_scale": conditioner.guidance_scale, "guidance_rescale": conditioner.guidance_rescale,
             "micro_conditioning": {k: v or ([0, 0] if k == "crops_coords_top_left" else [int(cfg.data.resolution)] * 2)
