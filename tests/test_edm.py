@@ -124,9 +124,9 @@ def test_skiptuning_reads_sigma_under_edm_samplers():
     assert seen[0] == pytest.approx(10.0, rel=1e-5) and acc.weight(seen[0]) == 1.0 and acc.weight(0.5) == 0.0
 
 
-def test_fullscale_skiptuning_edm64_runs_end_to_end_on_a_tiny_class_edm_folder(tmp_path):
-    """The paper setting as composed, with a tiny random class-conditional EDM UNet, a labelled tree as the FID
-    reference, a few images and the CPU: only the converted checkpoint and ImageNet are missing."""
+def class_edm_and_tree(tmp_path, size: int) -> None:
+    """<tmp>/edm: a tiny random class-conditional (4 classes) RGB UNet2DModel; <tmp>/imgs: a labelled tree of two
+    classes, three `size` px images each."""
     import numpy as np
     from PIL import Image
 
@@ -138,8 +138,14 @@ def test_fullscale_skiptuning_edm64_runs_end_to_end_on_a_tiny_class_edm_folder(t
     for c in ("a", "b"):
         (tmp_path / "imgs" / c).mkdir(parents=True)
         for i in range(3):
-            pixels = np.random.default_rng(i + 10 * (c == "b")).integers(0, 255, (8, 8, 3), dtype=np.uint8)
+            pixels = np.random.default_rng(i + 10 * (c == "b")).integers(0, 255, (size, size, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(tmp_path / "imgs" / c / f"{i}.png")
+
+
+def test_fullscale_skiptuning_edm64_runs_end_to_end_on_a_tiny_class_edm_folder(tmp_path):
+    """The paper setting as composed, with a tiny random class-conditional EDM UNet, a labelled tree as the FID
+    reference, a few images and the CPU: only the converted checkpoint and ImageNet are missing."""
+    class_edm_and_tree(tmp_path, 8)
     cfg = compose(["experiment=fullscale/skiptuning-edm64", f"model.path={tmp_path / 'edm'}",
                    f"data.root={tmp_path / 'imgs'}", "data.labels=subfolders", "data.resolution=8",
                    "sample.num_samples=4", "sample.batch_size=4", "trainer=cpu", "trainer.accelerator=cpu",

@@ -8,11 +8,10 @@ import json
 import math
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from conftest import compose, tiny_unet
-from test_edm import k_sampling, tiny_edm_net
+from test_edm import class_edm_and_tree, k_sampling, tiny_edm_net
 
 from hiresrun import edm, run
 from hiresrun.errors import UsageError
@@ -131,20 +130,8 @@ def test_fullscale_pagoda_imagenet_runs_end_to_end_on_a_tiny_class_edm_folder(tm
     class-conditional EDM UNet and a labelled tree: only the converted checkpoint and ImageNet are missing.
     The one-step sample gives each seed the class that method=none gives it (labels drawn before the noise)."""
     from diffusers import UNet2DModel
-    from PIL import Image
 
-    from hiresrun.models import save_pipeline
-
-    torch.manual_seed(0)
-    net = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
-                      down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                      norm_num_groups=8, num_class_embeds=4)
-    save_pipeline(net, {"num_train_timesteps": 1000}, tmp_path / "edm")
-    for c in ("a", "b"):
-        (tmp_path / "imgs" / c).mkdir(parents=True)
-        for i in range(3):
-            pixels = np.random.default_rng(i + 10 * (c == "b")).integers(0, 255, (16, 16, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(tmp_path / "imgs" / c / f"{i}.png")
+    class_edm_and_tree(tmp_path, 16)
     common = ["experiment=fullscale/pagoda-imagenet", f"model.path={tmp_path / 'edm'}",
               f"data.root={tmp_path / 'imgs'}", "data.resolution=16", "data.batch_size=3",
               "trainer=cpu", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true",
