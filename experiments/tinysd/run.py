@@ -1,13 +1,17 @@
 """Studies on the embedded latent text-to-image base `model=tiny-sd-mnist` (what only a text model with a VAE can
-measure). This file runs the first, classifier-free guidance at the base size:
+measure):
 
-    OMP_NUM_THREADS=1 python experiments/tinysd/run.py guidance [--n 500]
+    OMP_NUM_THREADS=1 python experiments/tinysd/run.py guidance    [--n 500]   # CFG scale at the base size
+    OMP_NUM_THREADS=1 python experiments/tinysd/run.py selfcascade [--n 500]   # 16 -> 32 px in latent space
+    OMP_NUM_THREADS=1 python experiments/tinysd/run.py adaptive    [--n 500]   # AdaptiveDiffusion under guidance
+    OMP_NUM_THREADS=1 python experiments/tinysd/run.py unet        [--n 500]   # FreeU and Skip-Tuning
 
 Each arm is one `hiresrun sample model=tiny-sd-mnist` (printed before it runs): seeds 0..n-1, the model's own digit
 prompts (image i asks for digit i mod 10, assets/prompts/digits.txt), DDIM 50, 16 px, `metrics=default` against the
 1,000 held-out MNIST digits at 16 px (Inception pool3 with clean-fid's resize; the shipped digit classifier for
 prompt_acc, digit_acc and fd_digits). An arm whose folder has its metrics.json is reused (delete it to rerun).
-Writes experiments/tinysd/results.json, the README's table and guidance.png.
+The later studies sample under guidance 3, the best FID/adherence balance of the first. Each study writes its
+record into experiments/tinysd/results.json and its table into the README (guidance also guidance.png).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from hiresrun.outputs import write_block
 
 HERE = Path(__file__).resolve().parent
 HIRESRUN = str(Path(sys.executable).with_name("hiresrun"))
+DEST = {"dir": HERE}  # where results.json and the README's tables go (--record-dir; the smoke tests use a copy)
 QUIET = ["logger=none", "trainer.enable_progress_bar=false"]
 SCALES = (1.0, 1.5, 2.0, 3.0, 5.0, 7.5)
 COLUMNS = ("prompt_acc", "digit_acc", "fid", "kid", "fd_digits", "nfe_per_image", "unet_passes_per_image",
@@ -77,22 +82,194 @@ def guidance(args) -> None:
                           "i mod 10), DDIM 50, 16 px; FID/KID Inception pool3 (clean resize) vs the 1,000 held-out "
                           "MNIST digits at 16 px; prompt_acc = the shipped digit classifier's top-1 equals the "
                           "prompt's digit; 2-core CPU"}
-    path = HERE / "results.json"
+    save("guidance", record, table(results, args.n))
+    plot(results, DEST["dir"] / "guidance.png")
+
+
+# -- shared by the studies below: one `hiresrun` command per arm, reused when its metrics.json exists -----------
+GUIDED = ["model=tiny-sd-mnist", "sample.guidance_scale=3", "sampler.num_steps=50"]  # scale 3: the guidance study
+TRAIN = ["model=tiny-sd-mnist", "data=mnist", "data.captions=digits", "data.resolution=32", "data.batch_size=32",
+         "train.grid_every=0", "logger=csv", "trainer.enable_progress_bar=false"]
+SAMPLE_BATCH = 10   # images per sampling batch in the later studies (AdaptiveDiffusion sub-batches per image)
+
+
+def arm(folder: Path, verb: str, *overrides: str) -> dict:
+    """Run `hiresrun <verb> ... hydra.run.dir=<folder>` unless the folder holds its metrics.json; return that."""
+    if not (folder / "metrics.json").is_file():
+        hiresrun(verb, *overrides, f"hydra.run.dir={folder}", *([] if verb == "train" else QUIET))
+    return json.loads((folder / "metrics.json").read_text())
+
+
+def save(study: str, record: dict, table_text: str) -> None:
+    path = DEST["dir"] / "results.json"
     every = json.loads(path.read_text()) if path.is_file() else {}
-    every["guidance"] = record
+    every[study] = record
     path.write_text(json.dumps(every, indent=2, sort_keys=True) + "\n")
-    write_block(HERE / "README.md", "guidance", table(results, args.n))
-    plot(results, HERE / "guidance.png")
-    print(table(results, args.n))
+    write_block(DEST["dir"] / "README.md", study, table_text)
+    print(table_text)
+
+
+def markdown(head: list[str], rows: list[list]) -> str:
+    cell = lambda v: "—" if v is None else (f"{v:,}" if isinstance(v, int) else f"{v:.3g}" if abs(v) < 0.1 else
+                                             f"{v:.2f}") if not isinstance(v, str) else v
+    return "\n".join(["| " + " | ".join(head) + " |", "|---" * len(head) + "|",
+                      *("| " + " | ".join(cell(v) for v in r) + " |" for r in rows)])
+
+
+# -- Self-Cascade in latent space, 16 -> 32 px ----------------------------------------------------------------
+def selfcascade_arms(steps: int) -> list[dict]:
+    """name, sampling overrides, and (for the trained arms) training overrides."""
+    tuned = ["+method=selfcascade", "optimizer.lr=1e-3"]
+    rows = [dict(name="none (32 px directly)", sample=["+method=none"]),
+            dict(name="upsample (16 px, decode, bicubic)", sample=["+method=upsample"])]
+    rows += [dict(name=f"tuning-free, strength {s}",
+                  sample=["+method=selfcascade", "method.mode=tuning_free", f"method.strength={s}"])
+             for s in (0.1, 0.3, 0.5, 0.7)]
+    rows += [dict(name=f"tuned {u}, {steps} steps", train=[*tuned, f"method.upsampler={u}"],
+                  sample=["+method=selfcascade", f"method.upsampler={u}"]) for u in ("light", "resblock")]
+    rows += [dict(name=f"finetune (all weights), {steps} steps", train=["+method=finetune"],
+                  sample=["+method=finetune"]),
+             dict(name=f"simple (shifted schedule), {steps} steps", train=["+method=simple"],
+                  sample=["+method=simple"])]
+    return rows
+
+
+SC_COLUMNS = ("fid", "kid", "prompt_acc", "digit_acc", "fd_digits", "nfe_per_image", "sec_per_image")
+
+
+def selfcascade(args) -> None:
+    out = Path(args.out) / "selfcascade"
+    rows, record = [], []
+    for a in selfcascade_arms(args.steps):
+        slug = a["name"].split(" (")[0].replace(", ", "-").replace(" ", "_")
+        ckpt, t = [], {}
+        if "train" in a:
+            t = arm(out / f"{slug}-train", "train", *TRAIN, *a["train"], f"trainer.max_steps={args.steps}",
+                    f"train.checkpoint_every={args.steps}")
+            ckpt = [f"ckpt_path={out / f'{slug}-train'}"]
+        m = arm(out / slug, "sample", *GUIDED, "data.resolution=32", f"sample.num_samples={args.n}",
+                f"sample.batch_size={SAMPLE_BATCH}", *a["sample"], *ckpt, "metrics=default", "metrics.patch_fid=false")
+        rows.append([a["name"], *(m.get(c) for c in SC_COLUMNS), t.get("trainable_params", 0),
+                     round(t.get("train_seconds", 0))])
+        record.append({"arm": a["name"], **{c: m.get(c) for c in SC_COLUMNS}, "fid_floor": m.get("fid_floor"),
+                       "trainable_params": t.get("trainable_params", 0), "train_seconds": t.get("train_seconds", 0)})
+    head = ["arm", "FID ↓", "KID ↓", "prompt_acc ↑", "digit_acc ↑", "FD digits ↓", "NFE/img", "s/img", "trainable",
+            "train s"]
+    text = markdown(head, rows) + (f"\n\nn = {args.n} per arm (seeds 0-{args.n - 1}, digit i mod 10), 32 px, guidance "
+                                   f"3, DDIM 50, sampling batch {SAMPLE_BATCH}; tuned arms {args.steps} steps at batch "
+                                   "32 on the 4,000 training digits with their captions; 2-core CPU.")
+    save("selfcascade", {"n": args.n, "train_steps": args.steps, "arms": record,
+                         "protocol": "model=tiny-sd-mnist at 32 px (16x16x4 latents), seeds 0..n-1 with the model's "
+                                     "digit prompts, guidance 3, DDIM 50; FID/KID Inception pool3 (clean resize) vs "
+                                     "the 1,000 held-out MNIST digits at 32 px; 2-core CPU"}, text)
+
+
+# -- AdaptiveDiffusion under guidance ---------------------------------------------------------------------------
+SAMPLERS = ("ddim", "euler", "dpmsolver")
+SWEEP_DELTA, SWEEP_CMAX, SWEEP_STEPS = (0.005, 0.01, 0.02, 0.05), (2, 4), (10, 15, 20, 30)
+
+
+def adaptive(args) -> None:
+    """50-step runs of three samplers under guidance 3 at 16 px; AdaptiveDiffusion at its defaults, the same sampler
+    at the adaptive run's NFE, and (DDIM) the delta x c_max sweep beside fewer steps, all scored against the
+    full-step images of the same seeds (`reference=`)."""
+    out = Path(args.out) / "adaptive"
+    base = [*GUIDED, "data.resolution=16", f"sample.num_samples={args.n}", f"sample.batch_size={SAMPLE_BATCH}"]
+    keep = ("nfe_per_image", "sec_per_image", "psnr_to_ref", "ssim_to_ref", "lpips_to_ref", "fid", "prompt_acc")
+    pick = lambda m: {k: m.get(k) for k in keep}
+    rows, sweep_rows, record = [], [], {"samplers": {}, "sweep": []}
+    for s in SAMPLERS:
+        full = arm(out / f"{s}-full", "sample", *base, f"sampler={s}", "metrics=default", "metrics.patch_fid=false")
+        ref = [f"reference={out / f'{s}-full'}", "metrics=default", "metrics.patch_fid=false"]
+        ad = arm(out / f"{s}-adaptive", "sample", *base, f"sampler={s}", "+accelerator=adaptive", *ref)
+        n_eq = max(1, round(50 * ad["nfe_per_image"] / full["nfe_per_image"]))
+        few = arm(out / f"{s}-steps{n_eq}", "sample", *base, f"sampler={s}", f"sampler.num_steps={n_eq}", *ref)
+        wall = full["sec_per_image"] / ad["sec_per_image"]
+        rows.append([s, f"{full['nfe_per_image']:.0f} -> {ad['nfe_per_image']:.1f}",
+                     full["nfe_per_image"] / ad["nfe_per_image"], wall, ad["psnr_to_ref"], ad.get("lpips_to_ref"),
+                     full["fid"], ad["fid"], ad["prompt_acc"], f"{n_eq}: {few['psnr_to_ref']:.2f}",
+                     few.get("lpips_to_ref"), few["fid"]])
+        record["samplers"][s] = {"full": pick(full), "adaptive": pick(ad), "fewer_steps": {"steps": n_eq, **pick(few)}}
+    full = arm(out / "ddim-full", "sample", *base, "sampler=ddim", "metrics=default", "metrics.patch_fid=false")
+    ref = [f"reference={out / 'ddim-full'}", "metrics=default", "metrics.patch_fid=false"]
+    for c in SWEEP_CMAX:
+        for d in SWEEP_DELTA:
+            m = arm(out / f"ddim-d{d:g}-c{c}", "sample", *base, "sampler=ddim", "+accelerator=adaptive",
+                    f"accelerator.delta={d}", f"accelerator.c_max={c}", *ref)
+            sweep_rows.append([f"adaptive delta {d:g}, c_max {c}", full["nfe_per_image"] / m["nfe_per_image"],
+                               full["sec_per_image"] / m["sec_per_image"], m["psnr_to_ref"], m.get("lpips_to_ref"),
+                               m["fid"], m["prompt_acc"]])
+            record["sweep"].append({"delta": d, "c_max": c, **pick(m)})
+    for n in SWEEP_STEPS:
+        m = arm(out / f"ddim-steps{n}", "sample", *base, "sampler=ddim", f"sampler.num_steps={n}", *ref)
+        sweep_rows.append([f"DDIM {n} steps", full["nfe_per_image"] / m["nfe_per_image"],
+                           full["sec_per_image"] / m["sec_per_image"], m["psnr_to_ref"], m.get("lpips_to_ref"),
+                           m["fid"], m["prompt_acc"]])
+        record["sweep"].append({"steps": n, **pick(m)})
+    head = ["sampler", "NFE full -> adaptive", "NFE speed-up", "wall speed-up", "PSNR", "LPIPS", "FID full",
+            "FID adaptive", "prompt_acc adaptive", "fewer steps (equal NFE): PSNR", "LPIPS", "FID"]
+    proto = (f"n = {args.n} (seeds 0-{args.n - 1}, digit i mod 10), 16 px, guidance 3, 50 steps, sampling batch "
+             f"{SAMPLE_BATCH} (decisions per image, sub-batched calls), PSNR/LPIPS-alex to the 50-step images of the "
+             "same seeds, FID vs the 1,000 held-out digits; each arm a separate process, 2-core CPU.")
+    write_block(DEST["dir"] / "README.md", "adaptive-sweep",
+                markdown(["DDIM arm", "NFE speed-up", "wall speed-up", "PSNR", "LPIPS", "FID", "prompt_acc"],
+                         sweep_rows))
+    record["protocol"] = proto
+    save("adaptive", record, markdown(head, rows) + "\n\n" + proto)
+
+
+# -- FreeU and Skip-Tuning on a UNet2DConditionModel --------------------------------------------------------------
+FREEU = ((None, None, None, None), (1.2, 1.4, 0.9, 0.2), (1.1, 1.2, 0.9, 0.2), (1.5, 1.6, 1.0, 1.0),
+         (1.0, 1.0, 0.9, 0.2))
+RHOS = (0.9, 0.8, 0.7, 0.6)
+
+
+def unet(args) -> None:
+    """FreeU at its SD-1.5 values and a small b/s sweep (DDIM 50), Skip-Tuning's rho at 10 and 20 DDIM steps;
+    16 px, guidance 3, FID and prompt_acc beside the same sampler without an accelerator."""
+    out = Path(args.out) / "unet"
+    base = [*GUIDED, "data.resolution=16", f"sample.num_samples={args.n}", f"sample.batch_size={SAMPLE_BATCH}",
+            "metrics=default", "metrics.patch_fid=false"]
+    cols = ("fid", "kid", "prompt_acc", "digit_acc", "fd_digits", "sec_per_image")
+    rows, record = [], []
+
+    def add(name, m):
+        rows.append([name, *(m.get(c) for c in cols)])
+        record.append({"arm": name, **{c: m.get(c) for c in cols}})
+
+    add("DDIM 50, no accelerator", arm(out / "ddim50", "sample", *base))
+    for b1, b2, s1, s2 in FREEU:
+        tag = "SD-1.5 values (1.5, 1.6, 0.9, 0.2)" if b1 is None else f"b {b1:g}, {b2:g}; s {s1:g}, {s2:g}"
+        knobs = [] if b1 is None else [f"accelerator.b1={b1}", f"accelerator.b2={b2}", f"accelerator.s1={s1}",
+                                       f"accelerator.s2={s2}"]
+        add(f"DDIM 50, FreeU {tag}", arm(out / f"freeu-{b1}-{b2}-{s1}-{s2}", "sample", *base, "+accelerator=freeu",
+                                         *knobs))
+    for steps in (10, 20):
+        add(f"DDIM {steps}, no accelerator", arm(out / f"ddim{steps}", "sample", *base, f"sampler.num_steps={steps}"))
+        for rho in RHOS:
+            add(f"DDIM {steps}, Skip-Tuning rho {rho:g}",
+                arm(out / f"skip{steps}-rho{rho:g}", "sample", *base, f"sampler.num_steps={steps}",
+                    "+accelerator=skiptuning", f"accelerator.rho={rho}"))
+    head = ["arm", "FID ↓", "KID ↓", "prompt_acc ↑", "digit_acc ↑", "FD digits ↓", "s/img"]
+    proto = (f"n = {args.n} (seeds 0-{args.n - 1}, digit i mod 10), 16 px, guidance 3, DDIM, sampling batch "
+             f"{SAMPLE_BATCH}; FID/KID Inception pool3 (clean resize) vs the 1,000 held-out digits at 16 px; 2-core "
+             "CPU.")
+    save("unet", {"n": args.n, "arms": record, "protocol": proto}, markdown(head, rows) + "\n\n" + proto)
+
+
+STUDIES = {"guidance": guidance, "selfcascade": selfcascade, "adaptive": adaptive, "unet": unet}
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("study", choices=["guidance"])
+    p.add_argument("study", choices=sorted(STUDIES))
     p.add_argument("--n", type=int, default=500)
+    p.add_argument("--steps", type=int, default=300, help="training steps of the tuned Self-Cascade arms")
     p.add_argument("--out", default="runs/tinysd")
+    p.add_argument("--record-dir", type=Path, default=HERE, help="folder of the results.json and README.md to update")
     args = p.parse_args()
-    guidance(args)
+    DEST["dir"] = args.record_dir
+    STUDIES[args.study](args)
 
 
 if __name__ == "__main__":
