@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from hiresrun.errors import DataError, UsageError
 
-VERBS = ("pretrain", "train", "sample", "eval", "calibrate")
+VERBS = ("pretrain", "train", "sample", "eval", "calibrate", "merge")
 # `+method=x` is the documented form; the defaults list already holds method/accelerator, so Hydra
 # wants the plain form. Both are accepted and mean the same.
 ADDABLE = ("method", "accelerator")
@@ -39,6 +39,8 @@ def normalise(argv: list[str]) -> list[str]:
             fail(f"unknown verb '{verb}'; use one of: {', '.join(VERBS + ('report',))} (hiresrun --help)", 2)
         if verb == "eval":  # clean-fid-like short forms: gen=, ref=, task=ref
             args = [eval_short_form(a) for a in args]
+        if verb == "merge":
+            args = [f"merge.{a}" if a.startswith("gen=") else a for a in args]
         args.append(f"task={verb}")
     args = [a[1:] if any(a.startswith(f"+{g}=") for g in ADDABLE) else a for a in args]
     return flags_first(args)

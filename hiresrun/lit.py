@@ -180,6 +180,9 @@ class LitModule(L.LightningModule):
         self.optimizer, self.seed, self.grid_dir = optimizer, seed, grid_dir
         self._outputs: list[dict] = []
         self.results: dict | None = None
+        # Sampling to disk (hiresrun sample): each batch's images and record go to `writer` (store.Writer) as soon
+        # as they exist, `facts(seeds)` adds per-image facts (prompt, label), `progress(n)` is told each batch.
+        self.writer = self.facts = self.progress = None
         # A method with its own `training_step(lit, batch)` steps its optimisers itself (PaGoDA's G and D).
         self.automatic_optimization = not hasattr(method, "training_step")
 
@@ -262,10 +265,29 @@ class LitModule(L.LightningModule):
             self.logger.log_metrics(self.val_metric(gathered["images"]), step=self.global_step)
 
     def test_step(self, seeds: Tensor, batch_idx: int) -> None:
-        self._outputs.append(self.generate(seeds.tolist()))
+        seeds = seeds.tolist()
+        mark = self.accelerator_.mark()
+        out = self.generate(seeds)
+        if self.writer is None:  # kept in memory, gathered at the end
+            self._outputs.append(out)
+            return
+        from hiresrun.outputs import peak_memory_mb
+
+        facts = {"evals": int(out["evals"]), "passes": int(out["passes"]), "seconds": float(out["seconds"]),
+                 "rank": self.global_rank, "world_size": self.trainer.world_size, "device": str(self.device),
+                 "peak_memory_mb": peak_memory_mb(self.device), **(self.facts(seeds) if self.facts else {})}
+        per_image = self.accelerator_.per_image(mark, seeds)
+        if per_image is not None:
+            facts["accelerator"] = per_image
+        self.writer.write(seeds, out["images"], facts)
+        if self.progress is not None:
+            self.progress(len(seeds))
 
     def on_test_epoch_end(self) -> None:
-        self.results = self._gather()
+        if self.writer is None:
+            self.results = self._gather()
+        elif self.trainer.world_size > 1:  # every rank's records are on disk before rank 0 reads them
+            self.trainer.strategy.barrier("hiresrun-samples-written")
 
     def _gather(self) -> dict | None:
         """Concatenate this rank's outputs, gather across ranks, drop the DistributedSampler's padding."""

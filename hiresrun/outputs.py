@@ -149,6 +149,12 @@ def save_samples(seeds: Tensor, images: Tensor, folder: Path) -> None:
         save_png(im, folder / f"{s:06d}.png")
 
 
+def load_image(path: Path) -> Tensor:
+    """One PNG as uint8 (C, H, W)."""
+    a = torch.from_numpy(np.asarray(Image.open(path)).copy())
+    return a[None] if a.ndim == 2 else a.permute(2, 0, 1)
+
+
 def load_images(folder: Path) -> Tensor:
     """Every PNG in `folder`, in name order, as uint8 (N, C, H, W)."""
     arrays = [np.asarray(Image.open(f)) for f in sorted(folder.glob("*.png"))]

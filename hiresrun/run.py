@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from hiresrun import checkpoint, outputs, sampling, support
+from hiresrun import checkpoint, outputs, sampling, store, support
 from hiresrun.errors import Unsupported, UsageError
 from hiresrun.lit import EMA, FinalCheckpoint, Interrupt, LitModule, TrainClock
 from hiresrun.models import count_params, save_pipeline
@@ -217,10 +217,12 @@ def sampling_net(cfg: DictConfig):
 
 # -- verbs ------------------------------------------------------------------------------------------------
 def sample(cfg: DictConfig) -> dict | None:
-    """Generate images with a method (and accelerator); write samples, grid, metrics and manifest."""
+    """Generate images with a method (and accelerator) into the run folder batch by batch (hiresrun/store.py:
+    resumable, shardable), then score the whole seed set once: grid, metrics, manifest."""
     run_dir = Path(cfg.paths.run_dir)
     if cfg.sample.batch_size < 1:
         raise UsageError(f"sample.batch_size={cfg.sample.batch_size}: must be at least 1")
+    shard = store.parse_shard(cfg.sample.get("shard"))
     base, method, net = sampling_net(cfg)
     conditioner = build_conditioner(cfg, base)
     from_file = conditioner.prompts.seeds if conditioner.prompts is not None else None
@@ -228,82 +230,175 @@ def sample(cfg: DictConfig) -> dict | None:
                                                                                   cfg.sample.num_samples)
     for line in conditioner.check_lengths(seeds):
         print(line)
-    # Lightning: test = sampling over a dataloader of seeds (DDP splits them)
+    plan = store.batches(seeds, int(cfg.sample.batch_size))
+    if shard[1] > len(plan):
+        raise UsageError(f"sample.shard={cfg.sample.shard}: {len(plan)} batches of sample.batch_size="
+                         f"{cfg.sample.batch_size} cannot make {shard[1]} shards; use at most {len(plan)} shards or a "
+                         f"smaller sample.batch_size")
+    folder = store.Store(run_dir)
+    info = {"identity": store.identity(cfg, base.weights_hash), **sampling_record(cfg, base, conditioner, seeds)}
+    folder.open(info, write=int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0)
+    done = folder.done()
+    mine = store.shard_batches(plan, shard)
+    todo = [b for b in mine if not all(s in done and done[s]["seeds"] == b for s in b)]
     lit = LitModule(net, method, sampler_scheduler(cfg, base, method), cfg.sampler.num_steps,
                     instantiate(cfg.accelerator), conditioner=conditioner)
+    lit.writer = folder.writer(store.writer_name(shard))
+    lit.facts = lambda chunk: image_facts(base, conditioner, chunk)
     logger = build_logger(cfg)
     trainer = build_trainer(cfg, logger)
+    total, left = sum(map(len, mine)), sum(map(len, todo))
+    if left < total:
+        print(f"hiresrun: resuming {run_dir}: {total - left:,} of {total:,} images are on disk, {left:,} to go")
+    if not (cfg.trainer.enable_progress_bar and os.isatty(1)):  # a log file: a line every so many images
+        lit.progress = store.Progress(total, total - left, left, int(cfg.sample.get("progress_every") or 0),
+                                      trainer.world_size, trainer.global_rank)
     outputs.reset_peak_memory(lit.device)
-    trainer.test(lit, dataloaders=seed_loader(seeds, cfg.sample.batch_size), verbose=False)
+    if todo:
+        trainer.test(lit, dataloaders=DataLoader(store.Batches(todo), batch_size=None), verbose=False)
     if not trainer.is_global_zero:
         return None
-    # outputs
-    r = lit.results
-    if cfg.sample.save_images:
-        outputs.save_samples(r["seeds"], r["images"], run_dir / "samples")
-    outputs.save_grid(r["images"][:64], run_dir / "grid.png")
-    metrics = {
-        "num_samples": len(r["seeds"]), "resolution": int(cfg.data.resolution),
-        "nfe_per_image": r["evals"] / r["generated"], "unet_passes_per_image": r["passes"] / r["generated"],
-        "sec_per_image": r["seconds"] / r["generated"],
-        "method": choice(cfg, "method"), "accelerator": choice(cfg, "accelerator"),
-        "sampler": choice(cfg, "sampler"), "num_steps": int(cfg.sampler.num_steps),
-        "peak_memory_mb": outputs.peak_memory_mb(lit.device),  # before the metrics load their networks
-        "protocol": {"n": len(r["seeds"]), "seeds": outputs.seed_ranges(r["seeds"].tolist()),
-                     "model_weights_sha256": base.weights_hash, "world_size": trainer.world_size,
-                     "device": str(lit.device), "precision": str(cfg.trainer.precision),
-                     "sec_per_image": "wall seconds of method.sample summed over ranks / images generated",
-                     "peak_memory_mb": outputs.PEAK_MEMORY,
-                     "nfe_per_image": "denoiser steps per image; unet_passes_per_image counts 2 per guided step"},
-    }
-    labels = None
-    if base.conditioning == "class":  # which class each image was sampled for (a function of its seed alone)
-        from hiresrun.sampling import generators
+    if shard[1] > 1:  # a shard scores nothing: the metrics belong to the union (hiresrun merge)
+        return finish(info, [run_dir], run_dir, logger, batches=mine, shard=shard)
+    return finish(info, [run_dir], run_dir, logger)
 
-        given = [int(s) for s in r["seeds"].tolist()]
-        labels = conditioner.labels_of(given, generators(given)).tolist()
-        metrics["protocol"]["class"] = {"labels_per_image": labels, "given": conditioner.class_labels is not None,
-                                        "null_class": base.null_class, "guidance_scale": conditioner.guidance_scale}
-    if base.text is not None:  # which prompt each image got, and the guidance it was sampled under
-        given = [int(x) for x in r["seeds"].tolist()]
-        texts = conditioner.prompts_of(given)
+
+def sampling_record(cfg: DictConfig, base, conditioner, seeds: list[int]) -> dict:
+    """What `finish` needs besides the images, saved in sampling.json so that `merge` scores shards without
+    loading the model: the seeds, the base's facts, the names of the choices, the resolved config."""
+    facts = {"resolution": base.resolution, "weights_sha256": base.weights_hash, "source": base.source,
+             "conditioning": base.conditioning, "text": base.text is not None, "xl": bool(base.text and base.text.xl),
+             "null_class": base.null_class, "default_prompts": base.default_prompts}
+    cond = {"guidance_scale": conditioner.guidance_scale, "guidance_rescale": conditioner.guidance_rescale,
+            "negative_prompt": conditioner.negative_prompt, "class_labels_given": conditioner.class_labels is not None,
+            "micro": {k: v or ([0, 0] if k == "crops_coords_top_left" else [int(cfg.data.resolution)] * 2)
+                      for k, v in conditioner.micro.items()} if base.text is not None and base.text.xl else None,
+            "prompts": (str(cfg.prompts) if cfg.get("prompts") else "sample.prompt"
+                        if cfg.sample.get("prompt") is not None else f"model.prompts={base.default_prompts}")}
+    return {"seeds": outputs.seed_ranges(seeds), "batch_size": int(cfg.sample.batch_size), "base": facts,
+            "conditioning": cond, "choices": {g: choice(cfg, g) for g in ("method", "accelerator", "sampler")},
+            "config": OmegaConf.to_container(cfg, resolve=True)}
+
+
+def image_facts(base, conditioner, seeds: list[int]) -> dict:
+    """Per image of a batch: its prompt (text models) or requested class (class models), for the batch record."""
+    if base.text is not None:
+        return {"prompts": conditioner.prompts_of(seeds)}
+    if base.conditioning == "class":
+        return {"labels": conditioner.labels_of(seeds, sampling.generators(seeds)).tolist()}
+    return {}
+
+
+def finish(info: dict, folders: list[Path], out_dir: Path, logger=None, batches=None, shard=None) -> dict:
+    """Score a sample run's images once, from its batch records on disk (one folder, or the shards of one seed list
+    for `merge`): grid, metrics.json, prompts.jsonl, skip_masks.json, manifest.json in `out_dir`. A shard
+    (`batches`: its own) gets its cost numbers only."""
+    cfg = OmegaConf.create(info["config"])
+    seeds = parse_seeds(info["seeds"], 0)
+    wanted = seeds if batches is None else [s for b in batches for s in b]
+    given = store.union(folders, wanted)
+    order = sorted((s, rec, folder) for rec, folder, owned in given for s in owned)
+    images = torch.stack([outputs.load_image(Path(f) / store.SAMPLES / store.png_name(s)) for s, _, f in order])
+    seed_list = [s for s, _, _ in order]
+    per = {s: rec for s, rec, _ in order}
+    share = lambda key: sum(rec[key] * len(owned) / len(rec["seeds"]) for rec, _, owned in given)
+    position = {s: (rec["seeds"].index(s)) for s, rec in per.items()}
+    b, c = info["base"], info["conditioning"]
+    worlds = sorted({rec.get("world_size", 1) for rec, _, _ in given})
+    metrics = {
+        "num_samples": len(seed_list), "resolution": int(cfg.data.resolution),
+        "nfe_per_image": share("evals") / len(seed_list), "unet_passes_per_image": share("passes") / len(seed_list),
+        "sec_per_image": share("seconds") / len(seed_list), **info["choices"],
+        "num_steps": int(cfg.sampler.num_steps),
+        "peak_memory_mb": max(rec.get("peak_memory_mb", 0.0) for rec, _, _ in given),
+        "protocol": {"n": len(seed_list), "seeds": outputs.seed_ranges(seed_list),
+                     "model_weights_sha256": b["weights_sha256"], "world_size": worlds[-1],
+                     "device": ", ".join(sorted({rec.get("device", "?") for rec, _, _ in given})), "precision": str(cfg.trainer.precision),
+                     "sec_per_image": "wall seconds of method.sample summed over batches (all ranks, shards and "
+                                      "resumed parts) / images",
+                     "peak_memory_mb": outputs.PEAK_MEMORY + "; the largest over the processes that made the images",
+                     "nfe_per_image": "denoiser steps per image; unet_passes_per_image counts 2 per guided step",
+                     "folders": [str(f) for f in folders]},
+    }
+    labels = texts = None
+    if b["conditioning"] == "class":
+        labels = [per[s]["labels"][position[s]] for s in seed_list]
+        metrics["protocol"]["class"] = {"labels_per_image": labels, "given": c["class_labels_given"],
+                                        "null_class": b["null_class"], "guidance_scale": c["guidance_scale"]}
+    if b["text"]:
+        texts = [per[s]["prompts"][position[s]] for s in seed_list]
         unique = list(dict.fromkeys(texts))
         metrics["protocol"]["text"] = {
-            "prompts": (str(cfg.prompts) if cfg.get("prompts") else "sample.prompt"
-                        if cfg.sample.get("prompt") is not None else f"model.prompts={base.default_prompts}"),
-            "unique_prompts": unique,
-            "prompt_index_per_image": [unique.index(t) for t in texts], "negative_prompt": conditioner.negative_prompt,
-            "guidance_scale": conditioner.guidance_scale, "guidance_rescale": conditioner.guidance_rescale,
-            "micro_conditioning": {k: v or ([0, 0] if k == "crops_coords_top_left" else [int(cfg.data.resolution)] * 2)
-                                   for k, v in conditioner.micro.items()} if base.text.xl else None}
-        outputs.write_text(run_dir / "prompts.jsonl", "".join(json.dumps({"seed": sd, "prompt": t}) + "\n"
-                                                              for sd, t in zip(given, texts)))
-    report = getattr(lit.accelerator_, "report", None)  # AdaptiveDiffusion: per-seed skip masks, NFE spread
-    report = report(seeds, cfg.sample.batch_size) if report and trainer.world_size == 1 else None
-    if report:
-        outputs.write_json(run_dir / "skip_masks.json", report[0])
-        metrics.update(report[1])
-    if "_target_" in (cfg.get("metrics") or {}):  # quality vs the real set (+ a reference run, same seeds)
-        real = instantiate(cfg.data, base_resolution=base.resolution)
-        texts = conditioner.prompts_of(r["seeds"].tolist()) if base.text is not None else None
-        quality = instantiate(cfg.metrics).evaluate(r["images"], real, cfg.get("reference"), r["seeds"].tolist(),
-                                                    prompts=texts, labels=labels)
+            "prompts": c["prompts"], "unique_prompts": unique, "prompt_index_per_image": [unique.index(t) for t in texts],
+            "negative_prompt": c["negative_prompt"], "guidance_scale": c["guidance_scale"],
+            "guidance_rescale": c["guidance_rescale"], "micro_conditioning": c["micro"]}
+        outputs.write_text(out_dir / "prompts.jsonl", "".join(json.dumps({"seed": sd, "prompt": t}) + "\n"
+                                                              for sd, t in zip(seed_list, texts)))
+    accelerator = instantiate(cfg.accelerator) if "_target_" in cfg.accelerator else None
+    per_image = {str(s): per[s]["accelerator"][str(s)] for s in seed_list if "accelerator" in per[s]}
+    summary = accelerator.summary(per_image) if accelerator is not None and len(per_image) == len(seed_list) else None
+    if summary:
+        outputs.write_json(out_dir / "skip_masks.json", summary[0])
+        metrics.update(summary[1])
+    outputs.save_grid(images[:64], out_dir / "grid.png")
+    if shard is not None:
+        metrics["shard"] = f"{shard[0]}/{shard[1]}"
+        metrics["protocol"]["shard"] = (f"shard {shard[0]} of {shard[1]}: batches {shard[0]}, {shard[0]} + "
+                                        f"{shard[1]}, ... of the run's sample.batch_size batches; quality metrics come "
+                                        f"from `hiresrun merge` over all shards")
+    elif "_target_" in (cfg.get("metrics") or {}):  # quality vs the real set (+ a reference run, same seeds)
+        real = instantiate(cfg.data, base_resolution=b["resolution"])
+        quality = instantiate(cfg.metrics).evaluate(images, real, cfg.get("reference"), seed_list, prompts=texts,
+                                                    labels=labels)
         metrics["protocol"].update(quality.pop("protocol"))
         metrics.update(quality)
     elif cfg.get("reference"):  # metrics=none still scores fidelity to the reference run it was given
         from hiresrun.metrics import Metrics
 
-        quality = Metrics(cache_dir=cfg.paths.cache_dir).fidelity(r["images"], cfg.reference, r["seeds"].tolist())
+        quality = Metrics(cache_dir=cfg.paths.cache_dir).fidelity(images, cfg.reference, seed_list)
         metrics["protocol"].update(quality.pop("protocol"))
         metrics.update(quality)
-    outputs.write_json(run_dir / "metrics.json", metrics)
-    outputs.write_json(run_dir / "manifest.json", outputs.manifest(base.weights_hash, base.source))
+    if len(folders) == 1 and shard is None:
+        store.Store(folders[0]).prune(set(seeds))
+        if not cfg.sample.save_images:
+            import shutil
+
+            shutil.rmtree(Path(folders[0]) / store.SAMPLES, ignore_errors=True)
+    outputs.write_json(out_dir / "metrics.json", metrics)
+    outputs.write_json(out_dir / "manifest.json", outputs.manifest(b["weights_sha256"], b["source"]))
     if logger:
         logger.log_metrics({f"sample/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
         logger.finalize("success")
-    print(f"hiresrun: {metrics['num_samples']} images at {metrics['resolution']}px, "
-          f"{metrics['nfe_per_image']:.1f} NFE and {metrics['sec_per_image']:.3f} s per image -> {run_dir}")
+    what = f"shard {shard[0]}/{shard[1]}: " if shard else ""
+    print(f"hiresrun: {what}{metrics['num_samples']} images at {metrics['resolution']}px, "
+          f"{metrics['nfe_per_image']:.1f} NFE and {metrics['sec_per_image']:.3f} s per image -> {out_dir}")
+    if shard:
+        print(f"hiresrun: when all {shard[1]} shards are done: hiresrun merge gen=<their folders> (one folder if "
+              f"they share it)")
     return metrics
+
+
+def merge(cfg: DictConfig) -> dict:
+    """`hiresrun merge gen=<folder> [gen=[a,b,c]]`: the shards of one sample run, scored once over their union with
+    the settings they were sampled with; refuses shards of different settings, seeds missing or doubled."""
+    given = cfg.merge.gen
+    folders = [Path(str(f)) for f in (given if isinstance(given, (list, ListConfig)) else [given])] if given else []
+    if not folders:
+        raise UsageError("`hiresrun merge` needs gen=<sample run folder> or gen=[<shard folder>,...]")
+    infos = []
+    for f in folders:
+        info = store.Store(f).read_config()
+        if info is None:
+            raise UsageError(f"gen={f}: no {store.CONFIG} there; give the folders of `hiresrun sample` runs")
+        infos.append(info)
+    for f, info in zip(folders[1:], infos[1:]):
+        if not store.same(info["identity"], infos[0]["identity"]) or info["seeds"] != infos[0]["seeds"]:
+            diff = store.differences(info["identity"], infos[0]["identity"])
+            if info["seeds"] != infos[0]["seeds"]:
+                diff.append(f"seeds {infos[0]['seeds']} -> {info['seeds']}")
+            raise UsageError(f"{f} was sampled with other settings than {folders[0]} ({'; '.join(diff[:4])}): "
+                             f"merge shards of one run")
+    return finish(infos[0], folders, Path(cfg.paths.run_dir))
 
 
 def _fit(cfg: DictConfig, base, method, data, task: str):
@@ -456,7 +551,8 @@ def calibrate(cfg: DictConfig) -> dict:
     return search(cfg)
 
 
-TASKS = {"pretrain": pretrain, "train": train, "sample": sample, "eval": evaluate, "calibrate": calibrate}
+TASKS = {"pretrain": pretrain, "train": train, "sample": sample, "eval": evaluate, "calibrate": calibrate,
+         "merge": merge}
 
 
 def refuse(cfg: DictConfig, error: Unsupported) -> None:

@@ -30,3 +30,15 @@ class Accelerator:
 
     def wrap(self, model_fn: ModelFn, step=None) -> ModelFn:  # step: sampling.Step, the loop's schedule context
         return model_fn
+
+    # What an accelerator records per image, for the batch records of a sample run (hiresrun/store.py):
+    # `mark()` before a batch, `per_image(mark, seeds)` after it -> {str(seed): facts} or None;
+    # `summary(per_image)` -> (a file's content, flat metrics) over every image of the run, or None.
+    def mark(self):
+        return None
+
+    def per_image(self, mark, seeds: list[int]) -> dict | None:
+        return None
+
+    def summary(self, per_image: dict) -> tuple[dict, dict] | None:
+        return None

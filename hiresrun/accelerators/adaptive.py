@@ -117,23 +117,28 @@ class AdaptiveDiffusion(Accelerator):
         """Per image of the last sampling call: True where the model ran at that full step."""
         return masks(self.records[-1]) if self.records else []
 
-    def report(self, seeds: list[int], batch_size: int) -> tuple[dict, dict] | None:
-        """Per-seed skip masks ("1" = model called) and NFE, and nfe_min/max/speedup_nfe, from this process's
-        records: batches of `seeds` in order, each through the same number of loops. None if that does not fit."""
-        batches = [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
-        if not self.records or len(self.records) % len(batches):
+    def mark(self) -> int:
+        return len(self.records)
+
+    def per_image(self, mark: int, seeds: list[int]) -> dict | None:
+        """Each image's skip masks ("1" = model called), one per sampling loop of its batch (Self-Cascade: the pivot
+        loop, then the 2x loop), and its NFE, from the records made since `mark`."""
+        recs = self.records[mark:]
+        if not recs or any(len(r["called"]) and len(r["called"][0]) != len(seeds) for r in recs):
             return None
-        loops, per_seed, calls = len(self.records) // len(batches), {}, 0
-        for b, chunk in enumerate(batches):
-            recs = self.records[b * loops:(b + 1) * loops]
-            if any(len(r["called"]) and len(r["called"][0]) != len(chunk) for r in recs):
-                return None
-            for i, seed in enumerate(chunk):
-                per_seed[str(seed)] = {"masks": ["".join("1" if c else "0" for c in masks(r)[i]) for r in recs],
-                                       "nfe": sum(int(c[i]) for r in recs for c in r["called"])}
-                calls += sum(len(r["called"]) for r in recs)
-        nfe = [p["nfe"] for p in per_seed.values()]
-        return per_seed, {"nfe_min": min(nfe), "nfe_max": max(nfe), "speedup_nfe": calls / max(sum(nfe), 1)}
+        calls = sum(len(r["called"]) for r in recs)  # what every image would cost without reuse
+        return {str(seed): {"masks": ["".join("1" if c else "0" for c in masks(r)[i]) for r in recs],
+                            "nfe": sum(int(c[i]) for r in recs for c in r["called"]), "calls": calls}
+                for i, seed in enumerate(seeds)}
+
+    def summary(self, per_image: dict) -> tuple[dict, dict] | None:
+        """skip_masks.json's content and nfe_min / nfe_max / speedup_nfe over the run's images."""
+        if not per_image:
+            return None
+        nfe = [p["nfe"] for p in per_image.values()]
+        calls = sum(p["calls"] for p in per_image.values())
+        masks_ = {s: {"masks": p["masks"], "nfe": p["nfe"]} for s, p in per_image.items()}
+        return masks_, {"nfe_min": min(nfe), "nfe_max": max(nfe), "speedup_nfe": calls / max(sum(nfe), 1)}
 
 
 def masks(record: dict) -> list[list[bool]]:

@@ -1,0 +1,286 @@
+"""A sample run's images on disk, written batch by batch by the process that made them, so that a run resumes,
+shards and merges (ARCHITECTURE.md, "Sampling at cluster scale").
+
+A sample run folder holds
+    sampling.json                the identity of the images (every setting that changes a pixel), the full seed list,
+                                 the batch size, the base's facts and the resolved config (what `merge` scores with)
+    samples/<seed:06d>.png       one image per seed, written atomically (outputs.save_png)
+    records/<writer>.jsonl       one line per finished batch, appended after its images: seeds, each PNG's sha256,
+                                 model calls, seconds, and per-image facts (prompt, class label, AdaptiveDiffusion
+                                 masks). One file per writing process, so ranks and shards never share a file.
+
+The unit of work is a batch of `sample.batch_size` consecutive seeds of the full list, fixed before anything is
+split: shard K of N takes batches K, K+N, ...; rank r of W takes every W-th batch still to do. A batch is done when
+its record is on disk and every PNG in it has the recorded sha256, so a kill at any point (mid-image, mid-record)
+costs at most the batches in flight, and a resumed, sharded or many-rank run holds the same bytes as one process
+(the network sees the same batches).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from hiresrun.errors import UsageError
+
+CONFIG = "sampling.json"
+RECORDS = "records"
+SAMPLES = "samples"
+# Settings that do not change an image: where and how the run is executed, what is measured afterwards.
+NOT_IMAGES = ("sample.seeds", "sample.num_samples", "sample.shard", "sample.save_images", "sample.progress_every",
+              "trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.enable_progress_bar",
+              "trainer.log_every_n_steps", "trainer.default_root_dir", "logger", "paths", "metrics", "reference", "eval", "calibrate", "merge",
+              "hydra", "task", "train", "optimizer", "data.root", "data.num_workers", "data.batch_size")
+
+
+def png_name(seed: int) -> str:
+    return f"{seed:06d}.png"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# -- which batches a process runs ------------------------------------------------------------------------------
+def parse_shard(value) -> tuple[int, int]:
+    """`K/N` (0 <= K < N) -> (K, N); `auto` reads SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT (one shard outside
+    an array job); null -> (0, 1)."""
+    if value is None or str(value) in ("", "0/1"):
+        return 0, 1
+    if str(value) == "auto":
+        task, count = os.environ.get("SLURM_ARRAY_TASK_ID"), os.environ.get("SLURM_ARRAY_TASK_COUNT")
+        if task is None or count is None:
+            return 0, 1
+        base = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))  # arrays may start at 1 (--array=1-8)
+        return int(task) - base, int(count)
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(value))
+    if not m or int(m[2]) < 1 or int(m[1]) >= int(m[2]):
+        raise UsageError(f"sample.shard={value}: write K/N with 0 <= K < N (e.g. sample.shard=0/4 for the first of "
+                         f"four shards), or sample.shard=auto inside a SLURM array job")
+    return int(m[1]), int(m[2])
+
+
+def batches(seeds: list[int], batch_size: int) -> list[list[int]]:
+    """The full run's batches: consecutive seeds of the list, `batch_size` each (the last may be shorter)."""
+    return [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
+
+
+def shard_batches(all_batches: list[list[int]], shard: tuple[int, int]) -> list[list[int]]:
+    k, n = shard
+    return all_batches[k::n]
+
+
+# -- the identity of the images -----------------------------------------------------------------------------------
+def _flat(node, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def images_only(flat: dict) -> dict:
+    return {k: v for k, v in flat.items() if not any(k == x or k.startswith(x + ".") for x in NOT_IMAGES)}
+
+
+def identity(cfg: DictConfig, weights_sha256: str | None) -> dict:
+    """Every resolved setting that can change an image, flattened (`sampler.num_steps: 50`), plus the weights."""
+    return {**images_only(_flat(OmegaConf.to_container(cfg, resolve=True))), "model.weights_sha256": weights_sha256}
+
+
+def same(ours: dict, theirs: dict) -> bool:
+    return images_only(ours) == images_only(theirs)
+
+
+def differences(ours: dict, theirs: dict) -> list[str]:
+    ours, theirs = images_only(ours), images_only(theirs)
+    keys = sorted(set(ours) | set(theirs))
+    return [f"{k} {theirs.get(k, '(unset)')} -> {ours.get(k, '(unset)')}" for k in keys if ours.get(k) != theirs.get(k)]
+
+
+class Store:
+    """One sample run folder (see the module docstring)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.samples, self.records = self.run_dir / SAMPLES, self.run_dir / RECORDS
+
+    # -- the folder's identity ------------------------------------------------------------------------------
+    def read_config(self) -> dict | None:
+        path = self.run_dir / CONFIG
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def open(self, info: dict, write: bool) -> None:
+        """Refuse a folder whose images were made with other settings (one line naming them); else (`write`: rank 0)
+        write `sampling.json` = `info` (its identity, this run's seeds and config)."""
+        from hiresrun import outputs
+
+        old = self.read_config()
+        if old is not None and not same(info["identity"], old["identity"]):
+            diff = differences(info["identity"], old["identity"])
+            shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
+            raise UsageError(f"{self.run_dir} holds images sampled with other settings ({shown}); resume with the "
+                             f"same settings, or sample into a new folder (hydra.run.dir=<folder>)")
+        if old is None and self.samples.is_dir() and any(self.samples.glob("*.png")):
+            # a folder from before resumable runs (no record of how its images were made): start it afresh
+            for stale in self.samples.glob("*.png"):
+                stale.unlink()
+        if write:
+            outputs.write_json(self.run_dir / CONFIG, info)
+
+    # -- what is on disk --------------------------------------------------------------------------------------
+    def read_records(self) -> list[dict]:
+        """Every complete batch record of this folder, oldest file first (a line cut by a kill is skipped)."""
+        out = []
+        for path in sorted(self.records.glob("*.jsonl"), key=lambda p: (p.stat().st_mtime, p.name)):
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(rec, dict) and "seeds" in rec and "sha256" in rec:
+                    out.append(rec)
+        return out
+
+    def done(self, verify: bool = True) -> dict[int, dict]:
+        """seed -> the newest record holding it whose image is on disk with the recorded hash."""
+        out, hashes = {}, {}
+        for rec in self.read_records():
+            for s, h in zip(rec["seeds"], rec["sha256"]):
+                path = self.samples / png_name(s)
+                if not path.is_file():
+                    continue
+                if verify and s not in hashes:
+                    hashes[s] = sha256(path)
+                if not verify or hashes[s] == h:
+                    out[s] = rec
+        return out
+
+    # -- writing --------------------------------------------------------------------------------------------------
+    def writer(self, name: str) -> "Writer":
+        return Writer(self, name)
+
+    def prune(self, keep: set[int]) -> None:
+        """Remove images (and, by rewriting nothing, their records stay harmless) of seeds outside `keep`: a rerun
+        with fewer seeds leaves a folder holding exactly its own seeds."""
+        if not self.samples.is_dir():
+            return
+        names = {png_name(s) for s in keep}
+        for p in self.samples.glob("*.png"):
+            if p.name not in names:
+                p.unlink()
+
+
+class Writer:
+    """Appends this process's batches: images first (atomic), then one flushed, fsynced record line."""
+
+    def __init__(self, store: Store, name: str):
+        self.store, self.path = store, store.records / f"{name}.jsonl"
+
+    def write(self, seeds: list[int], images, facts: dict) -> None:
+        from hiresrun.outputs import save_png
+
+        self.store.samples.mkdir(parents=True, exist_ok=True)
+        self.store.records.mkdir(parents=True, exist_ok=True)
+        hashes = []
+        for s, im in zip(seeds, images):
+            path = self.store.samples / png_name(s)
+            save_png(im, path)
+            hashes.append(sha256(path))
+        line = json.dumps({"seeds": [int(s) for s in seeds], "sha256": hashes, **facts}, allow_nan=False)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def union(folders: list[Path], seeds: list[int]) -> list[tuple[dict, Path, list[int]]]:
+    """The finished images of `seeds` across sample folders (shards): (record, folder, the seeds it gives) per
+    record, each seed once. Refuses a union with seeds missing or in two folders, naming them."""
+    from hiresrun.outputs import seed_ranges
+
+    wanted, owner, given = set(seeds), {}, {}
+    for folder in folders:
+        done = {s: r for s, r in Store(folder).done().items() if s in wanted}
+        twice = sorted(s for s in done if s in owner)
+        if twice:
+            raise UsageError(f"seeds {seed_ranges(twice)[:200]} are in both {owner[twice[0]]} and {folder}: merge "
+                             f"shards that split one seed list (sample.shard=K/N with the same N)")
+        for s, rec in done.items():
+            owner[s] = folder
+            given.setdefault(id(rec), (rec, folder, []))[2].append(s)
+    missing = sorted(wanted - set(owner))
+    if missing:
+        raise UsageError(f"{len(missing)} of {len(seeds)} seeds have no finished image in "
+                         f"{', '.join(map(str, folders))}: {seed_ranges(missing)[:200]}; run the missing shards (the "
+                         f"same command resumes a shard), then merge again")
+    return list(given.values())
+
+
+class Batches(torch.utils.data.IterableDataset):
+    """The batches still to do, dealt round-robin to the ranks (read when the loop starts, after DDP is up)."""
+
+    def __init__(self, todo: list[list[int]]):
+        self.todo = todo
+
+    def __iter__(self):
+        dist = torch.distributed
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
+            else (0, 1)
+        for batch in self.todo[rank::world]:
+            yield torch.tensor(batch)
+
+
+def writer_name(shard: tuple[int, int]) -> str:
+    """A records file of its own for every process: shard, host and pid (ranks, shards and reruns never share)."""
+    import socket
+
+    return f"shard{shard[0]}of{shard[1]}-{socket.gethostname()}-{os.getpid()}"
+
+
+class Progress:
+    """One line every `every` images (rank 0): how many of the run's images exist, the pace, the time left.
+    Under DDP the pace is rank 0's times the number of ranks."""
+
+    def __init__(self, total: int, already: int, todo: int, every: int, world: int = 1, rank: int = 0,
+                 label: str = "sampling", clock=time.monotonic):
+        self.total, self.already, self.todo, self.world, self.rank = total, already, todo, world, rank
+        self.every = every if every > 0 else max(1, todo // 20)
+        self.label, self.clock, self.start, self.made, self.shown = label, clock, clock(), 0, 0
+
+    def line(self) -> str:
+        seconds = max(self.clock() - self.start, 1e-9)
+        made = min(self.made * self.world, self.todo)
+        rate = made / seconds
+        left = (self.todo - made) / rate if rate > 0 else float("inf")
+        return (f"hiresrun: {self.label} {self.already + made:,}/{self.total:,} images, {rate:.3g} img/s, "
+                f"ETA {duration(left)}")
+
+    def __call__(self, n: int) -> None:
+        self.made += n
+        if self.rank == 0 and (self.made - self.shown >= self.every or self.made * self.world >= self.todo):
+            self.shown = self.made
+            print(self.line(), flush=True)
+
+
+def duration(seconds: float) -> str:
+    if seconds != seconds or seconds == float("inf"):
+        return "unknown"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    return f"{s // 3600} h {s % 3600 // 60} min"

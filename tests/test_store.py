@@ -1,0 +1,185 @@
+"""Sampling at cluster scale (hiresrun/store.py): a killed run resumes to the same bytes without redoing finished
+images, shards merge into the one run's images and metrics, a folder of other settings is refused, progress lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import cli
+
+from hiresrun import store
+from hiresrun.outputs import load_images
+
+FAST = ["model=diffusers", "data.resolution=16", "logger=none", "trainer.enable_progress_bar=false"]
+
+
+def common(model_dir: Path, *extra: str) -> list[str]:
+    return ["sample", *FAST, f"model.path={model_dir}", *extra]
+
+
+def images_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((folder / "samples").glob("*.png"))}
+
+
+def record_lines(folder: Path) -> list[dict]:
+    return [json.loads(x) for p in (folder / "records").glob("*.jsonl") for x in p.read_text().splitlines()
+            if x.strip().endswith("}")]
+
+
+def test_kill_9_then_the_same_command_resumes_to_the_uninterrupted_bytes(tiny_model_dir, tmp_path):
+    args = common(tiny_model_dir, "sampler.num_steps=40", "sample.num_samples=12", "sample.batch_size=1",
+                  "+accelerator=adaptive")
+    whole = cli(*args, "hydra.run.dir=whole", cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr
+    exe = Path(sys.executable).with_name("hiresrun")
+    proc = subprocess.Popen([str(exe), *args, "hydra.run.dir=cut"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "HIRESRUN_OUTPUTS": str(tmp_path / "o")})
+    deadline = time.time() + 120
+    while time.time() < deadline and len(record_lines(tmp_path / "cut")) < 4:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = {json.dumps(r["seeds"]) for r in record_lines(tmp_path / "cut")}
+    assert 4 <= len(before) < 12 and not (tmp_path / "cut" / "metrics.json").exists()
+    again = cli(*args, "hydra.run.dir=cut", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert f"{len(before)} of 12 images are on disk, {12 - len(before)} to go" in again.stdout
+    assert images_bytes(tmp_path / "cut") == images_bytes(tmp_path / "whole")
+    seeds = [s for r in record_lines(tmp_path / "cut") for s in r["seeds"]]
+    assert sorted(seeds) == list(range(12)), "a finished image was generated twice"
+    m1, m2 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("whole", "cut"))
+    for key in ("num_samples", "nfe_per_image", "unet_passes_per_image", "nfe_min", "nfe_max", "speedup_nfe"):
+        assert m1[key] == m2[key], key
+    assert (tmp_path / "whole" / "skip_masks.json").read_text() == (tmp_path / "cut" / "skip_masks.json").read_text()
+
+
+def test_a_rerun_of_a_finished_run_generates_nothing_and_a_corrupt_image_is_redone(tiny_model_dir, tmp_path):
+    args = common(tiny_model_dir, "sampler.num_steps=2", "sample.num_samples=6", "sample.batch_size=2",
+                  "hydra.run.dir=run")
+    assert cli(*args, cwd=tmp_path).returncode == 0
+    first = images_bytes(tmp_path / "run")
+    again = cli(*args, cwd=tmp_path)
+    assert again.returncode == 0 and "6 of 6 images are on disk, 0 to go" in again.stdout
+    assert len(record_lines(tmp_path / "run")) == 3
+    (tmp_path / "run" / "samples" / "000003.png").write_bytes(b"not a png")  # same name, wrong bytes
+    third = cli(*args, cwd=tmp_path)
+    assert "4 of 6 images are on disk, 2 to go" in third.stdout  # the batch holding seed 3 (seeds 2, 3) is redone
+    assert images_bytes(tmp_path / "run") == first and len(record_lines(tmp_path / "run")) == 4
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["own folders", "one shared folder"])
+def test_three_shards_merged_equal_one_run_images_and_fid(shared, tiny_model_dir, tmp_path):
+    args = common(tiny_model_dir, "sampler.num_steps=2", "sample.num_samples=7", "sample.batch_size=2",
+                  "metrics=default", "metrics.patch_fid=false", "metrics.num_reference=6",
+                  "metrics.kid_subset_size=3")
+    one = cli(*args, "hydra.run.dir=one", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr
+    dirs = ["shared"] * 3 if shared else [f"s{k}" for k in range(3)]
+    for k in range(3):
+        proc = cli(*args, f"sample.shard={k}/3", f"hydra.run.dir={dirs[k]}", cwd=tmp_path)
+        assert proc.returncode == 0 and f"shard {k}/3" in proc.stdout, proc.stderr
+        assert "fid" not in json.loads((tmp_path / dirs[k] / "metrics.json").read_text())
+    gen = dirs[0] if shared else "[" + ",".join(str(tmp_path / d) for d in dirs) + "]"
+    merged = cli("merge", f"gen={gen}", "hydra.run.dir=merged", cwd=tmp_path)
+    assert merged.returncode == 0, merged.stderr
+    assert len(images_bytes(tmp_path / "one")) == 7
+    union = {} if not shared else images_bytes(tmp_path / "shared")
+    for d in set(dirs):
+        union |= images_bytes(tmp_path / d)
+    assert union == images_bytes(tmp_path / "one")
+    m1, m2 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "merged"))
+    for key in ("fid", "kid", "swd", "digit_acc", "num_samples", "nfe_per_image"):
+        assert m1[key] == m2[key], key
+    assert m2["protocol"]["seeds"] == "0-6"
+
+
+def test_merge_refuses_missing_overlapping_or_mismatched_shards(tiny_model_dir, tmp_path):
+    args = common(tiny_model_dir, "sampler.num_steps=2", "sample.num_samples=6", "sample.batch_size=2")
+    for k in (0, 1):
+        assert cli(*args, f"sample.shard={k}/3", f"hydra.run.dir=s{k}", cwd=tmp_path).returncode == 0
+    missing = cli("merge", f"gen=[{tmp_path / 's0'},{tmp_path / 's1'}]", cwd=tmp_path)
+    assert missing.returncode == 2 and "2 of 6 seeds have no finished image" in missing.stderr
+    assert "4-5" in missing.stderr
+    assert cli(*args, "hydra.run.dir=all", cwd=tmp_path).returncode == 0
+    overlap = cli("merge", f"gen=[{tmp_path / 'all'},{tmp_path / 's0'}]", cwd=tmp_path)
+    assert overlap.returncode == 2 and "seeds 0-1 are in both" in overlap.stderr
+    assert cli(*args, "sampler.num_steps=3", "sample.shard=2/3", "hydra.run.dir=s2", cwd=tmp_path).returncode == 0
+    other = cli("merge", f"gen=[{tmp_path / 's0'},{tmp_path / 's1'},{tmp_path / 's2'}]", cwd=tmp_path)
+    assert other.returncode == 2 and "sampler.num_steps 2 -> 3" in other.stderr
+    nothing = cli("merge", f"gen={tmp_path}", cwd=tmp_path)
+    assert nothing.returncode == 2 and "no sampling.json" in nothing.stderr
+
+
+def test_resuming_into_a_folder_of_other_settings_is_refused_and_nothing_changes(tiny_model_dir, tmp_path):
+    args = common(tiny_model_dir, "sample.num_samples=3", "hydra.run.dir=run")
+    assert cli(*args, "sampler.num_steps=2", cwd=tmp_path).returncode == 0
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file() and p.suffix != ".log"}
+    proc = cli(*args, "sampler.num_steps=3", cwd=tmp_path)
+    assert proc.returncode == 2
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "holds images sampled with other settings (sampler.num_steps 2 -> 3)" in line, line
+    after = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file() and p.suffix != ".log"}
+    assert {p: b for p, b in after.items() if ".hydra" not in str(p)} == \
+           {p: b for p, b in before.items() if ".hydra" not in str(p)}
+    # what does not change an image may change: more seeds, another batch of ranks
+    more = cli(*args, "sampler.num_steps=2", "sample.num_samples=5", cwd=tmp_path)
+    assert more.returncode == 0 and len(images_bytes(tmp_path / "run")) == 5
+
+
+@pytest.mark.parametrize("value, line", [("3/3", "sample.shard=3/3: write K/N with 0 <= K < N"),
+                                          ("0/0", "sample.shard=0/0: write K/N"),
+                                          ("half", "sample.shard=half: write K/N"),
+                                          ("0/9", "4 batches of sample.batch_size=1 cannot make 9 shards")])
+def test_bad_shards_are_one_line(value, line, tiny_model_dir, tmp_path):
+    proc = cli(*common(tiny_model_dir, "sample.num_samples=4", "sample.batch_size=1", f"sample.shard={value}",
+                       "hydra.run.dir=run"), cwd=tmp_path)
+    assert proc.returncode == 2 and line in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_shard_auto_reads_the_slurm_array(monkeypatch):
+    assert store.parse_shard("auto") == (0, 1)  # outside an array: one shard
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "5")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "8")
+    assert store.parse_shard("auto") == (5, 8)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "8")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")  # --array=1-8
+    assert store.parse_shard("auto") == (7, 8)
+
+
+def test_shards_take_interleaved_whole_batches_that_cover_the_run_once():
+    plan = store.batches(list(range(10)), 3)
+    assert plan == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+    parts = [store.shard_batches(plan, (k, 3)) for k in range(3)]
+    assert parts == [[[0, 1, 2], [9]], [[3, 4, 5]], [[6, 7, 8]]]
+    assert sorted(s for p in parts for b in p for s in b) == list(range(10))
+
+
+def test_progress_lines_count_pace_and_time_left(capsys):
+    now = [0.0]
+    p = store.Progress(total=1000, already=200, todo=800, every=100, clock=lambda: now[0])
+    for _ in range(4):
+        now[0] += 10.0
+        p(50)  # 5 img/s
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["hiresrun: sampling 300/1,000 images, 5 img/s, ETA 2 min 20 s",
+                     "hiresrun: sampling 400/1,000 images, 5 img/s, ETA 2 min 0 s"]
+    ddp = store.Progress(total=100, already=0, todo=100, every=10, world=2, clock=lambda: now[0] + 1)
+    ddp(10)
+    assert "sampling 20/100 images" in capsys.readouterr().out  # rank 0's pace times the ranks
+    assert store.duration(3 * 3600 + 22 * 60) == "3 h 22 min"
+
+
+def test_sampling_prints_progress_lines_into_a_log(tiny_model_dir, tmp_path):
+    proc = cli(*common(tiny_model_dir, "sampler.num_steps=1", "sample.num_samples=6", "sample.batch_size=2",
+                       "sample.progress_every=2", "hydra.run.dir=run"), cwd=tmp_path)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("hiresrun: sampling ")]
+    assert [x.split(" images")[0] for x in lines] == [f"hiresrun: sampling {k}/6" for k in (2, 4, 6)]
+    assert load_images(tmp_path / "run" / "samples").shape[0] == 6
