@@ -75,7 +75,7 @@ class Interrupt(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
-        for s in (signal.SIGINT, signal.SIGTERM):
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):  # USR2: submitit's "requeue me" (--signal=USR2@t)
             self._previous[s] = signal.getsignal(s)
             signal.signal(s, self._note)
 
@@ -92,6 +92,11 @@ class Interrupt(L.Callback):
             return
         trainer.save_checkpoint(self.path)
         signum = self.signum or signal.SIGTERM
+        previous = self._previous.get(signum)
+        if signum == signal.SIGUSR2 and callable(previous) and trainer.is_global_zero:
+            print(f"hiresrun: SIGUSR2 after step {trainer.global_step}: saved {self.path}; handing over to the job "
+                  f"scheduler's requeue (the requeued job resumes from it)", flush=True)
+            previous(signum, None)  # submitit: requeue this job, then exit
         raise Interrupted(f"interrupted by {signal.Signals(signum).name} after step {trainer.global_step}: saved "
                           f"{self.path}; resume with the same command plus ckpt_path={self.path.parents[1]}", signum)
 

@@ -383,6 +383,9 @@ def merge(cfg: DictConfig) -> dict:
     the settings they were sampled with; refuses shards of different settings, seeds missing or doubled."""
     given = cfg.merge.gen
     folders = [Path(str(f)) for f in (given if isinstance(given, (list, ListConfig)) else [given])] if given else []
+    # a sweep folder whose job folders are the shards (hiresrun sample -m sample.shard=0/4,1/4,...)
+    folders = [g for f in folders for g in ([f] if (f / store.CONFIG).is_file() or not f.is_dir() else
+                                            sorted(d for d in f.iterdir() if (d / store.CONFIG).is_file()) or [f])]
     if not folders:
         raise UsageError("`hiresrun merge` needs gen=<sample run folder> or gen=[<shard folder>,...]")
     infos = []
@@ -398,7 +401,11 @@ def merge(cfg: DictConfig) -> dict:
                 diff.append(f"seeds {infos[0]['seeds']} -> {info['seeds']}")
             raise UsageError(f"{f} was sampled with other settings than {folders[0]} ({'; '.join(diff[:4])}): "
                              f"merge shards of one run")
-    return finish(infos[0], folders, Path(cfg.paths.run_dir))
+    info = infos[0]
+    if "_target_" in (cfg.get("metrics") or {}) or cfg.get("reference"):  # the merge command's own metrics win
+        info = {**info, "config": {**info["config"], "metrics": OmegaConf.to_container(cfg.metrics, resolve=True),
+                                   "reference": cfg.get("reference") or info["config"].get("reference")}}
+    return finish(info, folders, Path(cfg.paths.run_dir))
 
 
 def _fit(cfg: DictConfig, base, method, data, task: str):
@@ -407,6 +414,10 @@ def _fit(cfg: DictConfig, base, method, data, task: str):
 
     run_dir = Path(cfg.paths.run_dir)
     ckpt = resolve_ckpt(cfg.ckpt_path, cfg.paths.output_root, task, str(cfg.method._target_))
+    own = Path(cfg.paths.run_dir) / "checkpoints" / "last.ckpt"
+    if ckpt is None and int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0 and own.is_file():
+        ckpt = str(own)  # a job SLURM requeued (preemption, time limit) continues its own run folder
+        print(f"hiresrun: requeued job (SLURM_RESTART_COUNT={os.environ['SLURM_RESTART_COUNT']}): resuming {own}")
     trained_with = run_method(Path(ckpt).parents[1]) if ckpt else None
     if trained_with is not None and trained_with != str(cfg.method._target_):
         raise UsageError(f"ckpt_path={ckpt} was trained with method {trained_with.rsplit('.', 1)[-1]}, this run is "

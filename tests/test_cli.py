@@ -17,7 +17,7 @@ def one_error_line(proc) -> str:
 
 def test_help_lists_verbs_and_groups(tmp_path):
     out = cli("--help", cwd=tmp_path).stdout
-    for word in ("pretrain", "train", "sample", "eval", "trainer: cpu, ddp, gpu"):
+    for word in ("pretrain", "train", "sample", "eval", "merge", "trainer: cpu, ddp, gpu"):
         assert word in out
     samplers = next(line for line in out.splitlines() if line.strip().startswith("sampler:"))
     for name in ("ddim", "ddpm", "dpmsolver", "euler", "heun", "unipc", "edm_heun", "edm_euler", "edm_dpmsolver"):

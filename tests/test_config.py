@@ -54,7 +54,7 @@ def test_gpu_trainer_instantiates():
     assert instantiate(cfg.trainer, default_root_dir="/tmp").precision == "bf16-mixed"
 
 
-@pytest.mark.parametrize("launcher", ["submitit_local", "submitit_slurm"])
+@pytest.mark.parametrize("launcher", ["submitit_local", "submitit_slurm", "cluster"])
 def test_submitit_launchers_compose(launcher):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
@@ -62,6 +62,9 @@ def test_submitit_launchers_compose(launcher):
     with initialize_config_module("hiresrun.conf", version_base="1.3"):
         cfg = hydra_compose("config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
     assert "submitit" in cfg.hydra.launcher._target_.lower()
+    if launcher == "cluster":  # the example cluster: SLURM, requeue on timeout, USR2 ahead of the limit
+        assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+        assert cfg.hydra.launcher.max_num_timeout > 0 and cfg.hydra.launcher.signal_delay_s > 0
 
 
 @pytest.mark.parametrize("name", sorted(f.stem for f in (CONF / "experiment").glob("*.yaml")))

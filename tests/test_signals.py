@@ -62,3 +62,36 @@ def test_a_failed_checkpoint_write_leaves_nothing_and_keeps_the_old_file(tmp_pat
         io.save_checkpoint({"global_step": 2, "state_dict": {}}, path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
     assert load(path)["global_step"] == 1
+
+
+def test_sigterm_then_a_slurm_requeue_resumes_bit_exactly_in_the_same_folder_and_logger_run(tmp_path, tiny_model_dir):
+    """What SLURM does to a preempted job: SIGTERM, then the same command again with SLURM_RESTART_COUNT=1."""
+    exe = Path(sys.executable).with_name("hiresrun")
+    args = [str(exe), "train", "+method=finetune", "model=diffusers", f"model.path={tiny_model_dir}",
+            "data.resolution=16", "data.batch_size=8", "trainer.max_steps=300", "train.checkpoint_every=1000",
+            "train.grid_every=0", "logger=csv", "trainer.enable_progress_bar=false"]
+    env = {**os.environ, "HIRESRUN_OUTPUTS": str(tmp_path / "outputs"), "OMP_NUM_THREADS": "1"}
+    whole = subprocess.run([*args, "hydra.run.dir=whole"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    proc = subprocess.Popen([*args, "hydra.run.dir=job"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    line = proc.stdout.readline()
+    while line and "trainable parameters" not in line:
+        line = proc.stdout.readline()
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    cut = load(tmp_path / "job" / "checkpoints" / "last.ckpt")["global_step"]
+    assert 0 < cut < 300
+    logger_before = (tmp_path / "job" / "logger.json").read_text()
+    again = subprocess.run([*args, "hydra.run.dir=job"], cwd=tmp_path, capture_output=True, text=True,
+                           env={**env, "SLURM_RESTART_COUNT": "1"})
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "requeued job (SLURM_RESTART_COUNT=1): resuming" in again.stdout
+    a, b = (load(tmp_path / d / "checkpoints" / "last.ckpt") for d in ("whole", "job"))
+    assert a["global_step"] == b["global_step"] == 300
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+    assert (tmp_path / "job" / "logger.json").read_text() == logger_before  # the same logger run continues
+    assert sorted(p.name for p in (tmp_path / "job").rglob("version_*")) == ["version_0"]
