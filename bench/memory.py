@@ -1,8 +1,8 @@
 """bench: rank 0's peak resident memory while sampling N images, for N = 64, 256, 1024 (ratios side by side).
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/memory.py [--sizes 64 256 1024] [--resolution 128] [--steps 2]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/memory.py [--sizes 64 256 1024] [--resolution 64] [--steps 1]
 
-Each N is one `hiresrun sample model=tiny-mnist metrics=none` in a process of its own, at 128 px (the embedded UNet
+Each N is one `hiresrun sample model=tiny-mnist metrics=none` in a process of its own, at 64 px (the embedded UNet
 is convolutional, so a large side makes each image's bytes visible against the ~1 GB of a loaded torch process),
 DDIM with few steps (memory, not quality), batch 32. `peak_memory_mb` is the run's own measure (metrics.json: the
 resident-set high-water mark from a reset at the start of sampling, largest over the batches). Since images go to
@@ -40,8 +40,8 @@ def one(n: int, args, folder: Path) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 1024])
-    ap.add_argument("--resolution", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--resolution", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

@@ -235,14 +235,14 @@ def sample(cfg: DictConfig) -> dict | None:
         raise UsageError(f"sample.shard={cfg.sample.shard}: {len(plan)} batches of sample.batch_size="
                          f"{cfg.sample.batch_size} cannot make {shard[1]} shards; use at most {len(plan)} shards or a "
                          f"smaller sample.batch_size")
-    folder = store.Store(run_dir)
+    lit = LitModule(net, method, sampler_scheduler(cfg, base, method), cfg.sampler.num_steps,
+                    instantiate(cfg.accelerator), conditioner=conditioner)
+    folder = store.Store(run_dir)  # everything that can refuse the run has run: now the folder is written
     info = {"identity": store.identity(cfg, base.weights_hash), **sampling_record(cfg, base, conditioner, seeds)}
     folder.open(info, write=int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0)
     done = folder.done()
     mine = store.shard_batches(plan, shard)
     todo = [b for b in mine if not all(s in done and done[s]["seeds"] == b for s in b)]
-    lit = LitModule(net, method, sampler_scheduler(cfg, base, method), cfg.sampler.num_steps,
-                    instantiate(cfg.accelerator), conditioner=conditioner)
     lit.writer = folder.writer(store.writer_name(shard))
     lit.facts = lambda chunk: image_facts(base, conditioner, chunk)
     logger = build_logger(cfg)

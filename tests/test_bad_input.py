@@ -33,6 +33,9 @@ CASES = [
     (["sample.seeds=9-3"], r"sample.seeds=9-3: write a list"),
     (["sample.seeds=[1,1]"], r"seeds must be non-negative, distinct"),
     (["sample.seeds=[2147483648]"], r"seeds must lie below 2\^31"),
+    (["sample.shard=3/3"], r"sample.shard=3/3: write K/N with 0 <= K < N"),
+    (["sample.shard=2/3", "sample.num_samples=2", "sample.batch_size=1"], r"2 batches of sample.batch_size=1 cannot "
+                                                                          r"make 3 shards"),
     (["trainer.devices=0"], r"trainer.devices=0: give a count"),
     (["trainer.devices=-3"], r"trainer.devices=-3: give a count"),
     (["trainer.precision=banana"], r"trainer.precision=banana: choose one of"),
