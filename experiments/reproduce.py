@@ -62,7 +62,8 @@ def studies(root: str) -> dict[str, list[str]]:
                    f"{PY} experiments/simple/study.py --out {root}/simple"],
         "classguidance": [f"{PY} experiments/classguidance/run.py --n 500 --steps 1500 --init {init} "
                           f"--out {root}/classguidance" for init in ("normal", "zero")],
-        "tinysd": [f"{PY} experiments/tinysd/run.py guidance --n 500 --out {root}/tinysd"],
+        "tinysd": [f"{PY} experiments/tinysd/run.py {study} --n 500 --out {root}/tinysd"
+                   for study in ("guidance", "selfcascade", "adaptive", "unet")],
         "pagoda": [f"{PY} experiments/pagoda/run.py --n 500 --out {root}/pagoda",
                    f"{PY} experiments/pagoda/run.py --sweep --out {root}/pagoda"],
         # every method x accelerator pair at 32 px on the checkpoints the studies above trained (linked, not

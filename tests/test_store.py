@@ -113,7 +113,8 @@ def test_merge_refuses_missing_overlapping_or_mismatched_shards(tiny_model_dir, 
     assert cli(*args, "sampler.num_steps=3", "sample.shard=2/3", "hydra.run.dir=s2", cwd=tmp_path).returncode == 0
     other = cli("merge", f"gen=[{tmp_path / 's0'},{tmp_path / 's1'},{tmp_path / 's2'}]", cwd=tmp_path)
     assert other.returncode == 2 and "sampler.num_steps 2 -> 3" in other.stderr
-    nothing = cli("merge", f"gen={tmp_path}", cwd=tmp_path)
+    (tmp_path / "empty").mkdir()
+    nothing = cli("merge", f"gen={tmp_path / 'empty'}", cwd=tmp_path)
     assert nothing.returncode == 2 and "no sampling.json" in nothing.stderr
 
 

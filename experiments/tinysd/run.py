@@ -93,9 +93,16 @@ TRAIN = ["model=tiny-sd-mnist", "data=mnist", "data.captions=digits", "data.reso
 SAMPLE_BATCH = 10   # images per sampling batch in the later studies (AdaptiveDiffusion sub-batches per image)
 
 
+class NotRun(Exception):
+    """--tables-only: an arm whose run folder has no metrics.json yet."""
+
+
 def arm(folder: Path, verb: str, *overrides: str) -> dict:
-    """Run `hiresrun <verb> ... hydra.run.dir=<folder>` unless the folder holds its metrics.json; return that."""
+    """Run `hiresrun <verb> ... hydra.run.dir=<folder>` unless the folder holds its metrics.json; return that.
+    With --tables-only nothing runs: a missing arm raises NotRun and its table row says so."""
     if not (folder / "metrics.json").is_file():
+        if DEST.get("tables_only"):
+            raise NotRun(str(folder))
         hiresrun(verb, *overrides, f"hydra.run.dir={folder}", *([] if verb == "train" else QUIET))
     return json.loads((folder / "metrics.json").read_text())
 
@@ -143,12 +150,17 @@ def selfcascade(args) -> None:
     for a in selfcascade_arms(args.steps):
         slug = a["name"].split(" (")[0].replace(", ", "-").replace(" ", "_")
         ckpt, t = [], {}
-        if "train" in a:
-            t = arm(out / f"{slug}-train", "train", *TRAIN, *a["train"], f"trainer.max_steps={args.steps}",
-                    f"train.checkpoint_every={args.steps}")
-            ckpt = [f"ckpt_path={out / f'{slug}-train'}"]
-        m = arm(out / slug, "sample", *GUIDED, "data.resolution=32", f"sample.num_samples={args.n}",
-                f"sample.batch_size={SAMPLE_BATCH}", *a["sample"], *ckpt, "metrics=default", "metrics.patch_fid=false")
+        try:
+            if "train" in a:
+                t = arm(out / f"{slug}-train", "train", *TRAIN, *a["train"], f"trainer.max_steps={args.steps}",
+                        f"train.checkpoint_every={args.steps}")
+                ckpt = [f"ckpt_path={out / f'{slug}-train'}"]
+            m = arm(out / slug, "sample", *GUIDED, "data.resolution=32", f"sample.num_samples={args.n}",
+                    f"sample.batch_size={SAMPLE_BATCH}", *a["sample"], *ckpt, "metrics=default",
+                    "metrics.patch_fid=false")
+        except NotRun:
+            rows.append([a["name"], *(["not run yet"] + [None] * (len(SC_COLUMNS) + 1))])
+            continue
         rows.append([a["name"], *(m.get(c) for c in SC_COLUMNS), t.get("trainable_params", 0),
                      round(t.get("train_seconds", 0))])
         record.append({"arm": a["name"], **{c: m.get(c) for c in SC_COLUMNS}, "fid_floor": m.get("fid_floor"),
@@ -179,29 +191,44 @@ def adaptive(args) -> None:
     pick = lambda m: {k: m.get(k) for k in keep}
     rows, sweep_rows, record = [], [], {"samplers": {}, "sweep": []}
     for s in SAMPLERS:
-        full = arm(out / f"{s}-full", "sample", *base, f"sampler={s}", "metrics=default", "metrics.patch_fid=false")
-        ref = [f"reference={out / f'{s}-full'}", "metrics=default", "metrics.patch_fid=false"]
-        ad = arm(out / f"{s}-adaptive", "sample", *base, f"sampler={s}", "+accelerator=adaptive", *ref)
-        n_eq = max(1, round(50 * ad["nfe_per_image"] / full["nfe_per_image"]))
-        few = arm(out / f"{s}-steps{n_eq}", "sample", *base, f"sampler={s}", f"sampler.num_steps={n_eq}", *ref)
+        try:
+            full = arm(out / f"{s}-full", "sample", *base, f"sampler={s}", "metrics=default",
+                       "metrics.patch_fid=false")
+            ref = [f"reference={out / f'{s}-full'}", "metrics=default", "metrics.patch_fid=false"]
+            ad = arm(out / f"{s}-adaptive", "sample", *base, f"sampler={s}", "+accelerator=adaptive", *ref)
+            n_eq = max(1, round(50 * ad["nfe_per_image"] / full["nfe_per_image"]))
+            few = arm(out / f"{s}-steps{n_eq}", "sample", *base, f"sampler={s}", f"sampler.num_steps={n_eq}", *ref)
+        except NotRun:
+            rows.append([s, "not run yet", *[None] * 10])
+            continue
         wall = full["sec_per_image"] / ad["sec_per_image"]
         rows.append([s, f"{full['nfe_per_image']:.0f} -> {ad['nfe_per_image']:.1f}",
                      full["nfe_per_image"] / ad["nfe_per_image"], wall, ad["psnr_to_ref"], ad.get("lpips_to_ref"),
                      full["fid"], ad["fid"], ad["prompt_acc"], f"{n_eq}: {few['psnr_to_ref']:.2f}",
                      few.get("lpips_to_ref"), few["fid"]])
         record["samplers"][s] = {"full": pick(full), "adaptive": pick(ad), "fewer_steps": {"steps": n_eq, **pick(few)}}
-    full = arm(out / "ddim-full", "sample", *base, "sampler=ddim", "metrics=default", "metrics.patch_fid=false")
     ref = [f"reference={out / 'ddim-full'}", "metrics=default", "metrics.patch_fid=false"]
     for c in SWEEP_CMAX:
         for d in SWEEP_DELTA:
-            m = arm(out / f"ddim-d{d:g}-c{c}", "sample", *base, "sampler=ddim", "+accelerator=adaptive",
-                    f"accelerator.delta={d}", f"accelerator.c_max={c}", *ref)
+            try:
+                full = arm(out / "ddim-full", "sample", *base, "sampler=ddim", "metrics=default",
+                           "metrics.patch_fid=false")
+                m = arm(out / f"ddim-d{d:g}-c{c}", "sample", *base, "sampler=ddim", "+accelerator=adaptive",
+                        f"accelerator.delta={d}", f"accelerator.c_max={c}", *ref)
+            except NotRun:
+                sweep_rows.append([f"adaptive delta {d:g}, c_max {c}", "not run yet", *[None] * 5])
+                continue
             sweep_rows.append([f"adaptive delta {d:g}, c_max {c}", full["nfe_per_image"] / m["nfe_per_image"],
                                full["sec_per_image"] / m["sec_per_image"], m["psnr_to_ref"], m.get("lpips_to_ref"),
                                m["fid"], m["prompt_acc"]])
             record["sweep"].append({"delta": d, "c_max": c, **pick(m)})
     for n in SWEEP_STEPS:
-        m = arm(out / f"ddim-steps{n}", "sample", *base, "sampler=ddim", f"sampler.num_steps={n}", *ref)
+        try:
+            full = arm(out / "ddim-full", "sample", *base, "sampler=ddim", "metrics=default", "metrics.patch_fid=false")
+            m = arm(out / f"ddim-steps{n}", "sample", *base, "sampler=ddim", f"sampler.num_steps={n}", *ref)
+        except NotRun:
+            sweep_rows.append([f"DDIM {n} steps", "not run yet", *[None] * 5])
+            continue
         sweep_rows.append([f"DDIM {n} steps", full["nfe_per_image"] / m["nfe_per_image"],
                            full["sec_per_image"] / m["sec_per_image"], m["psnr_to_ref"], m.get("lpips_to_ref"),
                            m["fid"], m["prompt_acc"]])
@@ -233,23 +260,26 @@ def unet(args) -> None:
     cols = ("fid", "kid", "prompt_acc", "digit_acc", "fd_digits", "sec_per_image")
     rows, record = [], []
 
-    def add(name, m):
+    def add(name, folder, *overrides):
+        try:
+            m = arm(folder, "sample", *base, *overrides)
+        except NotRun:
+            rows.append([name, "not run yet", *[None] * (len(cols) - 1)])
+            return
         rows.append([name, *(m.get(c) for c in cols)])
         record.append({"arm": name, **{c: m.get(c) for c in cols}})
 
-    add("DDIM 50, no accelerator", arm(out / "ddim50", "sample", *base))
+    add("DDIM 50, no accelerator", out / "ddim50")
     for b1, b2, s1, s2 in FREEU:
         tag = "SD-1.5 values (1.5, 1.6, 0.9, 0.2)" if b1 is None else f"b {b1:g}, {b2:g}; s {s1:g}, {s2:g}"
         knobs = [] if b1 is None else [f"accelerator.b1={b1}", f"accelerator.b2={b2}", f"accelerator.s1={s1}",
                                        f"accelerator.s2={s2}"]
-        add(f"DDIM 50, FreeU {tag}", arm(out / f"freeu-{b1}-{b2}-{s1}-{s2}", "sample", *base, "+accelerator=freeu",
-                                         *knobs))
+        add(f"DDIM 50, FreeU {tag}", out / f"freeu-{b1}-{b2}-{s1}-{s2}", "+accelerator=freeu", *knobs)
     for steps in (10, 20):
-        add(f"DDIM {steps}, no accelerator", arm(out / f"ddim{steps}", "sample", *base, f"sampler.num_steps={steps}"))
+        add(f"DDIM {steps}, no accelerator", out / f"ddim{steps}", f"sampler.num_steps={steps}")
         for rho in RHOS:
-            add(f"DDIM {steps}, Skip-Tuning rho {rho:g}",
-                arm(out / f"skip{steps}-rho{rho:g}", "sample", *base, f"sampler.num_steps={steps}",
-                    "+accelerator=skiptuning", f"accelerator.rho={rho}"))
+            add(f"DDIM {steps}, Skip-Tuning rho {rho:g}", out / f"skip{steps}-rho{rho:g}",
+                f"sampler.num_steps={steps}", "+accelerator=skiptuning", f"accelerator.rho={rho}")
     head = ["arm", "FID ↓", "KID ↓", "prompt_acc ↑", "digit_acc ↑", "FD digits ↓", "s/img"]
     proto = (f"n = {args.n} (seeds 0-{args.n - 1}, digit i mod 10), 16 px, guidance 3, DDIM, sampling batch "
              f"{SAMPLE_BATCH}; FID/KID Inception pool3 (clean resize) vs the 1,000 held-out digits at 16 px; 2-core "
@@ -267,8 +297,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300, help="training steps of the tuned Self-Cascade arms")
     p.add_argument("--out", default="runs/tinysd")
     p.add_argument("--record-dir", type=Path, default=HERE, help="folder of the results.json and README.md to update")
+    p.add_argument("--tables-only", action="store_true", help="run nothing: tables from the arms already done")
     args = p.parse_args()
-    DEST["dir"] = args.record_dir
+    DEST["dir"], DEST["tables_only"] = args.record_dir, args.tables_only
     STUDIES[args.study](args)
 
 
