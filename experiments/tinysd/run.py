@@ -208,31 +208,26 @@ def adaptive(args) -> None:
                      few.get("lpips_to_ref"), few["fid"]])
         record["samplers"][s] = {"full": pick(full), "adaptive": pick(ad), "fewer_steps": {"steps": n_eq, **pick(few)}}
     ref = [f"reference={out / 'ddim-full'}", "metrics=default", "metrics.patch_fid=false"]
+
+    def point(name: str, folder: Path, knobs: dict, *overrides: str) -> None:
+        """One sweep row: an arm scored against the 50-step DDIM images, beside its speed-ups over them."""
+        try:
+            full = arm(out / "ddim-full", "sample", *base, "sampler=ddim", "metrics=default",
+                       "metrics.patch_fid=false")
+            m = arm(folder, "sample", *base, "sampler=ddim", *overrides, *ref)
+        except NotRun:
+            sweep_rows.append([name, "not run yet", *[None] * 5])
+            return
+        sweep_rows.append([name, full["nfe_per_image"] / m["nfe_per_image"], full["sec_per_image"] / m["sec_per_image"],
+                           m["psnr_to_ref"], m.get("lpips_to_ref"), m["fid"], m["prompt_acc"]])
+        record["sweep"].append({**knobs, **pick(m)})
+
     for c in SWEEP_CMAX:
         for d in SWEEP_DELTA:
-            try:
-                full = arm(out / "ddim-full", "sample", *base, "sampler=ddim", "metrics=default",
-                           "metrics.patch_fid=false")
-                m = arm(out / f"ddim-d{d:g}-c{c}", "sample", *base, "sampler=ddim", "+accelerator=adaptive",
-                        f"accelerator.delta={d}", f"accelerator.c_max={c}", *ref)
-            except NotRun:
-                sweep_rows.append([f"adaptive delta {d:g}, c_max {c}", "not run yet", *[None] * 5])
-                continue
-            sweep_rows.append([f"adaptive delta {d:g}, c_max {c}", full["nfe_per_image"] / m["nfe_per_image"],
-                               full["sec_per_image"] / m["sec_per_image"], m["psnr_to_ref"], m.get("lpips_to_ref"),
-                               m["fid"], m["prompt_acc"]])
-            record["sweep"].append({"delta": d, "c_max": c, **pick(m)})
+            point(f"adaptive delta {d:g}, c_max {c}", out / f"ddim-d{d:g}-c{c}", {"delta": d, "c_max": c},
+                  "+accelerator=adaptive", f"accelerator.delta={d}", f"accelerator.c_max={c}")
     for n in SWEEP_STEPS:
-        try:
-            full = arm(out / "ddim-full", "sample", *base, "sampler=ddim", "metrics=default", "metrics.patch_fid=false")
-            m = arm(out / f"ddim-steps{n}", "sample", *base, "sampler=ddim", f"sampler.num_steps={n}", *ref)
-        except NotRun:
-            sweep_rows.append([f"DDIM {n} steps", "not run yet", *[None] * 5])
-            continue
-        sweep_rows.append([f"DDIM {n} steps", full["nfe_per_image"] / m["nfe_per_image"],
-                           full["sec_per_image"] / m["sec_per_image"], m["psnr_to_ref"], m.get("lpips_to_ref"),
-                           m["fid"], m["prompt_acc"]])
-        record["sweep"].append({"steps": n, **pick(m)})
+        point(f"DDIM {n} steps", out / f"ddim-steps{n}", {"steps": n}, f"sampler.num_steps={n}")
     head = ["sampler", "NFE full -> adaptive", "NFE speed-up", "wall speed-up", "PSNR", "LPIPS", "FID full",
             "FID adaptive", "prompt_acc adaptive", "fewer steps (equal NFE): PSNR", "LPIPS", "FID"]
     proto = (f"n = {args.n} (seeds 0-{args.n - 1}, digit i mod 10), 16 px, guidance 3, 50 steps, sampling batch "
