@@ -186,8 +186,9 @@ class LitModule(L.LightningModule):
         self._outputs: list[dict] = []
         self.results: dict | None = None
         # Sampling to disk (hiresrun sample): each batch's images and record go to `writer` (store.Writer) as soon
-        # as they exist, `facts(seeds)` adds per-image facts (prompt, label), `progress(n)` is told each batch.
-        self.writer = self.facts = self.progress = None
+        # as they exist, `facts(seeds)` adds per-image facts (prompt, label), `progress(n)` is told each batch,
+        # `featurize(seeds, images, hashes, device)` caches the batch's Inception rows (metrics/generated.py).
+        self.writer = self.facts = self.progress = self.featurize = None
         # A method with its own `training_step(lit, batch)` steps its optimisers itself (PaGoDA's G and D).
         self.automatic_optimization = not hasattr(method, "training_step")
 
@@ -284,7 +285,9 @@ class LitModule(L.LightningModule):
         per_image = self.accelerator_.per_image(mark, seeds)
         if per_image is not None:
             facts["accelerator"] = per_image
-        self.writer.write(seeds, out["images"], facts)
+        hashes = self.writer.write(seeds, out["images"], facts)
+        if self.featurize is not None:
+            self.featurize(seeds, out["images"], hashes, self.device)
         if self.progress is not None:
             self.progress(len(seeds))
 

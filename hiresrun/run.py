@@ -245,6 +245,10 @@ def sample(cfg: DictConfig) -> dict | None:
     todo = [b for b in mine if not all(s in done and done[s]["seeds"] == b for s in b)]
     lit.writer = folder.writer(store.writer_name(shard))
     lit.facts = lambda chunk: image_facts(base, conditioner, chunk)
+    if "_target_" in (cfg.get("metrics") or {}):  # each batch's Inception rows, by the rank that made it
+        from hiresrun.metrics.generated import BatchFeatures
+
+        lit.featurize = BatchFeatures(cfg.metrics, run_dir)
     logger = build_logger(cfg)
     trainer = build_trainer(cfg, logger)
     total, left = sum(map(len, mine)), sum(map(len, todo))
@@ -348,8 +352,11 @@ def finish(info: dict, folders: list[Path], out_dir: Path, logger=None, batches=
                                         f"from `hiresrun merge` over all shards")
     elif "_target_" in (cfg.get("metrics") or {}):  # quality vs the real set (+ a reference run, same seeds)
         real = instantiate(cfg.data, base_resolution=b["resolution"])
+        from hiresrun.metrics.generated import FeatureCache
+
+        cache = FeatureCache([f for _, _, f in order], seed_list, [rec["sha256"][position[s]] for s, rec, _ in order])
         quality = instantiate(cfg.metrics).evaluate(images, real, cfg.get("reference"), seed_list, prompts=texts,
-                                                    labels=labels)
+                                                    labels=labels, cache=cache)
         metrics["protocol"].update(quality.pop("protocol"))
         metrics.update(quality)
     elif cfg.get("reference"):  # metrics=none still scores fidelity to the reference run it was given

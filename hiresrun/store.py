@@ -189,7 +189,8 @@ class Writer:
     def __init__(self, store: Store, name: str):
         self.store, self.path = store, store.records / f"{name}.jsonl"
 
-    def write(self, seeds: list[int], images, facts: dict) -> None:
+    def write(self, seeds: list[int], images, facts: dict) -> list[str]:
+        """-> each PNG's sha256."""
         from hiresrun.outputs import save_png
 
         self.store.samples.mkdir(parents=True, exist_ok=True)
@@ -204,6 +205,7 @@ class Writer:
             f.write(line + "\n")
             f.flush()
             os.fsync(f.fileno())
+        return hashes
 
 
 def union(folders: list[Path], seeds: list[int]) -> list[tuple[dict, Path, list[int]]]:

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import cli
 
@@ -184,3 +185,39 @@ def test_sampling_prints_progress_lines_into_a_log(tiny_model_dir, tmp_path):
     lines = [x for x in proc.stdout.splitlines() if x.startswith("hiresrun: sampling ")]
     assert [x.split(" images")[0] for x in lines] == [f"hiresrun: sampling {k}/6" for k in (2, 4, 6)]
     assert load_images(tmp_path / "run" / "samples").shape[0] == 6
+
+
+def test_inception_rows_are_cached_per_image_while_sampling_and_reused_by_resume_and_merge(tiny_model_dir, tmp_path):
+    args = common(tiny_model_dir, "sampler.num_steps=2", "sample.num_samples=6", "sample.batch_size=2",
+                  "metrics=default", "metrics.num_reference=6", "metrics.kid_subset_size=3", "metrics.swd=false")
+    assert cli(*args, "sample.shard=0/2", "hydra.run.dir=s0", cwd=tmp_path).returncode == 0
+    assert cli(*args, "sample.shard=1/2", "hydra.run.dir=s1", cwd=tmp_path).returncode == 0
+    for shard, seeds in (("s0", [0, 1, 4, 5]), ("s1", [2, 3])):  # batches (0,1), (4,5) and (2,3)
+        kinds = sorted((tmp_path / shard / "features").iterdir())
+        assert [k.name.split("-")[0] for k in kinds] == ["inception", "patch"]
+        for k in kinds:  # one file per image, named by seed and the PNG's hash from the batch record
+            assert sorted(int(p.name[:6]) for p in k.glob("*.npy")) == seeds
+    merged = cli("merge", f"gen=[{tmp_path / 's0'},{tmp_path / 's1'}]", "hydra.run.dir=merged", cwd=tmp_path)
+    assert merged.returncode == 0, merged.stderr
+    m = json.loads((tmp_path / "merged" / "metrics.json").read_text())
+    assert "12 row sets reused, 0 computed" in m["protocol"]["generated_features"]  # 6 images x (whole, crops)
+
+    # the cached rows are what Inception gives the PNG on disk, and a rescore without them computes the same FID
+    from hiresrun.metrics import Metrics
+    from hiresrun.outputs import load_image
+
+    metrics = Metrics(num_reference=6, kid_subset_size=3, swd=False)
+    png = tmp_path / "s1" / "samples" / "000003.png"
+    row = next((tmp_path / "s1" / "features").glob("inception-*/000003-*.npy"))
+    assert row.name.endswith(store.sha256(png)[:16] + ".npy")
+    np.testing.assert_allclose(np.load(row), metrics.inception.features(load_image(png)[None])[0], rtol=1e-5,
+                               atol=1e-5)
+    for victim in [*(tmp_path / "s0" / "features").glob("inception-*/00000[01]-*.npy")]:
+        victim.unlink()
+    (next((tmp_path / "s1" / "features").glob("patch-*/000002-*.npy"))).write_bytes(b"torn")  # a half-written file
+    again = cli("merge", f"gen=[{tmp_path / 's0'},{tmp_path / 's1'}]", "hydra.run.dir=again", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    m2 = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert "9 row sets reused, 3 computed" in m2["protocol"]["generated_features"]
+    for key in ("fid", "kid", "patch_fid"):
+        assert m2[key] == pytest.approx(m[key], rel=1e-6, abs=1e-9), key

@@ -103,7 +103,9 @@ def arm(folder: Path, verb: str, *overrides: str) -> dict:
     if not (folder / "metrics.json").is_file():
         if DEST.get("tables_only"):
             raise NotRun(str(folder))
-        hiresrun(verb, *overrides, f"hydra.run.dir={folder}", *([] if verb == "train" else QUIET))
+        # a training arm stopped part-way (SIGTERM, end of session) left its last.ckpt: continue it, not step 0
+        resume = [f"ckpt_path={folder}"] if verb == "train" and (folder / "checkpoints/last.ckpt").is_file() else []
+        hiresrun(verb, *overrides, *resume, f"hydra.run.dir={folder}", *([] if verb == "train" else QUIET))
     return json.loads((folder / "metrics.json").read_text())
 
 

@@ -18,6 +18,7 @@ from torch import Tensor
 from hiresrun.errors import UsageError
 from hiresrun.metrics import digits as digit_metrics
 from hiresrun.metrics import swd as swd_metric
+from hiresrun.metrics.generated import FeatureCache
 from hiresrun.metrics.fid import RESIZE, InceptionPool3, crop_scheme, fid_floor, frechet_distance, kid, random_crops
 from hiresrun.metrics.reference import Cache, RealSet, folder_for, load_folder, real_set
 from hiresrun.outputs import package_versions
@@ -127,18 +128,23 @@ class Metrics:
     # -- the numbers -------------------------------------------------------------------------------------
     def evaluate(self, images: Tensor, real, reference: str | Path | None = None,
                  seeds: list[int] | None = None, prompts: list[str] | None = None,
-                 labels: list[int] | None = None) -> dict:
+                 labels: list[int] | None = None, cache: FeatureCache | None = None) -> dict:
         """uint8 (N, C, H, W) samples -> flat metrics + `protocol`. `real`: a datamodule, image folder,
         cached-statistics folder or RealSet; `reference`: a run folder with samples/<seed>.png for `seeds`;
         `prompts`: each image's prompt (text models), for clip_score and, on the embedded MNIST, prompt_acc (the
-        digit each prompt names); `labels`: each image's requested class (class models), for class_acc there."""
+        digit each prompt names); `labels`: each image's requested class (class models), for class_acc there;
+        `cache`: where each image's Inception rows are kept (metrics/generated.py), else they are computed here."""
         real = real_set(real, images.shape[-1], images.shape[1])
         _check(images, real)
         idx = real.subset(self.num_reference)
         n, load, ids = len(idx), _Lazy(real, idx), (list(map(int, seeds)) if seeds is not None else None)
         out, proto = {}, self._protocol(images, real, n, ids)
-        for part in (self._inception_metrics, self._patch_metrics, self._swd_metrics):
-            part(images, real, n, load, ids, out, proto)
+        gen = self.generated_features(images, ids, cache)
+        self._inception_metrics(gen.get("inception"), real, n, load, out, proto)
+        self._patch_metrics(gen.get("patch"), real, n, load, out, proto)
+        self._swd_metrics(images, real, n, load, out, proto)
+        if cache is not None and gen:
+            proto["generated_features"] = cache.summary()
         self._digit_metrics(images, real, n, load, ids, out, proto, labels, prompts)
         if reference is not None:
             self._fidelity(images, reference, ids, out, proto)
@@ -170,10 +176,25 @@ class Metrics:
 
     __call__ = evaluate
 
-    def _inception_metrics(self, images, real, n, load, ids, out, proto) -> None:
-        if not (self.fid or self.kid):
+    # -- features of the generated images (computed once per image when a cache is given) ----------------
+    def generated_features(self, images: Tensor, ids: list[int] | None, cache: FeatureCache | None = None) -> dict:
+        """{"inception": (N, 2048), "patch": (N * patches_per_image, 2048)} for the enabled metrics."""
+        out, d = {}, InceptionPool3.num_features
+        whole = lambda idx: self.inception.features(images[idx], self.batch_size)
+        if self.fid or self.kid:
+            out["inception"] = whole(list(range(len(images)))) if cache is None else cache.rows(
+                "inception", self._inception_key(), (d,), whole)
+        if self.patch_fid:
+            key, p = {**self._inception_key(), "crops": self._crop_scheme(images.shape[-1])}, self.patches_per_image
+            crops = lambda idx: self.inception.features(
+                self._crops(images[idx], None if ids is None else [ids[i] for i in idx]), self.batch_size)
+            out["patch"] = crops(list(range(len(images)))) if cache is None or ids is None else cache.rows(
+                "patch", key, (p, d), crops).reshape(-1, d)
+        return out
+
+    def _inception_metrics(self, gen, real, n, load, out, proto) -> None:
+        if gen is None:
             return
-        gen = self.inception.features(images, self.batch_size)
         ref, proto["reference_stats_sha256"]["inception"] = self.ref_inception(real, n, load)
         if self.fid:
             out["fid"] = frechet_distance(gen, ref)
@@ -182,14 +203,13 @@ class Metrics:
         if self.kid:
             out["kid"], out["kid_std"] = kid(ref, gen, self.kid_subsets, self.kid_subset_size, self.seed)
 
-    def _patch_metrics(self, images, real, n, load, ids, out, proto) -> None:
-        if not self.patch_fid:
+    def _patch_metrics(self, gen, real, n, load, out, proto) -> None:
+        if gen is None:
             return
-        gen = self.inception.features(self._crops(images, ids), self.batch_size)
         ref, proto["reference_stats_sha256"]["patch"] = self.ref_patch(real, n, load)
         out["patch_fid"] = frechet_distance(gen, ref)
 
-    def _swd_metrics(self, images, real, n, load, ids, out, proto) -> None:
+    def _swd_metrics(self, images, real, n, load, out, proto) -> None:
         if not self.swd:
             return
         ref, proto["reference_stats_sha256"]["swd"] = self.ref_swd(real, n, load)
