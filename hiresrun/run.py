@@ -317,7 +317,8 @@ def finish(info: dict, folders: list[Path], out_dir: Path, logger=None, batches=
         "peak_memory_mb": max(rec.get("peak_memory_mb", 0.0) for rec, _, _ in given),
         "protocol": {"n": len(seed_list), "seeds": outputs.seed_ranges(seed_list),
                      "model_weights_sha256": b["weights_sha256"], "world_size": worlds[-1],
-                     "device": ", ".join(sorted({rec.get("device", "?") for rec, _, _ in given})), "precision": str(cfg.trainer.precision),
+                     "device": ", ".join(sorted({rec.get("device", "?") for rec, _, _ in given})),
+                     "precision": str(cfg.trainer.precision),
                      "sec_per_image": "wall seconds of method.sample summed over batches (all ranks, shards and "
                                       "resumed parts) / images",
                      "peak_memory_mb": outputs.PEAK_MEMORY + "; the largest over the processes that made the images",
@@ -333,7 +334,8 @@ def finish(info: dict, folders: list[Path], out_dir: Path, logger=None, batches=
         texts = [per[s]["prompts"][position[s]] for s in seed_list]
         unique = list(dict.fromkeys(texts))
         metrics["protocol"]["text"] = {
-            "prompts": c["prompts"], "unique_prompts": unique, "prompt_index_per_image": [unique.index(t) for t in texts],
+            "prompts": c["prompts"], "unique_prompts": unique,
+            "prompt_index_per_image": [unique.index(t) for t in texts],
             "negative_prompt": c["negative_prompt"], "guidance_scale": c["guidance_scale"],
             "guidance_rescale": c["guidance_rescale"], "micro_conditioning": c["micro"]}
         outputs.write_text(out_dir / "prompts.jsonl", "".join(json.dumps({"seed": sd, "prompt": t}) + "\n"

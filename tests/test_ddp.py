@@ -24,7 +24,8 @@ def test_ddp_sampling_equals_one_process(tiny_model_dir, tmp_path):
     m1, m2 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
     assert m2["num_samples"] == 5 and m2["protocol"]["world_size"] == 2 and m2["nfe_per_image"] == 3
     assert len(list((tmp_path / "two" / "samples").iterdir())) == 5
-    records = [json.loads(x) for f in (tmp_path / "two" / "records").glob("*.jsonl") for x in f.read_text().splitlines()]
+    records = [json.loads(x) for f in (tmp_path / "two" / "records").glob("*.jsonl")
+               for x in f.read_text().splitlines()]
     assert sorted(r["rank"] for r in records) == [0, 0, 1]  # 3 batches: ranks 0, 1, 0 wrote them
     assert len(list((tmp_path / "two" / "records").glob("*.jsonl"))) == 2  # one file per process
     assert sorted(s for r in records for s in r["seeds"]) == [0, 1, 2, 3, 4]

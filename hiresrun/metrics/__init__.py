@@ -18,8 +18,8 @@ from torch import Tensor
 from hiresrun.errors import UsageError
 from hiresrun.metrics import digits as digit_metrics
 from hiresrun.metrics import swd as swd_metric
-from hiresrun.metrics.generated import FeatureCache
 from hiresrun.metrics.fid import RESIZE, InceptionPool3, crop_scheme, fid_floor, frechet_distance, kid, random_crops
+from hiresrun.metrics.generated import FeatureCache
 from hiresrun.metrics.reference import Cache, RealSet, folder_for, load_folder, real_set
 from hiresrun.outputs import package_versions
 
