@@ -36,8 +36,8 @@ SAMPLES = "samples"
 # Settings that do not change an image: where and how the run is executed, what is measured afterwards.
 NOT_IMAGES = ("sample.seeds", "sample.num_samples", "sample.shard", "sample.save_images", "sample.progress_every",
               "trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.enable_progress_bar",
-              "trainer.log_every_n_steps", "trainer.default_root_dir", "logger", "paths", "metrics", "reference", "eval",
-              "calibrate", "merge",
+              "trainer.log_every_n_steps", "trainer.default_root_dir", "logger", "paths", "metrics", "reference",
+              "eval", "calibrate", "merge",
               "hydra", "task", "train", "optimizer", "data.root", "data.num_workers", "data.batch_size")
 
 
