@@ -64,8 +64,8 @@ def context(args) -> dict:
     from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
 
+    from hiresrun.build import sampler_scheduler
     from hiresrun.methods.none import NoneMethod
-    from hiresrun.run import sampler_scheduler
 
     overrides = ["method=finetune", "data.resolution=32", f"data.batch_size={args.train_batch}", "logger=none",
                  "train.grid_every=0", "train.ema_decay=0", "trainer.enable_progress_bar=false",
@@ -95,7 +95,7 @@ def train_lightning(ctx: dict, steps: int) -> tuple[list[float], list[float]]:
     """`steps` steps of hiresrun's LitModule under the configured Trainer: (step end times, losses)."""
     import lightning as L
 
-    from hiresrun.run import build_trainer
+    from hiresrun.build import build_trainer
 
     device = ctx["args"].device
 

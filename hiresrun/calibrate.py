@@ -108,9 +108,9 @@ def meets(point: dict, target: tuple[str, float]) -> bool:
 def calibrate(cfg: DictConfig) -> dict:
     """Full-step outputs of the calibration seeds, then the delta grid in ascending order until the target is
     missed; writes calibration.json (key, delta, the curve) to the run folder and prints its path."""
+    from hiresrun.build import build_conditioner, parse_seeds, sampler_scheduler, sampling_net
     from hiresrun.lit import LitModule
     from hiresrun.metrics.lpips import LPIPS
-    from hiresrun.run import build_conditioner, parse_seeds, sampler_scheduler, sampling_net
 
     target = parse_target(cfg.target)
     if "delta" not in cfg.accelerator:
@@ -151,6 +151,9 @@ def calibrate(cfg: DictConfig) -> dict:
     outputs.write_json(path, record)
     outputs.write_json(path.with_name("manifest.json"), outputs.manifest(base.weights_hash, base.source))
     at = next((p for p in curve if p["delta"] == chosen), None)
+    outputs.write_metrics(path.parent, "calibrate", {**(at or {}), "delta": chosen, "calibration": str(path),
+                                                      "protocol": {"target": record["target"], "seeds": record["seeds"],
+                                                                   "search": SEARCH}})
     how = (f"{at['speedup_nfe']:.2f}x fewer model calls" if at else "no grid delta meets it: the full run")
     print(f"hiresrun: delta={chosen:g} for {target[0]} {'>=' if target[0] == 'psnr' else '<='} {target[1]:g} on "
           f"{len(seeds)} seeds ({how}) -> {path}  (use: accelerator.calibration={path})")

@@ -38,3 +38,53 @@ def load(path: str | Path, key: str = "ckpt_path") -> dict:
         raise UsageError(f"{key}={path}: not a Lightning checkpoint (no state_dict); give a .ckpt written by "
                          f"`hiresrun train`")
     return checkpoint
+
+
+def run_method(run_dir: Path) -> str | None:
+    """The method `_target_` a run folder was made with (its saved Hydra config), or None when it has none."""
+    from omegaconf import OmegaConf
+
+    config = Path(run_dir) / ".hydra" / "config.yaml"
+    if not config.is_file():
+        return None
+    return str(OmegaConf.load(config).get("method", {}).get("_target_"))
+
+
+def resolve(ckpt_path: str | None, output_root: str, task: str, method: str | None = None) -> str | None:
+    """A checkpoint file, a run folder (its checkpoints/last.ckpt), or `last`: the newest last.ckpt of an earlier
+    `hiresrun <task>` run under output_root (<root>/<task>/<date>/<time>/, where Hydra puts runs by default) made with
+    the same method (`method`: its `_target_`); runs placed elsewhere with hydra.run.dir need their folder given.
+    A checkpoint whose run folder names another method is refused."""
+    if ckpt_path is None:
+        return None
+    if ckpt_path == "last":
+        found = sorted(Path(output_root, task).glob("*/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if method is not None:
+            found = [p for p in found if run_method(p.parents[1]) in (method, None)]
+        if not found:
+            which = f" with method {method.rsplit('.', 1)[-1]}" if method else ""
+            raise UsageError(f"ckpt_path=last: no earlier `hiresrun {task}` checkpoint{which} under "
+                             f"{output_root}/{task}/<date>/<time>/; give the checkpoint file or run folder "
+                             f"(runs placed with hydra.run.dir are not searched)")
+        return str(found[-1])
+    p = Path(ckpt_path)
+    if p.is_dir():
+        p = p / "checkpoints" / "last.ckpt"
+    if not p.is_file():
+        raise UsageError(f"ckpt_path={ckpt_path}: no such checkpoint; give a .ckpt file, a run folder or `last`")
+    trained_with = run_method(p.parents[1])
+    if method is not None and trained_with is not None and trained_with != method:
+        raise UsageError(f"ckpt_path={p} was trained with method {trained_with.rsplit('.', 1)[-1]}, this run is "
+                         f"{method.rsplit('.', 1)[-1]}: use the same +method= (or start without ckpt_path)")
+    return str(p)
+
+
+def trained_state(path: str | Path, weights_hash: str | None, prefix: str, key: str = "ckpt_path") -> dict:
+    """The tensors under `prefix` (`net.`, `net.gen.`) of a `hiresrun train` checkpoint, prefix removed, after
+    checking it was trained on the base these weights hash to (frozen base weights are not in the file)."""
+    loaded = load(path, key)
+    trained_on = loaded.get("base", {}).get("weights_sha256")
+    if trained_on and weights_hash and weights_hash != trained_on:
+        raise UsageError(f"{key}={path} was trained on base weights {trained_on[:12]} ({loaded['base'].get('source')})"
+                         f", but model= gives {weights_hash[:12]}; pass the same model")
+    return {k[len(prefix):]: v for k, v in loaded["state_dict"].items() if k.startswith(prefix)}

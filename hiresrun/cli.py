@@ -18,7 +18,14 @@ from omegaconf import DictConfig
 
 from hiresrun.errors import DataError, UsageError
 
-VERBS = ("pretrain", "train", "sample", "eval", "calibrate", "merge")
+
+def verbs() -> tuple[str, ...]:
+    """The Hydra verbs: the task table's names (run.TASKS), so a verb added there is a verb here."""
+    from hiresrun.run import TASKS
+
+    return tuple(TASKS)
+
+
 # `+method=x` is the documented form; the defaults list already holds method/accelerator, so Hydra
 # wants the plain form. Both are accepted and mean the same.
 ADDABLE = ("method", "accelerator")
@@ -35,8 +42,8 @@ def normalise(argv: list[str]) -> list[str]:
     args = list(argv) or ["--help"]
     if not args[0].startswith("-") and "=" not in args[0]:
         verb = args.pop(0)
-        if verb not in VERBS:
-            fail(f"unknown verb '{verb}'; use one of: {', '.join(VERBS + ('report',))} (hiresrun --help)", 2)
+        if verb not in verbs():
+            fail(f"unknown verb '{verb}'; use one of: {', '.join(verbs() + ('report',))} (hiresrun --help)", 2)
         if verb == "eval":  # clean-fid-like short forms: gen=, ref=, task=ref
             args = [eval_short_form(a) for a in args]
         if verb == "merge":
@@ -204,7 +211,7 @@ def _our_error(e: BaseException) -> BaseException | None:
 def _completion_without_verb() -> None:
     """Hydra's shell completion reads the typed line from COMP_LINE; drop our verb so it sees overrides only."""
     words = os.environ.get("COMP_LINE", "").split(" ")
-    if len(words) > 1 and words[1] in VERBS:
+    if len(words) > 1 and words[1] in verbs():
         cut = len(words[1]) + 1
         os.environ["COMP_LINE"] = " ".join(words[:1] + words[2:])
         os.environ["COMP_POINT"] = str(max(0, int(os.environ.get("COMP_POINT", "0")) - cut))

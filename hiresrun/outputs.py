@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -70,6 +69,17 @@ def write_json(path: Path, obj: dict) -> None:
         json.dump(strict(obj), f, indent=2, sort_keys=True, default=str, allow_nan=False)
         f.write("\n")
     os.replace(f.name, path)
+
+
+def write_metrics(run_dir: Path, task: str, numbers: dict) -> dict:
+    """The one writer of a run's metrics.json, for every verb and stage: {"task": the verb, flat numbers and names,
+    "protocol": {how they were measured}} (the only nested value), strict JSON, atomic. Returns what it wrote."""
+    nested = sorted(k for k, v in numbers.items() if isinstance(v, dict) and k != "protocol")
+    if nested:
+        raise ValueError(f"metrics.json holds flat values and one `protocol` dict; nested: {nested}")
+    record = {**{k: v for k, v in numbers.items() if k != "task"}, "task": task}
+    write_json(Path(run_dir) / "metrics.json", record)
+    return record
 
 
 def read_jsonl(path: Path, name: str, example: str) -> list[tuple[int, object]]:
@@ -203,10 +213,6 @@ def manifest(weights_hash: str, model_source: str) -> dict:
             "packages": versions, "python": platform.python_version(), "platform": platform.platform(),
             "cuda": torch.version.cuda if torch.cuda.is_available() else None,
             "model": {"source": model_source, "weights_sha256": weights_hash}}
-
-
-def file_hash(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def write_block(path: Path, name: str, text: str) -> None:

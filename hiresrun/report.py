@@ -80,7 +80,7 @@ def load_job(folder: Path, name: str) -> dict:
         state, reason = "ok", None
     else:
         state, reason = "failed", failure_reason(folder) if hydra.is_dir() else "no .hydra/config.yaml"
-    task = config.get("task", metrics.get("task"))
+    task = metrics.get("task") or config.get("task")  # every metrics.json names its verb (outputs.write_metrics)
     name_of = lambda group: metrics.get(group) or choices.get(group) or _target_name(config.get(group))
     sampling = task in (None, "sample", "calibrate")  # train runs use the sampler only for validation grids
     steps = metrics.get("num_steps", (config.get("sampler") or {}).get("num_steps"))

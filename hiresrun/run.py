@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -16,203 +15,19 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from hiresrun import checkpoint, outputs, sampling, store, support
+from hiresrun.build import (
+    build_conditioner,
+    build_logger,
+    build_trainer,
+    choice,
+    parse_seeds,
+    sampler_scheduler,
+    sampling_net,
+    seed_loader,
+)
 from hiresrun.errors import Unsupported, UsageError
 from hiresrun.lit import EMA, FinalCheckpoint, Interrupt, LitModule, TrainClock
 from hiresrun.models import count_params, save_pipeline
-
-
-# -- small config readers ---------------------------------------------------------------------------------
-def parse_seeds(seeds, num_samples: int) -> list[int]:
-    """`null` -> 0..num_samples-1; `[3,7,11]`; `"0-999"` (inclusive); `"0-9,20-29"`; a single int."""
-    if seeds is None:
-        out = list(range(int(num_samples)))
-    elif isinstance(seeds, int):
-        out = [seeds]
-    elif isinstance(seeds, (list, tuple, ListConfig)):
-        out = [int(s) for s in seeds]
-    else:
-        out = []
-        for part in str(seeds).split(","):
-            m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+))?\s*", part)
-            if not m or (m[2] and int(m[2]) < int(m[1])):
-                raise UsageError(f"sample.seeds={seeds}: write a list [3,7,11] or ranges like 0-999")
-            out += list(range(int(m[1]), int(m[2] or m[1]) + 1))
-    if not out or min(out) < 0 or len(set(out)) != len(out):
-        raise UsageError(f"sample.seeds={seeds}: seeds must be non-negative, distinct and at least one")
-    if max(out) >= sampling.TRAINING_SEEDS:
-        raise UsageError(f"sample.seeds={seeds}: seeds must lie below 2^31 (torch's generator reads 32 bits, and "
-                         f"2^31 .. 2^32 - 1 are reserved for training draws, e.g. Self-Cascade's generated pivots)")
-    return out
-
-
-def choice(cfg: DictConfig, group: str) -> str:
-    """The option picked for a config group (`none`, `ddim`, ...), from Hydra when it runs."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if HydraConfig.initialized():
-        return str(HydraConfig.get().runtime.choices.get(group))
-    if group == "sampler":  # composed outside Hydra's run (tests, scripts): the option file with this step rule
-        target = OmegaConf.select(cfg, "sampler.scheduler._target_")
-        for f in sorted((Path(__file__).parent / "conf" / "sampler").glob("*.yaml")):
-            if OmegaConf.select(OmegaConf.load(f), "scheduler._target_") == target:
-                return f.stem
-    return str(cfg[group].get("_target_", "?")).rsplit(".", 1)[-1]
-
-
-def build_logger(cfg: DictConfig, resume: bool = False):
-    """The configured logger. Training records which run it logged to in <run>/logger.json; a resume in the same
-    folder continues that run (wandb: the same id, resume=allow; CSV / TensorBoard: the same version)."""
-    if not (cfg.get("logger") and "_target_" in cfg.logger):
-        return False
-    record = Path(cfg.paths.run_dir) / "logger.json"
-    target, extra = str(cfg.logger._target_), {}
-    if resume and record.is_file():
-        previous = json.loads(record.read_text())
-        if previous.get("target") == target:
-            extra = ({"id": previous["version"], "resume": "allow"} if target.endswith("WandbLogger")
-                     else {"version": previous["version"]})
-    if target == "lightning.pytorch.loggers.CSVLogger":
-        from hiresrun.lit import CSVLogger
-
-        config = {k: v for k, v in OmegaConf.to_container(cfg.logger, resolve=True).items() if k != "_target_"}
-        logger = CSVLogger(**{**config, **extra})
-    else:
-        logger = instantiate(cfg.logger, **extra)
-    if cfg.task in ("train", "pretrain") and int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        record.parent.mkdir(parents=True, exist_ok=True)
-        version = logger.experiment.id if target.endswith("WandbLogger") else logger.version  # wandb: starts it
-        outputs.write_json(record, {"target": target, "version": version})
-    return logger
-
-
-def build_trainer(cfg: DictConfig, logger, callbacks=(), **overrides):
-    extra = {}
-    if cfg.train.grid_every <= 0:  # no validation grids
-        extra = {"limit_val_batches": 0, "val_check_interval": 1.0, "check_val_every_n_epoch": 1}
-    from hiresrun.lit import AtomicCheckpointIO
-
-    return instantiate(cfg.trainer, logger=logger, callbacks=list(callbacks), plugins=[AtomicCheckpointIO()],
-                       **{**extra, **overrides})
-
-
-def run_method(run_dir: Path) -> str | None:
-    """The method `_target_` a run folder was made with (its saved Hydra config), or None when it has none."""
-    config = run_dir / ".hydra" / "config.yaml"
-    if not config.is_file():
-        return None
-    return str(OmegaConf.load(config).get("method", {}).get("_target_"))
-
-
-def resolve_ckpt(ckpt_path: str | None, output_root: str, task: str, method: str | None = None) -> str | None:
-    """A checkpoint file, a run folder (its checkpoints/last.ckpt), or `last`: the newest last.ckpt of an earlier
-    `hiresrun <task>` run under output_root (<root>/<task>/<date>/<time>/, where Hydra puts runs by default) made with
-    the same method (`method`: its `_target_`); runs placed elsewhere with hydra.run.dir need their folder given."""
-    if ckpt_path is None:
-        return None
-    if ckpt_path == "last":
-        found = sorted(Path(output_root, task).glob("*/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-        if method is not None:
-            found = [p for p in found if run_method(p.parents[1]) in (method, None)]
-        if not found:
-            which = f" with method {method.rsplit('.', 1)[-1]}" if method else ""
-            raise UsageError(f"ckpt_path=last: no earlier `hiresrun {task}` checkpoint{which} under "
-                             f"{output_root}/{task}/<date>/<time>/; give the checkpoint file or run folder "
-                             f"(runs placed with hydra.run.dir are not searched)")
-        return str(found[-1])
-    p = Path(ckpt_path)
-    if p.is_dir():
-        p = p / "checkpoints" / "last.ckpt"
-    if not p.is_file():
-        raise UsageError(f"ckpt_path={ckpt_path}: no such checkpoint; give a .ckpt file, a run folder or `last`")
-    return str(p)
-
-
-def load_net_weights(net: torch.nn.Module, ckpt: str, base) -> None:
-    """Weights of `net` from a Lightning checkpoint written by `hiresrun train` (EMA weights when on). Frozen
-    base weights are not in it: they come from the model config, which must be the base it was trained on."""
-    loaded = checkpoint.load(ckpt)  # weights_only: a hostile pickle is refused before it runs anything
-    trained_on = loaded.get("base", {}).get("weights_sha256")
-    if trained_on and base.weights_hash != trained_on:
-        raise UsageError(f"ckpt_path={ckpt} was trained on base weights {trained_on[:12]} "
-                         f"({loaded['base'].get('source')}), but model= gives {base.weights_hash[:12]}; "
-                         f"pass the same model")
-    state = {k[len("net."):]: v for k, v in loaded["state_dict"].items() if k.startswith("net.")}
-    try:
-        net.load_state_dict({**net.state_dict(), **state})
-    except RuntimeError:
-        used = Path(ckpt).parents[1] / ".hydra" / "overrides.yaml"
-        hint = [o for o in OmegaConf.load(used) if "method" in str(o)] if used.is_file() else []
-        raise UsageError(f"ckpt_path={ckpt} does not fit this method's network: sample with the method settings "
-                         f"it was trained with{' (' + ' '.join(map(str, hint)) + ')' if hint else ''}") from None
-
-
-def build_conditioner(cfg: DictConfig, base, for_grids: bool = False):
-    """The per-image conditioning of sampling (conditioning.Conditioner): prompts from `prompts=<file>` or
-    `sample.prompt`, negative prompt, guidance, SDXL micro-conditioning (default: the target size). Training grids
-    of a text model without a prompt use the empty prompt."""
-    from hiresrun.conditioning import Conditioner, Prompt, Prompts, read_prompts
-
-    s = cfg.sample
-    if cfg.get("prompts") and s.get("prompt") is not None:
-        raise UsageError("prompts=<file> and sample.prompt are both given; pick one")
-    prompts = None
-    if cfg.get("prompts"):
-        prompts = Prompts(read_prompts(str(cfg.prompts)))
-    elif s.get("prompt") is not None:
-        prompts = Prompts([Prompt(str(s.prompt))])
-    elif base.default_prompts and base.text is not None:  # the model's own prompt set (model.prompts)
-        prompts = Prompts(read_prompts(base.default_prompts))
-    elif for_grids and base.text is not None:
-        prompts = Prompts([Prompt("")])
-    micro = {k: (list(s[k]) if s.get(k) is not None else None)
-             for k in ("original_size", "crops_coords_top_left", "target_size")}
-    for k, v in micro.items():
-        if v is not None and (len(v) != 2 or any(not isinstance(x, int) or x < 0 for x in v)):
-            raise UsageError(f"sample.{k}={v}: give two non-negative integers [height, width]")
-    labels = s.get("class_labels")
-    if labels is not None:
-        labels = parse_seeds(labels, 0) if isinstance(labels, (str, int)) else [int(c) for c in labels]
-    return Conditioner(base, prompts, s.get("negative_prompt"), s.get("guidance_scale"), s.get("guidance_rescale", 0.0),
-                       size=int(cfg.data.resolution), micro=micro, class_labels=labels)
-
-
-def seed_loader(seeds: list[int], batch_size: int) -> DataLoader:
-    return DataLoader(torch.tensor(seeds), batch_size=batch_size, shuffle=False)
-
-
-def sampler_scheduler(cfg: DictConfig, base, method=None):
-    """The sampler's step rule on the schedule the net was trained with: the base's, or the method's own (simple)."""
-    config = method.scheduler_config(base) if method is not None else base.scheduler_config
-    scheduler = instantiate(cfg.sampler.scheduler)(config)
-    edm_sampler = type(scheduler).__name__.startswith("EDM")
-    if base.parametrization == "edm" and not edm_sampler:
-        raise UsageError(f"model.parametrization=edm needs an EDM sampler (sampler=edm_heun, edm_euler or "
-                         f"edm_dpmsolver); sampler={choice(cfg, 'sampler')} integrates a VP eps/v model")
-    if edm_sampler and base.parametrization != "edm":
-        raise UsageError(f"sampler={choice(cfg, 'sampler')} integrates an EDM-preconditioned network; this model is "
-                         f"model.parametrization={base.parametrization}: set model.parametrization=edm if it is one, "
-                         f"or pick ddim/euler/heun/dpmsolver")
-    return scheduler
-
-
-def sampling_net(cfg: DictConfig):
-    """method -> model -> the net to sample, with trained weights from `ckpt_path` where the method trains
-    (a missing checkpoint is refused before the model loads)."""
-    method = instantiate(cfg.method)
-    if method.trains and not cfg.ckpt_path:
-        raise UsageError(f"method={choice(cfg, 'method')} samples with trained weights: pass ckpt_path=<a "
-                         f"`hiresrun train` run folder, .ckpt or last>, or pick its training-free mode")
-    base = instantiate(cfg.model)
-    base.check_resolution(cfg.data.resolution)
-    net = method.wrap(base)
-    if cfg.ckpt_path:
-        ckpt = resolve_ckpt(cfg.ckpt_path, cfg.paths.output_root, "train", str(cfg.method._target_))
-        trained_with = run_method(Path(ckpt).parents[1])
-        if trained_with is not None and trained_with != str(cfg.method._target_):
-            raise UsageError(f"ckpt_path={ckpt} was trained with method {trained_with.rsplit('.', 1)[-1]}; sample it "
-                             f"with that +method= (this run is {str(cfg.method._target_).rsplit('.', 1)[-1]})")
-        load_net_weights(net, ckpt, base)
-    return base, method, net
 
 
 # -- verbs ------------------------------------------------------------------------------------------------
@@ -293,7 +108,8 @@ def image_facts(base, conditioner, seeds: list[int]) -> dict:
     return {}
 
 
-def finish(info: dict, folders: list[Path], out_dir: Path, logger=None, batches=None, shard=None) -> dict:
+def finish(info: dict, folders: list[Path], out_dir: Path, logger=None, batches=None, shard=None,
+           task: str = "sample") -> dict:
     """Score a sample run's images once, from its batch records on disk (one folder, or the shards of one seed list
     for `merge`): grid, metrics.json, prompts.jsonl, skip_masks.json, manifest.json in `out_dir`. A shard
     (`batches`: its own) gets its cost numbers only."""
@@ -373,7 +189,7 @@ def finish(info: dict, folders: list[Path], out_dir: Path, logger=None, batches=
             import shutil
 
             shutil.rmtree(Path(folders[0]) / store.SAMPLES, ignore_errors=True)
-    outputs.write_json(out_dir / "metrics.json", metrics)
+    metrics = outputs.write_metrics(out_dir, task, metrics)
     outputs.write_json(out_dir / "manifest.json", outputs.manifest(b["weights_sha256"], b["source"]))
     if logger:
         logger.log_metrics({f"sample/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
@@ -414,7 +230,7 @@ def merge(cfg: DictConfig) -> dict:
     if "_target_" in (cfg.get("metrics") or {}) or cfg.get("reference"):  # the merge command's own metrics win
         info = {**info, "config": {**info["config"], "metrics": OmegaConf.to_container(cfg.metrics, resolve=True),
                                    "reference": cfg.get("reference") or info["config"].get("reference")}}
-    return finish(info, folders, Path(cfg.paths.run_dir))
+    return finish(info, folders, Path(cfg.paths.run_dir), task="merge")
 
 
 def _fit(cfg: DictConfig, base, method, data, task: str):
@@ -422,16 +238,11 @@ def _fit(cfg: DictConfig, base, method, data, task: str):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     run_dir = Path(cfg.paths.run_dir)
-    ckpt = resolve_ckpt(cfg.ckpt_path, cfg.paths.output_root, task, str(cfg.method._target_))
+    ckpt = checkpoint.resolve(cfg.ckpt_path, cfg.paths.output_root, task, str(cfg.method._target_))
     own = Path(cfg.paths.run_dir) / "checkpoints" / "last.ckpt"
     if ckpt is None and int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0 and own.is_file():
         ckpt = str(own)  # a job SLURM requeued (preemption, time limit) continues its own run folder
         print(f"hiresrun: requeued job (SLURM_RESTART_COUNT={os.environ['SLURM_RESTART_COUNT']}): resuming {own}")
-    trained_with = run_method(Path(ckpt).parents[1]) if ckpt else None
-    if trained_with is not None and trained_with != str(cfg.method._target_):
-        raise UsageError(f"ckpt_path={ckpt} was trained with method {trained_with.rsplit('.', 1)[-1]}, this run is "
-                         f"{str(cfg.method._target_).rsplit('.', 1)[-1]}: resume with the same +method=, or start "
-                         f"without ckpt_path")
     torch.manual_seed(cfg.seed)  # what a method adds (upsamplers, discriminators) starts from `seed`, not chance
     net = method.wrap(base)
     # metrics=...: a small-n FID of the validation grid against the real set, `val/fid_proxy` (a trend, not a result)
@@ -528,8 +339,7 @@ def _finish_training(cfg: DictConfig, trainer, net, base, stats: dict) -> None:
     if hasattr(net, "save_pretrained"):  # the whole UNet was trained: export it in diffusers format
         save_pipeline(net, base.scheduler_config, run_dir / "model")
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
-    outputs.write_json(run_dir / "metrics.json", {
-        "task": cfg.task, "steps": trainer.global_step, **stats, **logged})
+    outputs.write_metrics(run_dir, cfg.task, {"steps": trainer.global_step, **stats, **logged})
     outputs.write_json(run_dir / "manifest.json", outputs.manifest(base.weights_hash, base.source))
     print(f"hiresrun: trained {trainer.global_step} steps -> {run_dir}")
 
@@ -552,15 +362,14 @@ def evaluate(cfg: DictConfig) -> dict:
             raise UsageError("`hiresrun eval` needs eval.gen=<folder of generated images> (or eval.mode=ref to "
                              "cache the real set's features)")
         images, seeds = load_folder(cfg.eval.gen)
-        result = {"task": "eval", "gen": str(cfg.eval.gen), "num_samples": len(images),
+        result = {"gen": str(cfg.eval.gen), "num_samples": len(images),
                   "resolution": int(images.shape[-1]), **metrics.evaluate(images, real, cfg.get("reference"), seeds)}
         shown = [f"{k} {result[k]:.4g}" for k in ("fid", "kid", "patch_fid", "swd", "digit_acc", "lpips_to_ref")
                  if k in result]
         print(f"hiresrun: {len(images)} images: {', '.join(shown)} -> {cfg.paths.run_dir}")
     else:
         raise UsageError(f"eval.mode={cfg.eval.mode}: choose score (eval.gen vs eval.ref) or ref")
-    outputs.write_json(Path(cfg.paths.run_dir) / "metrics.json", result)
-    return result
+    return outputs.write_metrics(Path(cfg.paths.run_dir), "eval", result)
 
 
 def calibrate(cfg: DictConfig) -> dict:

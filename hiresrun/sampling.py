@@ -25,7 +25,7 @@ def generators(seeds: Sequence[int]) -> list[torch.Generator]:
 
 # torch's CPU generator (mt19937) keeps only the low 32 bits of a seed: s and s + 2^32 give the same noise. Seeds
 # 2^31 .. 2^32 - 1 are reserved for what training draws per image (Self-Cascade's generated pivots); sampling seeds
-# lie below 2^31 (run.parse_seeds refuses the rest), so no training draw ever equals an evaluation draw.
+# lie below 2^31 (build.parse_seeds refuses the rest), so no training draw ever equals an evaluation draw.
 TRAINING_SEEDS = 2 ** 31
 
 

@@ -38,6 +38,8 @@ def calibrate(model_dir, run_dir, *extra: str) -> dict:
 def psnr30(tiny_model_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("cal") / "run"
     record = calibrate(tiny_model_dir, run_dir, "target.psnr=30")
+    summary = json.loads((run_dir / "metrics.json").read_text())  # the run record beside the calibration file
+    assert summary["task"] == "calibrate" and summary["delta"] == record["delta"]
     return record, run_dir / "calibration.json"
 
 

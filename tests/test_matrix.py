@@ -14,7 +14,7 @@ from conftest import CONF, cli, compose
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from hiresrun import run, support
+from hiresrun import build, support
 from hiresrun.errors import Unsupported, UsageError
 from hiresrun.models import describe
 
@@ -84,7 +84,7 @@ def test_model_facts_come_from_config_files_and_latent_models_refuse_pagoda(tmp_
 def test_a_method_that_trains_is_refused_before_the_model_loads(tmp_path):
     cfg = compose(["method=simple", "model=diffusers", "model.path=/no/such/model"], tmp_path / "r")
     with pytest.raises(UsageError, match="samples with trained weights: pass ckpt_path"):
-        run.sampling_net(cfg)
+        build.sampling_net(cfg)
 
 
 def test_matrix_experiment_names_each_methods_checkpoint(tmp_path):

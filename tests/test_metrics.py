@@ -243,7 +243,7 @@ def test_a_cached_statistics_folder_serves_as_the_real_set(tmp_path, mnist):
     real = counting_real(mnist[0][:30], calls)
     m = Metrics(fid=False, kid=False, patch_fid=False, cache_dir=tmp_path)
     info = m.reference_statistics(real, 32, 1)
-    assert set(info["reference_stats_sha256"]) == {"swd", "digits"} and info["n_reference"] == 30
+    assert set(info["protocol"]["reference_stats_sha256"]) == {"swd", "digits"} and info["n_reference"] == 30
     gen = mnist[0][200:210]
     direct = m.evaluate(gen, real)
     from_folder = Metrics(fid=False, kid=False, patch_fid=False, cache_dir=tmp_path / "elsewhere").evaluate(

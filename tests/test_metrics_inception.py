@@ -93,7 +93,8 @@ def test_eval_mode_ref_caches_once_and_eval_needs_gen(tmp_path):
     first = run.run(compose(opts, tmp_path / "a"))
     again = run.run(compose(opts, tmp_path / "b"))
     assert (first["computed"], again["computed"], again["reused"]) == (2, 0, 2)
-    assert first["reference_stats_sha256"] == again["reference_stats_sha256"] and first["n_reference"] == 1000
+    assert first["protocol"]["reference_stats_sha256"] == again["protocol"]["reference_stats_sha256"]
+    assert first["n_reference"] == 1000 and first["task"] == again["task"] == "eval"
     with pytest.raises(UsageError, match="eval.gen"):
         run.run(compose(["task=eval"], tmp_path / "c"))
 
@@ -101,7 +102,7 @@ def test_eval_mode_ref_caches_once_and_eval_needs_gen(tmp_path):
 def test_validation_logs_the_fid_proxy_with_its_n(tmp_path, tiny_model_dir):
     from lightning.pytorch.loggers import CSVLogger
 
-    from hiresrun import run
+    from hiresrun import build, run
     from hiresrun.lit import LitModule
 
     cfg = compose(tiny_overrides(tiny_model_dir) + ["metrics=default", "metrics.num_reference=4",
@@ -109,10 +110,10 @@ def test_validation_logs_the_fid_proxy_with_its_n(tmp_path, tiny_model_dir):
     base = run.instantiate(cfg.model)
     method = run.instantiate(cfg.method)
     proxy = run.instantiate(cfg.metrics).proxy(MnistDataModule(resolution=16))
-    lit = LitModule(method.wrap(base), method, run.sampler_scheduler(cfg, base), 2, val_metric=proxy)
+    lit = LitModule(method.wrap(base), method, build.sampler_scheduler(cfg, base), 2, val_metric=proxy)
     logger = CSVLogger(tmp_path, name="log")
-    trainer = run.build_trainer(cfg, logger, limit_val_batches=None)
-    trainer.validate(lit, dataloaders=run.seed_loader([0, 1, 2], 3), verbose=False)
+    trainer = build.build_trainer(cfg, logger, limit_val_batches=None)
+    trainer.validate(lit, dataloaders=build.seed_loader([0, 1, 2], 3), verbose=False)
     logger.finalize("success")
     text = (tmp_path / "log" / "version_0" / "metrics.csv").read_text()
     assert "val/fid_proxy" in text and "val/fid_proxy_n" in text and ",3.0" in text

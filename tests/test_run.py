@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hiresrun.build import parse_seeds
 from hiresrun.errors import UsageError
 from hiresrun.outputs import grid, seed_ranges
-from hiresrun.run import parse_seeds
 
 
 @pytest.mark.parametrize("given,expected", [(None, [0, 1, 2, 3]), (7, [7]), ([3, 7, 11], [3, 7, 11]),
@@ -33,3 +33,27 @@ def test_grid_places_every_image():
     g = grid(images, pad=1)
     assert g.shape == (1, 2 * 3 + 1, 3 * 3 + 1)  # 3 columns, 2 rows
     assert g[0, 1, 1] == 0 and g[0, 1, 4] == 1 and g[0, 4, 4] == 4 and g[0, 4, 7] == 255
+
+
+def test_every_verb_writes_one_metrics_schema_with_its_task(tiny_model_dir, tmp_path):
+    """sample, merge and eval (train and calibrate in their own tests) write metrics.json through one writer: the
+    verb as `task`, flat values, and `protocol` the only nested one."""
+    import json
+
+    from conftest import compose, tiny_overrides
+
+    from hiresrun import outputs, run
+
+    cheap = ["metrics=default", "metrics.fid=false", "metrics.kid=false", "metrics.patch_fid=false",
+             f"paths.cache_dir={tmp_path / 'cache'}"]
+    run.run(compose(tiny_overrides(tiny_model_dir) + ["task=sample", *cheap], tmp_path / "s"))
+    run.run(compose(["task=merge", f"merge.gen={tmp_path / 's'}"], tmp_path / "m"))
+    run.run(compose(["task=eval", f"eval.gen={tmp_path / 's' / 'samples'}", "data.resolution=16", *cheap],
+                    tmp_path / "e"))
+    for folder, task in (("s", "sample"), ("m", "merge"), ("e", "eval")):
+        record = json.loads((tmp_path / folder / "metrics.json").read_text())
+        assert record["task"] == task and "swd" in record, folder
+        assert [k for k, v in record.items() if isinstance(v, dict)] == ["protocol"], folder
+    with pytest.raises(ValueError, match="nested: \\['stats'\\]"):
+        outputs.write_metrics(tmp_path / "x", "train", {"stats": {"a": 1}})
+    assert not (tmp_path / "x" / "metrics.json").exists()

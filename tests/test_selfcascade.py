@@ -13,13 +13,13 @@ from conftest import cli, tiny_unet
 from diffusers import DDIMScheduler, UNet2DConditionModel
 from hydra.utils import instantiate
 
+from hiresrun.build import parse_seeds
 from hiresrun.errors import UsageError
 from hiresrun.lit import LitModule
 from hiresrun.methods.none import NoneMethod
 from hiresrun.methods.selfcascade import CascadeNet, LightUpsampler, ResBlockUpsampler, SelfCascade, attach_upsamplers
 from hiresrun.methods.upsample import Upsample
 from hiresrun.models import BaseModel, load_model
-from hiresrun.run import parse_seeds
 from hiresrun.sampling import TRAINING_SEEDS
 
 SCHED = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"}

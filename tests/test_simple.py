@@ -14,6 +14,7 @@ from conftest import CONF, cli, compose, tiny_unet
 from diffusers import DDIMScheduler, DDPMScheduler
 from hydra.utils import instantiate
 
+from hiresrun.build import load_net_weights, sampler_scheduler
 from hiresrun.errors import UsageError
 from hiresrun.lit import LitModule
 from hiresrun.methods.simple import (
@@ -32,7 +33,6 @@ from hiresrun.methods.simple import (
     x0_from_v,
 )
 from hiresrun.models import BaseModel, load_model
-from hiresrun.run import load_net_weights, sampler_scheduler
 
 SCHED = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"}
 t = torch.linspace(0, 1, 101, dtype=torch.float64)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import compose, tiny_overrides
 
-from hiresrun import run
+from hiresrun import checkpoint, run
 from hiresrun.errors import UsageError
 from hiresrun.models import load_model
 
@@ -37,10 +37,10 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tiny_model_dir, tmp_pa
 
 def test_ckpt_path_last_finds_the_newest_earlier_run(tiny_model_dir, tmp_path):
     run.run(train_cfg(tiny_model_dir, tmp_path / "train" / "d" / "one", 3))
-    path = run.resolve_ckpt("last", str(tmp_path), "train")
+    path = checkpoint.resolve("last", str(tmp_path), "train")
     assert path.endswith("d/one/checkpoints/last.ckpt")
     with pytest.raises(UsageError, match="no earlier"):
-        run.resolve_ckpt("last", str(tmp_path / "nothing"), "train")
+        checkpoint.resolve("last", str(tmp_path / "nothing"), "train")
 
 
 def test_pretrain_exports_a_diffusers_model(tiny_model_dir, tmp_path):
@@ -165,7 +165,7 @@ def test_ckpt_path_last_follows_the_method_and_another_methods_checkpoint_is_ref
     refused = cli("sample", "+method=finetune", *common[:4], f"ckpt_path={cascade_run}", cwd=tmp_path)
     assert refused.returncode == 2
     (line,) = [ln for ln in refused.stderr.splitlines() if ln.strip()]
-    assert "was trained with method SelfCascade; sample it with that +method=" in line
+    assert "was trained with method SelfCascade, this run is Finetune: use the same +method=" in line
 
 
 @pytest.mark.parametrize("method", ["finetune", "selfcascade", "pagoda"])
@@ -227,6 +227,7 @@ def test_a_resume_in_the_same_folder_continues_the_logger_run_and_totals_the_tim
     second = json.loads((folder / "metrics.json").read_text())
     assert json.loads((folder / "logger.json").read_text()) == record  # the same wandb id / CSV version
     assert second["steps"] == 6 and second["train_seconds"] > first["train_seconds"]
+    assert first["task"] == second["task"] == "train"
     if logger == "csv":
         assert [p.name for p in (folder / "csv").iterdir()] == [f"version_{record['version']}"]
         rows = (folder / "csv" / f"version_{record['version']}" / "metrics.csv").read_text().splitlines()

@@ -160,7 +160,7 @@ class Metrics:
 
     def _clip(self, images, prompts, out, proto) -> None:
         from hiresrun.metrics import clip
-        from hiresrun.outputs import file_hash
+        from hiresrun.metrics.weights import sha256
 
         folder = clip.resolve(self.clip_model)
         if folder is None:
@@ -170,11 +170,9 @@ class Metrics:
         out["clip_score"] = clip.clip_score(images, prompts, folder, self.batch_size, self.device)
         weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
         proto["clip_score"] = {"model": self.clip_model, "folder": str(folder),
-                               "weights_sha256": file_hash(weights[0]) if weights else None,
+                               "weights_sha256": sha256(weights[0]) if weights else None,
                                "definition": "torchmetrics CLIPScore: max(100 * mean over images of cos, 0), "
                                              "CLIP processor resize to the model's input size"}
-
-    __call__ = evaluate
 
     # -- features of the generated images (computed once per image when a cache is given) ----------------
     def generated_features(self, images: Tensor, ids: list[int] | None, cache: FeatureCache | None = None) -> dict:
@@ -288,8 +286,8 @@ class Metrics:
         if self._uses_digits(real):
             hashes["digits"] = self.ref_digits(real, n, load)[1]
         return {"real": real.name, "resolution": real.resolution, "n_reference": n,
-                "folder": str(real.folder or folder_for(self.cache_dir, real, n)), "reference_stats_sha256": hashes,
-                "computed": self.cache.misses, "reused": self.cache.hits}
+                "folder": str(real.folder or folder_for(self.cache_dir, real, n)), "computed": self.cache.misses,
+                "reused": self.cache.hits, "protocol": {"reference_stats_sha256": hashes}}
 
     def proxy(self, real) -> FidProxy:
         return FidProxy(self, real)
@@ -324,10 +322,4 @@ def _check(images: Tensor, real: RealSet) -> None:
         raise UsageError("metrics need at least 2 images; raise sample.num_samples")
 
 
-def evaluate(images: Tensor, real, reference: str | Path | None = None, seeds: list[int] | None = None,
-             **options) -> dict:
-    """One-call form: `Metrics(**options).evaluate(images, real, reference, seeds)`."""
-    return Metrics(**options).evaluate(images, real, reference, seeds)
-
-
-__all__ = ["Metrics", "FidProxy", "evaluate", "load_folder", "RealSet"]
+__all__ = ["Metrics", "FidProxy", "load_folder", "RealSet"]

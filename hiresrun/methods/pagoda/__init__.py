@@ -116,7 +116,7 @@ class PaGoDA(Method):
 
         data.setup("fit")
         stats = encode_dataset(self.encoder(base), data.train_set, self.cache(base), self.flips, self.encode_chunk)
-        outputs.write_json(Path(run_dir) / "metrics.json", {"task": "train", "stage": "encode", **stats})
+        outputs.write_metrics(Path(run_dir), "train", {"stage": "encode", **stats})
         print(f"hiresrun: pagoda encode: {stats['encoded']} latents computed, {stats['reused']} reused "
               f"-> {stats['cache']}")
         return True

@@ -26,12 +26,7 @@ def generator_state(previous: str, weights_hash: str, depth: int = 0) -> dict[st
     from omegaconf import OmegaConf
 
     ckpt = checkpoint_file(previous)
-    checkpoint = checkpoints.load(ckpt, "method.previous")  # weights_only: nothing in the file can run
-    trained_on = checkpoint.get("base", {}).get("weights_sha256")
-    if trained_on and trained_on != weights_hash:
-        raise UsageError(f"method.previous={previous} was trained on base weights {trained_on[:12]}, model= gives "
-                         f"{weights_hash[:12]}; pass the same model")
-    state = {k[len("net.gen."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.gen.")}
+    state = checkpoints.trained_state(ckpt, weights_hash, "net.gen.", "method.previous")  # weights_only
     if not state:
         raise UsageError(f"method.previous={previous} is not a `+method=pagoda` stage=base or stage=grow checkpoint")
     config = ckpt.parents[1] / ".hydra" / "config.yaml"

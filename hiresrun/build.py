@@ -1,0 +1,170 @@
+"""The pieces every verb builds from a config, in data-flow order (ARCHITECTURE.md): seeds, the logger and
+trainer, the conditioning, the sampler's scheduler, the net to sample with its trained weights. `run.py` (the verbs)
+and `calibrate.py` both build from here, so neither imports the other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from hiresrun import checkpoint, outputs, sampling
+from hiresrun.errors import UsageError
+
+
+def parse_seeds(seeds, num_samples: int) -> list[int]:
+    """`null` -> 0..num_samples-1; `[3,7,11]`; `"0-999"` (inclusive); `"0-9,20-29"`; a single int."""
+    if seeds is None:
+        out = list(range(int(num_samples)))
+    elif isinstance(seeds, int):
+        out = [seeds]
+    elif isinstance(seeds, (list, tuple, ListConfig)):
+        out = [int(s) for s in seeds]
+    else:
+        out = []
+        for part in str(seeds).split(","):
+            m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+))?\s*", part)
+            if not m or (m[2] and int(m[2]) < int(m[1])):
+                raise UsageError(f"sample.seeds={seeds}: write a list [3,7,11] or ranges like 0-999")
+            out += list(range(int(m[1]), int(m[2] or m[1]) + 1))
+    if not out or min(out) < 0 or len(set(out)) != len(out):
+        raise UsageError(f"sample.seeds={seeds}: seeds must be non-negative, distinct and at least one")
+    if max(out) >= sampling.TRAINING_SEEDS:
+        raise UsageError(f"sample.seeds={seeds}: seeds must lie below 2^31 (torch's generator reads 32 bits, and "
+                         f"2^31 .. 2^32 - 1 are reserved for training draws, e.g. Self-Cascade's generated pivots)")
+    return out
+
+
+def choice(cfg: DictConfig, group: str) -> str:
+    """The option picked for a config group (`none`, `ddim`, ...), from Hydra when it runs."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return str(HydraConfig.get().runtime.choices.get(group))
+    if group == "sampler":  # composed outside Hydra's run (tests, scripts): the option file with this step rule
+        target = OmegaConf.select(cfg, "sampler.scheduler._target_")
+        for f in sorted((Path(__file__).parent / "conf" / "sampler").glob("*.yaml")):
+            if OmegaConf.select(OmegaConf.load(f), "scheduler._target_") == target:
+                return f.stem
+    return str(cfg[group].get("_target_", "?")).rsplit(".", 1)[-1]
+
+
+def build_logger(cfg: DictConfig, resume: bool = False):
+    """The configured logger. Training records which run it logged to in <run>/logger.json; a resume in the same
+    folder continues that run (wandb: the same id, resume=allow; CSV / TensorBoard: the same version)."""
+    if not (cfg.get("logger") and "_target_" in cfg.logger):
+        return False
+    record = Path(cfg.paths.run_dir) / "logger.json"
+    target, extra = str(cfg.logger._target_), {}
+    if resume and record.is_file():
+        previous = json.loads(record.read_text())
+        if previous.get("target") == target:
+            extra = ({"id": previous["version"], "resume": "allow"} if target.endswith("WandbLogger")
+                     else {"version": previous["version"]})
+    if target == "lightning.pytorch.loggers.CSVLogger":
+        from hiresrun.lit import CSVLogger
+
+        config = {k: v for k, v in OmegaConf.to_container(cfg.logger, resolve=True).items() if k != "_target_"}
+        logger = CSVLogger(**{**config, **extra})
+    else:
+        logger = instantiate(cfg.logger, **extra)
+    if cfg.task in ("train", "pretrain") and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        version = logger.experiment.id if target.endswith("WandbLogger") else logger.version  # wandb: starts it
+        outputs.write_json(record, {"target": target, "version": version})
+    return logger
+
+
+def build_trainer(cfg: DictConfig, logger, callbacks=(), **overrides):
+    extra = {}
+    if cfg.train.grid_every <= 0:  # no validation grids
+        extra = {"limit_val_batches": 0, "val_check_interval": 1.0, "check_val_every_n_epoch": 1}
+    from hiresrun.lit import AtomicCheckpointIO
+
+    return instantiate(cfg.trainer, logger=logger, callbacks=list(callbacks), plugins=[AtomicCheckpointIO()],
+                       **{**extra, **overrides})
+
+
+def load_net_weights(net: torch.nn.Module, ckpt: str, base) -> None:
+    """Weights of `net` from a Lightning checkpoint written by `hiresrun train` (EMA weights when on). Frozen
+    base weights are not in it: they come from the model config, which must be the base it was trained on."""
+    state = checkpoint.trained_state(ckpt, base.weights_hash, "net.")  # weights_only: nothing in it can run
+    try:
+        net.load_state_dict({**net.state_dict(), **state})
+    except RuntimeError:
+        used = Path(ckpt).parents[1] / ".hydra" / "overrides.yaml"
+        hint = [o for o in OmegaConf.load(used) if "method" in str(o)] if used.is_file() else []
+        raise UsageError(f"ckpt_path={ckpt} does not fit this method's network: sample with the method settings "
+                         f"it was trained with{' (' + ' '.join(map(str, hint)) + ')' if hint else ''}") from None
+
+
+def build_conditioner(cfg: DictConfig, base, for_grids: bool = False):
+    """The per-image conditioning of sampling (conditioning.Conditioner): prompts from `prompts=<file>` or
+    `sample.prompt`, negative prompt, guidance, SDXL micro-conditioning (default: the target size). Training grids
+    of a text model without a prompt use the empty prompt."""
+    from hiresrun.conditioning import Conditioner, Prompt, Prompts, read_prompts
+
+    s = cfg.sample
+    if cfg.get("prompts") and s.get("prompt") is not None:
+        raise UsageError("prompts=<file> and sample.prompt are both given; pick one")
+    prompts = None
+    if cfg.get("prompts"):
+        prompts = Prompts(read_prompts(str(cfg.prompts)))
+    elif s.get("prompt") is not None:
+        prompts = Prompts([Prompt(str(s.prompt))])
+    elif base.default_prompts and base.text is not None:  # the model's own prompt set (model.prompts)
+        prompts = Prompts(read_prompts(base.default_prompts))
+    elif for_grids and base.text is not None:
+        prompts = Prompts([Prompt("")])
+    micro = {k: (list(s[k]) if s.get(k) is not None else None)
+             for k in ("original_size", "crops_coords_top_left", "target_size")}
+    for k, v in micro.items():
+        if v is not None and (len(v) != 2 or any(not isinstance(x, int) or x < 0 for x in v)):
+            raise UsageError(f"sample.{k}={v}: give two non-negative integers [height, width]")
+    labels = s.get("class_labels")
+    if labels is not None:
+        labels = parse_seeds(labels, 0) if isinstance(labels, (str, int)) else [int(c) for c in labels]
+    return Conditioner(base, prompts, s.get("negative_prompt"), s.get("guidance_scale"), s.get("guidance_rescale", 0.0),
+                       size=int(cfg.data.resolution), micro=micro, class_labels=labels)
+
+
+def seed_loader(seeds: list[int], batch_size: int) -> DataLoader:
+    return DataLoader(torch.tensor(seeds), batch_size=batch_size, shuffle=False)
+
+
+def sampler_scheduler(cfg: DictConfig, base, method=None):
+    """The sampler's step rule on the schedule the net was trained with: the base's, or the method's own (simple)."""
+    config = method.scheduler_config(base) if method is not None else base.scheduler_config
+    scheduler = instantiate(cfg.sampler.scheduler)(config)
+    edm_sampler = type(scheduler).__name__.startswith("EDM")
+    if base.parametrization == "edm" and not edm_sampler:
+        raise UsageError(f"model.parametrization=edm needs an EDM sampler (sampler=edm_heun, edm_euler or "
+                         f"edm_dpmsolver); sampler={choice(cfg, 'sampler')} integrates a VP eps/v model")
+    if edm_sampler and base.parametrization != "edm":
+        raise UsageError(f"sampler={choice(cfg, 'sampler')} integrates an EDM-preconditioned network; this model is "
+                         f"model.parametrization={base.parametrization}: set model.parametrization=edm if it is one, "
+                         f"or pick ddim/euler/heun/dpmsolver")
+    return scheduler
+
+
+def sampling_net(cfg: DictConfig):
+    """method -> model -> the net to sample, with trained weights from `ckpt_path` where the method trains
+    (a missing checkpoint is refused before the model loads)."""
+    method = instantiate(cfg.method)
+    if method.trains and not cfg.ckpt_path:
+        raise UsageError(f"method={choice(cfg, 'method')} samples with trained weights: pass ckpt_path=<a "
+                         f"`hiresrun train` run folder, .ckpt or last>, or pick its training-free mode")
+    base = instantiate(cfg.model)
+    base.check_resolution(cfg.data.resolution)
+    net = method.wrap(base)
+    if cfg.ckpt_path:
+        load_net_weights(net, checkpoint.resolve(cfg.ckpt_path, cfg.paths.output_root, "train",
+                                                 str(cfg.method._target_)), base)
+    return base, method, net
