@@ -50,9 +50,12 @@ def choice(cfg: DictConfig, group: str) -> str:
         return str(HydraConfig.get().runtime.choices.get(group))
     if group == "sampler":  # composed outside Hydra's run (tests, scripts): the option file with this step rule
         target = OmegaConf.select(cfg, "sampler.scheduler._target_")
-        for f in sorted((Path(__file__).parent / "conf" / "sampler").glob("*.yaml")):
-            if OmegaConf.select(OmegaConf.load(f), "scheduler._target_") == target:
-                return f.stem
+        from importlib.resources import files
+
+        for f in sorted((p for p in files("hiresrun.conf").joinpath("sampler").iterdir() if p.name.endswith(".yaml")),
+                        key=lambda p: p.name):
+            if OmegaConf.select(OmegaConf.create(f.read_text()), "scheduler._target_") == target:
+                return f.name[:-len(".yaml")]
     return str(cfg[group].get("_target_", "?")).rsplit(".", 1)[-1]
 
 

@@ -176,7 +176,7 @@ def _clean_failed_run() -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+@hydra.main(config_path="pkg://hiresrun.conf", config_name="config", version_base="1.3")
 def _entry(cfg: DictConfig):
     from hiresrun import run
 

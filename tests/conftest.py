@@ -15,7 +15,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(2)
 
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "hiresrun" / "conf"
+CONF = REPO / "conf"
 
 
 def tiny_unet(sample_size: int = 8, channels: int = 1):

@@ -160,7 +160,7 @@ def test_generated_pivots_are_base_samples_from_a_training_seed_space_made_once(
         SelfCascade(32, pivot_source="generated", stages=2)
 
 
-SAMPLERS = Path(__file__).parents[1] / "hiresrun" / "conf" / "sampler"
+SAMPLERS = Path(__file__).parents[1] / "conf" / "sampler"
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in SAMPLERS.glob("*.yaml")))
