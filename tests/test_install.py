@@ -6,11 +6,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tomllib
 from importlib.resources import files
 from pathlib import Path
 
 import pytest
+import tomllib
 from conftest import REPO
 
 
