@@ -73,3 +73,35 @@ def test_experiment_smoke_runs(name, tiny_model_dir, tmp_path):
     metrics = run.run(cfg)
     if cfg.task == "sample":
         assert metrics["num_samples"] == 2 and (tmp_path / "r" / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("group", ["method", "accelerator"])
+def test_yaml_writes_only_what_differs_from_the_constructor_and_says_why(group):
+    """One source per default (STYLE.md 3): a method's or accelerator's YAML holds `_target_`, interpolations and
+    deliberate changes (each with a comment on its line), never a copy of a constructor default, never a key the
+    constructor does not take; the composed config still holds every keyword, at the constructor's value."""
+    from omegaconf import OmegaConf
+
+    from hiresrun.schema import options, signature_defaults
+
+    for name, own in options(group).items():
+        defaults = signature_defaults(own["_target_"])
+        lines = (CONF / group / f"{name}.yaml").read_text().splitlines()
+        for key, value in own.items():
+            if key in ("_target_", "_recursive_", "defaults"):
+                continue
+            assert key in defaults or key == "resolution", f"{group}/{name}.yaml: {key} is no constructor keyword"
+            if key in defaults and not (isinstance(value, str) and value.startswith("${")):
+                assert value != defaults[key], f"{group}/{name}.yaml repeats the default {key}: {value!r}"
+                line = next(ln for ln in lines if ln.startswith(f"{key}:"))
+                assert "#" in line, f"{group}/{name}.yaml changes {key} without saying why on its line"
+        composed = OmegaConf.to_container(compose([f"{group}={name}"])[group])
+        for key, value in defaults.items():  # the schema fills in what the file leaves out
+            assert composed[key] == own.get(key, value), f"{group}={name}: {key}"
+
+
+def test_a_knob_the_yaml_leaves_out_is_still_set_from_the_command_line():
+    cfg = compose(["method=selfcascade", "method.strength=0.3", "accelerator=adaptive", "accelerator.c_max=2"])
+    assert cfg.method.strength == 0.3 and cfg.method.mode == "tuned" and cfg.accelerator.c_max == 2
+    with pytest.raises(Exception, match="strenght"):
+        compose(["method=selfcascade", "method.strenght=0.3"])  # a typo is still refused (struct mode)
