@@ -22,7 +22,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import Tensor, nn
 
 from hiresrun import sampling
-from hiresrun.accelerators import Accelerator
+from hiresrun.accelerators import Accelerator, hooks_removed_after
 from hiresrun.errors import DataError
 
 
@@ -243,13 +243,9 @@ class LitModule(L.LightningModule):
         cond = self.conditioner(seeds, gens, self.device)  # drawn before any noise: labels depend on the seed only
         loop = partial(sampling.sample, scheduler=self.scheduler, num_steps=self.num_steps, gens=gens, wrap=wrap,
                        cond=cond)
-        handles = self.accelerator_.attach(self.net)
         start = time.perf_counter()
-        try:
+        with hooks_removed_after(self.accelerator_.attach(self.net)):
             x = self.method.sample(self.net, gens, loop)
-        finally:
-            for h in handles:
-                h.remove()
         seconds = time.perf_counter() - start
         return {"seeds": torch.tensor(seeds), "images": to_uint8(x).cpu(),
                 "evals": torch.tensor(counter.evals), "passes": torch.tensor(counter.passes),

@@ -160,16 +160,18 @@ def save_samples(seeds: Tensor, images: Tensor, folder: Path) -> None:
 
 
 def load_image(path: Path) -> Tensor:
-    """One PNG as uint8 (C, H, W)."""
-    a = torch.from_numpy(np.asarray(Image.open(path)).copy())
+    """One image file as uint8 (C, H, W): greyscale (L, 1, I;16) one channel, anything else RGB. The one reader of
+    images from disk (samples, reference runs, `eval.gen` folders)."""
+    with Image.open(path) as im:
+        im = im if im.mode in ("L", "RGB") else im.convert("L" if im.mode in ("I;16", "1") else "RGB")
+        a = torch.from_numpy(np.asarray(im).copy())
     return a[None] if a.ndim == 2 else a.permute(2, 0, 1)
 
 
-def load_images(folder: Path) -> Tensor:
-    """Every PNG in `folder`, in name order, as uint8 (N, C, H, W)."""
-    arrays = [np.asarray(Image.open(f)) for f in sorted(folder.glob("*.png"))]
-    t = torch.from_numpy(np.stack(arrays))
-    return t[:, None] if t.ndim == 3 else t.permute(0, 3, 1, 2)
+def load_images(paths) -> Tensor:
+    """Image files (or every PNG of a folder, in name order) as uint8 (N, C, H, W)."""
+    paths = sorted(Path(paths).glob("*.png")) if isinstance(paths, (str, Path)) else list(paths)
+    return torch.stack([load_image(p) for p in paths])
 
 
 def seed_ranges(seeds: list[int]) -> str:

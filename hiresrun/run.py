@@ -118,7 +118,7 @@ def finish(info: dict, folders: list[Path], out_dir: Path, logger=None, batches=
     wanted = seeds if batches is None else [s for b in batches for s in b]
     given = store.union(folders, wanted)
     order = sorted((s, rec, folder) for rec, folder, owned in given for s in owned)
-    images = torch.stack([outputs.load_image(Path(f) / store.SAMPLES / store.png_name(s)) for s, _, f in order])
+    images = outputs.load_images(Path(f) / store.SAMPLES / store.png_name(s) for s, _, f in order)
     seed_list = [s for s, _, _ in order]
     per = {s: rec for s, rec, _ in order}
     share = lambda key: sum(rec[key] * len(owned) / len(rec["seeds"]) for rec, _, owned in given)

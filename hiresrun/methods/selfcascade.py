@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hiresrun import sampling
+from hiresrun.accelerators import hooks_removed_after
 from hiresrun.data import resize
 from hiresrun.errors import UsageError
 from hiresrun.methods.finetune import denoising_loss
@@ -236,11 +237,8 @@ class SelfCascade(NoneMethod):
             state["pivot"] = c["pivot"]
             return plain(x, t, {k: v for k, v in c.items() if k != "pivot"})
 
-        try:
+        with hooks_removed_after(handles):
             return loop(fn, up, start_step=start, renoise=eps, cond={**cond, "pivot": pivot})
-        finally:
-            for h in handles:
-                h.remove()
 
     def loss(self, net: CascadeNet, batch: dict) -> dict[str, Tensor]:
         """eps-MSE at each stage's resolution, the pivot being the image's own exact lower-resolution view
@@ -252,13 +250,9 @@ class SelfCascade(NoneMethod):
                 pivot = self.generated_pivots(net.unet, batch)
             else:
                 pivot = self.base.encode(resize(image, self.base.resolution * 2 ** (s - 1)))
-            handles, _ = attach_upsamplers(net, s - 1, pivot)
-            try:
+            with hooks_removed_after(attach_upsamplers(net, s - 1, pivot)[0]):
                 out[f"loss_stage{s}"] = denoising_loss(net.unet, self.train_scheduler, self.base.encode(target),
                                                        self.base.batch_condition(batch))
-            finally:
-                for h in handles:
-                    h.remove()
         out["loss"] = sum(out.values()) / self.stages
         return out
 

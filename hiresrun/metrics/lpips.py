@@ -101,14 +101,11 @@ def fidelity(images: Tensor, reference: Tensor, lpips_model: LPIPS, batch_size: 
 
 def load_reference_run(run_dir: str | Path, seeds: list[int]) -> Tensor:
     """The reference run's samples/<seed>.png for exactly these seeds, uint8 (N, C, H, W)."""
-    import numpy as np
-    from PIL import Image
+    from hiresrun.outputs import load_images
 
     folder = Path(run_dir).expanduser() / "samples"
     missing = [s for s in seeds if not (folder / f"{s:06d}.png").is_file()]
     if missing:
         raise UsageError(f"reference={run_dir}: no samples/{missing[0]:06d}.png ({len(missing)} of {len(seeds)} seeds "
                          f"missing); point it at a `hiresrun sample` run with the same seeds and save_images=true")
-    arrays = [np.asarray(Image.open(folder / f"{s:06d}.png")) for s in seeds]
-    t = torch.from_numpy(np.stack(arrays))
-    return t[:, None] if t.ndim == 3 else t.permute(0, 3, 1, 2)
+    return load_images([folder / f"{s:06d}.png" for s in seeds])

@@ -161,22 +161,17 @@ class Cache:
 def load_folder(folder: str | Path) -> tuple[Tensor, list[int] | None]:
     """Every image under `folder` (name order) as uint8 (N, C, H, W), and the seeds their names give
     (`000042.png` -> 42, as `hiresrun sample` writes them) or None when the names are not numbers."""
-    from PIL import Image
-
     from hiresrun.data import IMAGE_SUFFIXES
+    from hiresrun.outputs import load_image
 
     root = Path(folder).expanduser()
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if root.is_dir() else []
     if not files:
         raise UsageError(f"eval.gen={folder}: no images there; point it at a folder of PNG/JPEG files "
                          f"(e.g. a sample run's samples/)")
-    arrays = []
-    for f in files:
-        with Image.open(f) as im:
-            arrays.append(np.asarray(im.convert("L" if im.mode in ("L", "I;16", "1") else "RGB")))
-    if len({a.shape for a in arrays}) > 1:
+    images = [load_image(f) for f in files]
+    if len({im.shape for im in images}) > 1:
         raise UsageError(f"eval.gen={folder}: images differ in size or channels; generated images must share one")
-    t = torch.from_numpy(np.stack(arrays))
     stems = [p.stem for p in files]
     ids = [int(s) for s in stems] if all(s.isdigit() for s in stems) and len(set(stems)) == len(stems) else None
-    return (t[:, None] if t.ndim == 3 else t.permute(0, 3, 1, 2)).contiguous(), ids
+    return torch.stack(images), ids
