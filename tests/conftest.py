@@ -18,14 +18,21 @@ REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 
 
-def tiny_unet(sample_size: int = 8, channels: int = 1):
-    """A ~30k-parameter UNet2DModel with the embedded model's block layout (2 levels, attention at the bottom)."""
+# The scheduler every tiny test model is saved with (the embedded model's: cosine betas, 1000 steps).
+SCHED = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"}
+PLAIN_BLOCKS = {"down_block_types": ("DownBlock2D", "DownBlock2D"), "up_block_types": ("UpBlock2D", "UpBlock2D")}
+
+
+def tiny_unet(sample_size: int = 8, channels: int = 1, **changes):
+    """A ~30k-parameter UNet2DModel with the embedded model's block layout (2 levels, attention at the bottom), seeded
+    0; `changes` replace constructor arguments (PLAIN_BLOCKS: no attention; num_class_embeds=11: class labels)."""
     from diffusers import UNet2DModel
 
     torch.manual_seed(0)
-    return UNet2DModel(sample_size=sample_size, in_channels=channels, out_channels=channels, layers_per_block=1,
-                       block_out_channels=(8, 16), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8, attention_head_dim=8)
+    config = dict(sample_size=sample_size, in_channels=channels, out_channels=channels, layers_per_block=1,
+                  block_out_channels=(8, 16), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                  up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8, attention_head_dim=8)
+    return UNet2DModel(**{**config, **changes})
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +41,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from hiresrun.models import save_pipeline
 
     folder = tmp_path_factory.mktemp("tiny-model")
-    save_pipeline(tiny_unet(), {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"}, folder)
+    save_pipeline(tiny_unet(), SCHED, folder)
     return folder
 
 

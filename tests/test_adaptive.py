@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import compose, tiny_overrides, tiny_unet
+from conftest import SCHED, compose, tiny_overrides, tiny_unet
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
@@ -20,8 +20,6 @@ from hiresrun import sampling
 from hiresrun.accelerators.adaptive import AdaptiveDiffusion
 from hiresrun.errors import UsageError
 from hiresrun.models import load_model, model_fn
-
-SCHED = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"}
 
 
 @pytest.fixture(scope="module")

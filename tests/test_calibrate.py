@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import cli, compose, tiny_overrides, tiny_unet
+from conftest import SCHED, cli, compose, tiny_overrides, tiny_unet
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -109,7 +109,7 @@ def test_a_file_for_another_setting_is_refused(tiny_model_dir, tmp_path, psnr30,
         unet = tiny_unet()
         with torch.no_grad():
             next(unet.parameters()).add_(1e-3)
-        save_pipeline(unet, {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"}, tmp_path / "m")
+        save_pipeline(unet, SCHED, tmp_path / "m")
         cfg = compose(tiny_overrides(tmp_path / "m") + base, tmp_path / "s")
     else:
         cfg = compose(tiny_overrides(tiny_model_dir) + base + [change], tmp_path / "s")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose
+from conftest import PLAIN_BLOCKS, SCHED, compose, tiny_unet
 from hydra.errors import InstantiationException
 
 from hiresrun import run, sampling
@@ -18,18 +18,12 @@ from hiresrun.models import model_fn, save_pipeline
 from hiresrun.outputs import load_images
 
 ONE_LINE = (UsageError, InstantiationException)  # Hydra wraps errors raised while building a config's object
-SCHED = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"}
 
 
 @pytest.fixture(scope="module")
 def class_dir(tmp_path_factory) -> Path:
     """A tiny class-conditional UNet2DModel: 10 classes + a null row (index 10), 8 px, 1 channel."""
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=8, num_class_embeds=11)
+    unet = tiny_unet(**PLAIN_BLOCKS, num_class_embeds=11)
     folder = tmp_path_factory.mktemp("cls") / "model"
     save_pipeline(unet, SCHED, folder)
     return folder

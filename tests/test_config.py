@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 from conftest import CONF, compose, tiny_overrides
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 
 from hiresrun import run
+from hiresrun.models import BaseModel
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "__pycache__"))
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
@@ -42,7 +43,10 @@ def test_option_composes_and_instantiates(group, option, tiny_model_dir, tiny_sd
         return
     built = instantiate(node.scheduler)(json.loads((tiny_model_dir / "scheduler" / "scheduler_config.json")
                                                    .read_text())) if group == "sampler" else instantiate(node)
-    assert built is not None
+    # what was built is what the option names: its class, or (model) what load_model returns
+    target = str(node.scheduler._target_).removesuffix(".from_config") if group == "sampler" else str(node._target_)
+    expected = BaseModel if target == "hiresrun.models.load_model" else get_class(target)
+    assert isinstance(built, expected), (group, option, type(built))
     if group == "sampler":
         built.set_timesteps(node.num_steps)
         assert len(built.timesteps) >= node.num_steps

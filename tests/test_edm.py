@@ -10,8 +10,7 @@ import types
 
 import pytest
 import torch
-from conftest import compose
-from diffusers import UNet2DModel
+from conftest import PLAIN_BLOCKS, compose, tiny_unet
 
 from hiresrun import run, sampling
 from hiresrun.edm import EDMHeunScheduler, coefficients, karras_sigmas
@@ -31,10 +30,7 @@ def k_sampling():
 
 
 def tiny_edm_net():
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8, attention_head_dim=8).eval()
+    return tiny_unet().eval()
 
 
 @pytest.fixture(scope="module")
@@ -130,10 +126,7 @@ def class_edm_and_tree(tmp_path, size: int) -> None:
     import numpy as np
     from PIL import Image
 
-    torch.manual_seed(0)
-    net = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
-                      down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                      norm_num_groups=8, num_class_embeds=4)
+    net = tiny_unet(channels=3, **PLAIN_BLOCKS, num_class_embeds=4)
     save_pipeline(net, {"num_train_timesteps": 1000}, tmp_path / "edm")
     for c in ("a", "b"):
         (tmp_path / "imgs" / c).mkdir(parents=True)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_unet
+from conftest import PLAIN_BLOCKS, SCHED, tiny_unet
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 from hiresrun.errors import UsageError
@@ -14,8 +14,6 @@ from hiresrun.lit import LitModule
 from hiresrun.methods.finetune import Finetune
 from hiresrun.methods.none import NoneMethod
 from hiresrun.models import DEFAULT_SCHEDULER, load_model, save_pipeline
-
-SCHED = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"}
 
 
 def test_pipeline_layout_reloads_bit_identical(tiny_model_dir):
@@ -48,12 +46,7 @@ def test_resolution_check_names_a_valid_size(tiny_model_dir):
 
 
 def test_class_conditional_model_samples_and_trains(tmp_path):
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=8, num_class_embeds=10)
+    unet = tiny_unet(**PLAIN_BLOCKS, num_class_embeds=10)
     save_pipeline(unet, SCHED, tmp_path / "cls")
     base = load_model(str(tmp_path / "cls"), conditioning="class")
     method = NoneMethod(resolution=8)

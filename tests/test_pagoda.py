@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import cli, tiny_unet
+from conftest import SCHED, cli, tiny_unet
 from diffusers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
@@ -23,8 +23,6 @@ from hiresrun.methods.pagoda.cache import LatentCache, encode_dataset, fingerpri
 from hiresrun.methods.pagoda.nets import Generator, freeze_for_growing, up_path_units
 from hiresrun.methods.pagoda.ode import VEView, c_in, ddim_grid, ddim_invert, heun, heun_invert, karras_sigmas
 from hiresrun.models import BaseModel, model_fn
-
-SCHED = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"}
 
 
 def base(unet=None, resolution=8):

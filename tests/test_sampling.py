@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import compose, tiny_unet
+from conftest import SCHED, compose, tiny_unet
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
 from hydra.utils import instantiate
 
@@ -12,8 +12,6 @@ from hiresrun import sampling
 from hiresrun.lit import LitModule
 from hiresrun.methods.none import NoneMethod
 from hiresrun.models import BaseModel, model_fn
-
-SCHED = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"}
 
 
 def base_of(unet) -> BaseModel:

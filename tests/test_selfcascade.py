@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import cli, tiny_unet
+from conftest import SCHED, cli, tiny_unet
 from diffusers import DDIMScheduler, UNet2DConditionModel
 from hydra.utils import instantiate
 
@@ -21,8 +21,6 @@ from hiresrun.methods.selfcascade import CascadeNet, LightUpsampler, ResBlockUps
 from hiresrun.methods.upsample import Upsample
 from hiresrun.models import BaseModel, load_model
 from hiresrun.sampling import TRAINING_SEEDS
-
-SCHED = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"}
 
 
 def base(unet=None):

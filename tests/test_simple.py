@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CONF, cli, compose, tiny_unet
+from conftest import CONF, SCHED, cli, compose, tiny_unet
 from diffusers import DDIMScheduler, DDPMScheduler
 from hydra.utils import instantiate
 
@@ -34,7 +34,6 @@ from hiresrun.methods.simple import (
 )
 from hiresrun.models import BaseModel, load_model
 
-SCHED = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"}
 t = torch.linspace(0, 1, 101, dtype=torch.float64)
 
 

@@ -6,15 +6,13 @@ from functools import partial
 
 import pytest
 import torch
-from conftest import tiny_unet
+from conftest import SCHED, tiny_unet
 from diffusers import DDIMScheduler, UNet2DConditionModel, UNet2DModel
 
 from hiresrun import sampling
 from hiresrun.accelerators.skiptuning import SkipTuning, num_skips
 from hiresrun.errors import UsageError
 from hiresrun.models import load_model, model_fn
-
-SCHED = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"}
 
 
 def run(unet, acc=None, seeds=(0, 1), steps=4):
