@@ -79,6 +79,30 @@ def test_experiment_smoke_runs(name, tiny_model_dir, tmp_path):
         assert metrics["num_samples"] == 2 and (tmp_path / "r" / "metrics.json").is_file()
 
 
+STUDY_PRESETS = sorted(str(f.relative_to(CONF / "experiment").with_suffix("")) for f in
+                       (CONF / "experiment").glob("*/*.yaml") if f.parent.name not in ("fullscale", "parts"))
+SPEED = {"sample": ["sample.num_samples=2", "sampler.num_steps=2", "metrics.num_reference=6",
+                    "metrics.kid_subset_size=2", "logger=none", "trainer.enable_progress_bar=false"],
+         "train": ["trainer.max_steps=1", "logger=none", "trainer.enable_progress_bar=false",
+                   "method=finetune"]}  # a training preset leaves the method to the study (it compares several)
+
+
+@pytest.mark.parametrize("name", STUDY_PRESETS)
+def test_study_presets_run_with_only_speed_knobs_changed(name, tmp_path):
+    """Every study preset (conf/experiment/<study>/<arm>.yaml: the protocol of a reported number) runs as it is,
+    with the number of images, steps and reference images cut."""
+    task = "train" if name.rsplit("/", 1)[-1].startswith("train") else "sample"
+    cfg = compose([f"experiment={name}", f"task={task}", *SPEED[task], f"paths.cache_dir={tmp_path / 'cache'}"],
+                  tmp_path / "r")
+    record = run.run(cfg) if task == "sample" else (run.run(cfg), json.loads((tmp_path / "r" / "metrics.json")
+                                                                             .read_text()))[1]
+    assert record["task"] == task
+    if task == "sample":
+        assert record["num_samples"] == 2 and "fid" in record and "prompt_acc" in record
+    else:
+        assert record["steps"] == 1 and (tmp_path / "r" / "checkpoints" / "last.ckpt").is_file()
+
+
 @pytest.mark.parametrize("group", ["method", "accelerator"])
 def test_yaml_writes_only_what_differs_from_the_constructor_and_says_why(group):
     """One source per default (STYLE.md 3): a method's or accelerator's YAML holds `_target_`, interpolations and

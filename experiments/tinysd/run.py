@@ -6,10 +6,11 @@ measure):
     OMP_NUM_THREADS=1 python experiments/tinysd/run.py adaptive    [--n 500]   # AdaptiveDiffusion under guidance
     OMP_NUM_THREADS=1 python experiments/tinysd/run.py unet        [--n 500]   # FreeU and Skip-Tuning
 
-Each arm is one `hiresrun sample model=tiny-sd-mnist` (printed before it runs): seeds 0..n-1, the model's own digit
-prompts (image i asks for digit i mod 10, assets/prompts/digits.txt), DDIM 50, 16 px, `metrics=default` against the
-1,000 held-out MNIST digits at 16 px (Inception pool3 with clean-fid's resize; the shipped digit classifier for
-prompt_acc, digit_acc and fd_digits). An arm whose folder has its metrics.json is reused (delete it to rerun).
+Each arm is one `hiresrun sample experiment=tinysd/<preset>` plus the knobs the study varies (printed before it
+runs); the presets in conf/experiment/tinysd/ hold the protocol: seeds 0..n-1, the model's own digit prompts (image i
+asks for digit i mod 10, assets/prompts/digits.txt), DDIM 50, 16 px (32 px for Self-Cascade), `metrics=default`
+against the 1,000 held-out MNIST digits at that size (Inception pool3 with clean-fid's resize; the shipped digit
+classifier for prompt_acc, digit_acc and fd_digits). An arm whose folder has its metrics.json is reused (delete it to rerun).
 The later studies sample under guidance 3, the best FID/adherence balance of the first. Each study writes its
 record into experiments/tinysd/results.json and its table into the README (guidance also guidance.png).
 """
@@ -71,9 +72,8 @@ def guidance(args) -> None:
     for w in SCALES:
         folder = out / f"w{w:g}"
         if not (folder / "metrics.json").is_file():
-            hiresrun("sample", "model=tiny-sd-mnist", "data.resolution=16", f"sample.num_samples={args.n}",
-                     f"sample.guidance_scale={w}", "sampler.num_steps=50", "metrics=default",
-                     "metrics.patch_fid=false", f"hydra.run.dir={folder}", *QUIET)
+            hiresrun("sample", "experiment=tinysd/guidance", f"sample.num_samples={args.n}",
+                     f"sample.guidance_scale={w}", f"hydra.run.dir={folder}", *QUIET)
         m = json.loads((folder / "metrics.json").read_text())
         results[f"{w:g}"] = {k: m.get(k) for k in COLUMNS}
         floors[f"{w:g}"] = m.get("fid_floor")
@@ -87,10 +87,11 @@ def guidance(args) -> None:
 
 
 # -- shared by the studies below: one `hiresrun` command per arm, reused when its metrics.json exists -----------
-GUIDED = ["model=tiny-sd-mnist", "sample.guidance_scale=3", "sampler.num_steps=50"]  # scale 3: the guidance study
-TRAIN = ["model=tiny-sd-mnist", "data=mnist", "data.captions=digits", "data.resolution=32", "data.batch_size=32",
-         "train.grid_every=0", "logger=csv", "trainer.enable_progress_bar=false"]
-SAMPLE_BATCH = 10   # images per sampling batch in the later studies (AdaptiveDiffusion sub-batches per image)
+# Each arm is a preset of conf/experiment/tinysd/ (the protocol) plus the knobs the study varies:
+SAMPLE16 = ["experiment=tinysd/sample16"]  # 16 px, guidance 3 (the guidance study's best), DDIM 50, batches of 10
+SAMPLE32 = ["experiment=tinysd/sample32"]  # the same at 32 px
+TRAIN = ["experiment=tinysd/train32", "trainer.enable_progress_bar=false"]  # 300 steps, batch 32, 32 px, captions
+SAMPLE_BATCH = 10   # sample.batch_size of sample16/sample32 (AdaptiveDiffusion sub-batches per image)
 
 
 class NotRun(Exception):
@@ -157,9 +158,7 @@ def selfcascade(args) -> None:
                 t = arm(out / f"{slug}-train", "train", *TRAIN, *a["train"], f"trainer.max_steps={args.steps}",
                         f"train.checkpoint_every={args.steps}")
                 ckpt = [f"ckpt_path={out / f'{slug}-train'}"]
-            m = arm(out / slug, "sample", *GUIDED, "data.resolution=32", f"sample.num_samples={args.n}",
-                    f"sample.batch_size={SAMPLE_BATCH}", *a["sample"], *ckpt, "metrics=default",
-                    "metrics.patch_fid=false")
+            m = arm(out / slug, "sample", *SAMPLE32, f"sample.num_samples={args.n}", *a["sample"], *ckpt)
         except NotRun:
             rows.append([a["name"], *(["not run yet"] + [None] * (len(SC_COLUMNS) + 1))])
             continue
@@ -188,15 +187,14 @@ def adaptive(args) -> None:
     at the adaptive run's NFE, and (DDIM) the delta x c_max sweep beside fewer steps, all scored against the
     full-step images of the same seeds (`reference=`)."""
     out = Path(args.out) / "adaptive"
-    base = [*GUIDED, "data.resolution=16", f"sample.num_samples={args.n}", f"sample.batch_size={SAMPLE_BATCH}"]
+    base = [*SAMPLE16, f"sample.num_samples={args.n}"]
     keep = ("nfe_per_image", "sec_per_image", "psnr_to_ref", "ssim_to_ref", "lpips_to_ref", "fid", "prompt_acc")
     pick = lambda m: {k: m.get(k) for k in keep}
     rows, sweep_rows, record = [], [], {"samplers": {}, "sweep": []}
     for s in SAMPLERS:
         try:
-            full = arm(out / f"{s}-full", "sample", *base, f"sampler={s}", "metrics=default",
-                       "metrics.patch_fid=false")
-            ref = [f"reference={out / f'{s}-full'}", "metrics=default", "metrics.patch_fid=false"]
+            full = arm(out / f"{s}-full", "sample", *base, f"sampler={s}")
+            ref = [f"reference={out / f'{s}-full'}"]
             ad = arm(out / f"{s}-adaptive", "sample", *base, f"sampler={s}", "+accelerator=adaptive", *ref)
             n_eq = max(1, round(50 * ad["nfe_per_image"] / full["nfe_per_image"]))
             few = arm(out / f"{s}-steps{n_eq}", "sample", *base, f"sampler={s}", f"sampler.num_steps={n_eq}", *ref)
@@ -209,13 +207,12 @@ def adaptive(args) -> None:
                      full["fid"], ad["fid"], ad["prompt_acc"], f"{n_eq}: {few['psnr_to_ref']:.2f}",
                      few.get("lpips_to_ref"), few["fid"]])
         record["samplers"][s] = {"full": pick(full), "adaptive": pick(ad), "fewer_steps": {"steps": n_eq, **pick(few)}}
-    ref = [f"reference={out / 'ddim-full'}", "metrics=default", "metrics.patch_fid=false"]
+    ref = [f"reference={out / 'ddim-full'}"]
 
     def point(name: str, folder: Path, knobs: dict, *overrides: str) -> None:
         """One sweep row: an arm scored against the 50-step DDIM images, beside its speed-ups over them."""
         try:
-            full = arm(out / "ddim-full", "sample", *base, "sampler=ddim", "metrics=default",
-                       "metrics.patch_fid=false")
+            full = arm(out / "ddim-full", "sample", *base, "sampler=ddim")
             m = arm(folder, "sample", *base, "sampler=ddim", *overrides, *ref)
         except NotRun:
             sweep_rows.append([name, "not run yet", *[None] * 5])
@@ -252,8 +249,7 @@ def unet(args) -> None:
     """FreeU at its SD-1.5 values and a small b/s sweep (DDIM 50), Skip-Tuning's rho at 10 and 20 DDIM steps;
     16 px, guidance 3, FID and prompt_acc beside the same sampler without an accelerator."""
     out = Path(args.out) / "unet"
-    base = [*GUIDED, "data.resolution=16", f"sample.num_samples={args.n}", f"sample.batch_size={SAMPLE_BATCH}",
-            "metrics=default", "metrics.patch_fid=false"]
+    base = [*SAMPLE16, f"sample.num_samples={args.n}"]
     cols = ("fid", "kid", "prompt_acc", "digit_acc", "fd_digits", "sec_per_image")
     rows, record = [], []
 
