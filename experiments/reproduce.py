@@ -57,7 +57,7 @@ def studies(root: str) -> dict[str, list[str]]:
             f"hydra.sweep.dir={st}/n1000/sc32_10",
             f"{PY} experiments/skiptuning/report.py {st}/{{ddim32_10,ddim16_10,digits16,dpm16,linear16,time16}} "
             f"{st}/n1000/{{ddim16_10,sc32_10}} --out experiments/skiptuning"],
-        "adaptive": [f"{PY} bench/adaptive.py --threads 1 --out bench/results/adaptive.json"],
+        "adaptive": [f"{PY} experiments/adaptive/run.py --threads 1"],
         "simple": [f"{PY} experiments/simple/run.py --steps 500 --n 500 --out {root}/simple",
                    f"{PY} experiments/simple/study.py --out {root}/simple"],
         "classguidance": [f"{PY} experiments/classguidance/run.py --n 500 --steps 1500 --init {init} "

@@ -26,7 +26,7 @@ NO_FREEU = "accelerator=freeu needs a UNet2DConditionModel"
 
 def expected_refusal(method: str, accelerator: str) -> str | None:
     """What the declarations must say on the embedded model (a pixel UNet2DModel)."""
-    if method == "pagoda" and accelerator == "adaptive":
+    if method == "pagoda" and accelerator in ("adaptive", "stepskip"):  # step schedules, and PaGoDA has no steps
         return ONE_STEP
     return NO_FREEU if accelerator == "freeu" else None
 

@@ -1,4 +1,5 @@
-"""bench/adaptive.py's README rendering: experiments/adaptive/README.md's tables are its JSON files, rendered."""
+"""experiments/adaptive/run.py: its README's tables are its JSON files, rendered; and a quick run goes through
+`hiresrun sample`'s own per-batch code path (LitModule.generate) and stepskip, not a copy of them."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import importlib.util
 import json
 import re
 
+import torch
 from conftest import REPO
 
-spec = importlib.util.spec_from_file_location("adaptive_bench", REPO / "bench" / "adaptive.py")
+spec = importlib.util.spec_from_file_location("adaptive_study", REPO / "experiments" / "adaptive" / "run.py")
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
 
@@ -53,3 +55,24 @@ def test_calibration_marks_chosen_delta_and_where_the_search_stopped():
     rows = bench.calibration_table(cal).splitlines()
     assert rows[0].endswith("| PSNR >= 30 |")
     assert rows[-3].endswith("| yes (chosen) |") and rows[-1].endswith("| 0.9665 | no |")
+
+
+def test_a_batch_is_what_hiresrun_sample_makes_and_the_fixed_schedule_is_stepskip(tmp_path):
+    """The study's `generate` is the runner's per-batch path: its images for seeds 0-1 equal `hiresrun sample`'s
+    PNGs of the same setting byte for byte, and its every-other-step arm halves the calls."""
+    from conftest import compose
+
+    from hiresrun import run
+    from hiresrun.accelerators.stepskip import StepSkip
+    from hiresrun.models import load_model
+    from hiresrun.outputs import load_images
+
+    base = load_model("tiny-mnist")
+    net, method = bench.build(base, 16, "none")
+    make = lambda: bench.scheduler_factory("ddim")(base.scheduler_config)
+    full = bench.generate(net, method, make, [0, 1], 8, None)
+    skip = bench.generate(net, method, make, [0, 1], 8, StepSkip(every=2))
+    run.run(compose(["data.resolution=16", "sampler.num_steps=8", "sample.num_samples=2", "logger=none",
+                     "trainer.enable_progress_bar=false"], tmp_path / "s"))
+    assert torch.equal(full["images"], load_images(tmp_path / "s" / "samples"))
+    assert full["evals"] == 2 * 8 and skip["evals"] == 2 * 4
