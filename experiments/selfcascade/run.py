@@ -21,8 +21,9 @@ from hiresrun.outputs import side_by_side, write_block
 
 HERE = Path(__file__).resolve().parent
 HIRESRUN = str(Path(sys.executable).with_name("hiresrun"))
-COMMON = ["data.resolution=32", "logger=csv", "trainer.enable_progress_bar=false"]
-METRICS = ["metrics=default", "metrics.patch_fid=false"]  # patch-FID (16 px crops) says nothing at 32 px
+# the protocol is the presets conf/experiment/selfcascade/{sample32,train32}.yaml; the arms add their knobs
+SAMPLE, TRAIN = "experiment=selfcascade/sample32", "experiment=selfcascade/train32"
+QUIET = ["trainer.enable_progress_bar=false"]
 COLUMNS = ("fid", "fid_floor", "kid", "digit_acc", "fd_digits", "swd", "nfe_per_image", "sec_per_image")
 
 
@@ -70,11 +71,11 @@ def main() -> int:
             steps = [o for o in arm["train"] if o.startswith("trainer.max_steps=")] or \
                 [f"trainer.max_steps={args.steps}"]
             if todo and (args.only or not (train / "metrics.json").exists()):
-                hiresrun("train", *arm["train"], *steps, *COMMON, f"data.batch_size={args.batch_size}",
-                         "train.grid_every=0", f"train.checkpoint_every={args.steps}", f"hydra.run.dir={train}")
+                hiresrun("train", TRAIN, *arm["train"], *steps, *QUIET, f"data.batch_size={args.batch_size}",
+                         f"train.checkpoint_every={args.steps}", f"hydra.run.dir={train}")
             ckpt = [f"ckpt_path={train}"]
         if todo:
-            hiresrun("sample", *arm["sample"], *ckpt, *COMMON, f"sample.num_samples={args.n}", *METRICS,
+            hiresrun("sample", SAMPLE, *arm["sample"], *ckpt, *QUIET, f"sample.num_samples={args.n}",
                      f"hydra.run.dir={run}")
         if not (run / "metrics.json").exists():
             print(f"missing: {arm['name']} ({run})")
@@ -83,7 +84,7 @@ def main() -> int:
         t = json.loads((train / "metrics.json").read_text()) if ckpt else {}
         results.append({"arm": arm["name"], **{k: m.get(k) for k in COLUMNS},
                         "trainable_params": t.get("trainable_params", 0), "train_seconds": t.get("train_seconds", 0),
-                        "sample_command": "hiresrun sample " + " ".join([*arm["sample"], *ckpt, *COMMON]),
+                        "sample_command": "hiresrun sample " + " ".join([SAMPLE, *arm["sample"], *ckpt]),
                         "protocol": m["protocol"]})
     (HERE / "results.json").write_text(json.dumps({"n": args.n, "train_steps": args.steps, "date": time.strftime(
         "%Y-%m-%d"), "rows": results}, indent=2) + "\n")

@@ -20,7 +20,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 HIRESRUN = str(Path(sys.executable).with_name("hiresrun"))
 ARMS = {"shifted": ["method.noise_d=16"], "unshifted": ["method.noise_d=32"]}  # noise_d == image_d: no shift
-COMMON = ["data.resolution=32", "logger=none", "trainer.enable_progress_bar=false", "method.multiscale=false"]
+# the protocol is the presets conf/experiment/simple/{train32,sample32}.yaml; the arms add method.noise_d
+TRAIN, SAMPLE = "experiment=simple/train32", "experiment=simple/sample32"
+QUIET = ["trainer.enable_progress_bar=false"]
 
 
 def hiresrun(*args: str) -> float:
@@ -45,12 +47,11 @@ def main() -> None:
     for arm in args.arms:
         overrides = ARMS[arm]
         tr, sa = out / f"train-{arm}", out / f"sample-{arm}"
-        train_s = hiresrun("train", "+method=simple", *overrides, *COMMON, f"trainer.max_steps={args.steps}",
-                           f"data.batch_size={args.batch_size}", "train.grid_every=0",
-                           f"train.checkpoint_every={args.steps}", f"hydra.run.dir={tr}")
-        sample_s = hiresrun("sample", "+method=simple", f"ckpt_path={tr}", *COMMON, "metrics=default",
-                            "sampler=ddim", "sampler.num_steps=50", f"sample.seeds=0-{args.n - 1}",
-                            "sample.save_images=false", f"hydra.run.dir={sa}")
+        train_s = hiresrun("train", TRAIN, *overrides, *QUIET, f"trainer.max_steps={args.steps}",
+                           f"data.batch_size={args.batch_size}", f"train.checkpoint_every={args.steps}",
+                           f"hydra.run.dir={tr}")
+        sample_s = hiresrun("sample", SAMPLE, f"ckpt_path={tr}", *QUIET, f"sample.seeds=0-{args.n - 1}",
+                            f"hydra.run.dir={sa}")
         m = json.loads((sa / "metrics.json").read_text())
         results[arm] = {"overrides": overrides, "train_steps": args.steps, "train_wall_s": round(train_s, 1),
                         "sample_wall_s": round(sample_s, 1),
@@ -60,7 +61,7 @@ def main() -> None:
     protocol = {"base": "tiny-mnist (16px)", "target": 32, "data": "mnist (embedded)",
                 "method": "simple, init=pretrained, v-prediction, eps_mse, multiscale=false",
                 "batch_size": args.batch_size, "sampler": "ddim", "num_steps": 50,
-                "seeds": f"0-{args.n - 1}", "metrics": "default", "common_overrides": COMMON}
+                "seeds": f"0-{args.n - 1}", "metrics": "default", "presets": [TRAIN, SAMPLE]}
     path = HERE / "results.json"
     everything = json.loads(path.read_text()) if path.is_file() else {}
     everything[key] = {**everything.get(key, {}), **results, "protocol": protocol}
