@@ -26,7 +26,8 @@ NO_FREEU = "accelerator=freeu needs a UNet2DConditionModel"
 
 def expected_refusal(method: str, accelerator: str) -> str | None:
     """What the declarations must say on the embedded model (a pixel UNet2DModel)."""
-    if method == "pagoda" and accelerator in ("adaptive", "stepskip"):  # step schedules, and PaGoDA has no steps
+    if method == "pagoda" and get_class(OmegaConf.load(CONF / "accelerator" / f"{accelerator}.yaml")._target_) \
+            .supports.needs_steps:  # step schedules and step caches, and PaGoDA has no steps
         return ONE_STEP
     return NO_FREEU if accelerator == "freeu" else None
 
@@ -61,7 +62,7 @@ def test_pair_is_built_or_refused_with_one_line(method, accelerator, tmp_path):
     handles = a.attach(net)
     for h in handles:
         h.remove()
-    assert (len(handles) > 0) == (accelerator == "skiptuning")
+    assert (len(handles) > 0) == (accelerator in ("skiptuning", "deepcache"))  # module-level accelerators
 
 
 def test_the_freeu_refusal_is_what_attaching_would_say(tmp_path):
