@@ -79,7 +79,8 @@ def test_cost_per_image_is_full_plus_partial_times_the_flop_share(tiny_model_dir
 
 def test_a_text_unet_under_guidance(tiny_sd_dir, tmp_path):
     common = ["sample", "model=diffusers", f"model.path={tiny_sd_dir}", "sample.prompt=a cat",
-              "sample.guidance_scale=3", "logger=none", "trainer.enable_progress_bar=false", "sampler.num_steps=6", "sample.num_samples=2"]
+              "sample.guidance_scale=3", "logger=none", "trainer.enable_progress_bar=false", "sampler.num_steps=6",
+              "sample.num_samples=2"]
     one = cli(*common, "+accelerator=deepcache", "accelerator.interval=1", "hydra.run.dir=one", cwd=tmp_path)
     none = cli(*common, "hydra.run.dir=none", cwd=tmp_path)
     two = cli(*common, "+accelerator=deepcache", "accelerator.interval=2", "hydra.run.dir=two", cwd=tmp_path)
