@@ -26,9 +26,8 @@ H = PY.with_name("hiresrun")
 
 MATRIX_N = 100                                                 # images per matrix pair (seeds 0..99)
 SIMPLE_RUN = "study_300steps_bs16_n200/train-s32"             # the shifted 16 -> 32 fine-tune of simple/study.py
-ST = "metrics=default metrics.patch_fid=false logger=none"      # skiptuning sweeps
-ST_CHEAP = "sample.num_samples=300 logger=none metrics=default metrics.patch_fid=false data.resolution=16 " \
-           "metrics.fid=false metrics.kid=false metrics.swd=false sample.save_images=false accelerator=skiptuning"
+ST = "experiment=skiptuning/fid"             # skiptuning sweeps: conf/experiment/skiptuning/fid.yaml (n = 300)
+ST_CHEAP = "experiment=skiptuning/digits16"  # 16 px, n = 300, digit metrics only
 
 
 def studies(root: str) -> dict[str, list[str]]:

@@ -28,7 +28,10 @@ from hiresrun.outputs import write_block
 
 HERE = Path(__file__).resolve().parent
 HIRESRUN = str(Path(sys.executable).with_name("hiresrun"))
-QUIET = ["logger=csv", "trainer.enable_progress_bar=false"]
+QUIET = ["trainer.enable_progress_bar=false"]
+# the protocol is the presets conf/experiment/classguidance/{train16,sample16}.yaml; the study adds the model folder
+# it builds, the training budget and label dropout it was asked for, and the guidance scale of each arm
+TRAIN, SAMPLE = "experiment=classguidance/train16", "experiment=classguidance/sample16"
 SCALES = (1.0, 2.0, 4.0)
 COLUMNS = ("class_acc", "digit_acc", "fid", "kid", "fd_digits", "nfe_per_image", "unet_passes_per_image")
 
@@ -81,15 +84,13 @@ def main() -> None:
     if not (base / "unet" / "config.json").is_file():
         class_base(base, args.init)
     train = out / "train"
-    model = ["model=diffusers", f"model.path={base}", "model.null_class=-1"]
     if not (train / "metrics.json").is_file():
-        hiresrun("train", "+method=finetune", *model, "data.resolution=16", f"trainer.max_steps={args.steps}",
-                 f"train.label_dropout={args.label_dropout}", "train.grid_every=0",
-                 f"train.checkpoint_every={args.steps}", f"hydra.run.dir={train}", *QUIET)
-    trained = ["model=diffusers", f"model.path={train / 'model'}", "model.null_class=-1"]
-    sample = ["data.resolution=16", f"sample.num_samples={args.n}", "metrics=default", "metrics.patch_fid=false",
-              *QUIET]
-    arms = {f"guidance {w:g}": ["sample.class_labels=0-9", f"sample.guidance_scale={w}"] for w in SCALES}
+        hiresrun("train", TRAIN, f"model.path={base}", f"trainer.max_steps={args.steps}",
+                 f"train.label_dropout={args.label_dropout}", f"train.checkpoint_every={args.steps}",
+                 f"hydra.run.dir={train}", *QUIET)
+    trained = [SAMPLE, f"model.path={train / 'model'}"]
+    sample = [f"sample.num_samples={args.n}", *QUIET]
+    arms = {f"guidance {w:g}": [f"sample.guidance_scale={w}"] for w in SCALES}
     arms["null class only (unconditional)"] = ["sample.class_labels=[10]", "model.null_class=null",
                                                "sample.guidance_scale=1"]
     results = {}
