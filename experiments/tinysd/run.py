@@ -242,7 +242,7 @@ def adaptive(args) -> None:
         from hiresrun.accelerators.adaptive import AdaptiveDiffusion
 
         wall = wall_side_by_side(s, {"full": (50, None), "adaptive": (50, AdaptiveDiffusion()), "fewer": (n_eq, None)},
-                                 WALL_N, out / f"wall-{s}.json") if not DEST.get("tables_only") or \
+                                 min(WALL_N, args.n), out / f"wall-{s}.json") if not DEST.get("tables_only") or \
             (out / f"wall-{s}.json").is_file() else None
         ratio = {k: wall["sec_per_image"]["full"] / wall["sec_per_image"][k] if wall else None
                  for k in ("adaptive", "fewer")}
@@ -279,9 +279,9 @@ def adaptive(args) -> None:
     proto = (f"n = {args.n} (seeds 0-{args.n - 1}, digit i mod 10), 16 px, guidance 3, 50 steps, sampling batch "
              f"{SAMPLE_BATCH} (decisions per image, sub-batched calls), PSNR/LPIPS-alex to the 50-step images of the "
              "same seeds, FID vs the 1,000 held-out digits; each arm a separate process, 2-core CPU. Wall speed-ups "
-             f"over the 50-step run are measured side by side in one process on seeds 0-{WALL_N - 1} (batches of "
-             f"{SAMPLE_BATCH}, the variants taking turns batch by batch, LitModule.generate); the arms' own "
-             "sec_per_image come from separate processes under different load and are not compared.")
+             f"over the 50-step run are measured side by side in one process on seeds 0-{min(WALL_N, args.n) - 1} "
+             f"(batches of {SAMPLE_BATCH}, the variants taking turns batch by batch, LitModule.generate); the arms' "
+             "own sec_per_image come from separate processes under different load and are not compared.")
     write_block(DEST["dir"] / "README.md", "adaptive-sweep",
                 markdown(["DDIM arm", "NFE speed-up", "PSNR", "LPIPS", "FID", "prompt_acc"],
                          sweep_rows))
