@@ -96,3 +96,17 @@ def test_bad_settings_are_one_line():
         DeepCache(interval=0)
     with pytest.raises(UsageError, match="accelerator.branch=2: this UNet has 2 down blocks"):
         DeepCache(interval=2, branch=2).attach(tiny_unet())
+
+
+def test_each_sampling_loop_starts_with_a_full_step(tiny_model_dir, tmp_path):
+    """Self-Cascade runs two loops per batch (the pivot at the base size, then the truncated 2x loop): each starts
+    with a full step and counts its partial steps from there. (Tuned Self-Cascade, whose low-resolution pass runs the
+    same blocks inside the 2x call, is covered by tests/test_text_matrix.py: cache entries are kept per input size.)"""
+    out = cli("sample", "model=diffusers", f"model.path={tiny_model_dir}", "data.resolution=16", "logger=none",
+              "trainer.enable_progress_bar=false", "sampler.num_steps=10", "sample.num_samples=2",
+              "+method=selfcascade", "method.mode=tuning_free", "method.strength=0.5", "+accelerator=deepcache",
+              "accelerator.interval=3", "hydra.run.dir=run", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    # pivot loop: 10 steps, full at 0, 3, 6, 9; 2x loop from the middle: 5 steps, full at its 0 and 3
+    assert m["nfe_per_image"] == 15 and m["partial_per_image"] == 6 + 3

@@ -29,18 +29,21 @@ HOOK = "hiresrun_deepcache"
 
 
 class _Cached(ModelHook):
-    """On a partial step return the block's output from the last full step without running it."""
+    """On a partial step return the block's output from the last full step without running it. Entries are kept per
+    input shape: a method that runs the same blocks on another size inside the call (tuned Self-Cascade's
+    low-resolution pass on the pivot) gets its own entries, never the other size's."""
 
     def __init__(self, state: dict, key: str):
         super().__init__()
         self.state, self.key = state, key
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
-        cache = self.state["cache"]
-        if self.state["partial"] and self.key in cache:
-            return cache[self.key]
+        cache, h = self.state["cache"], kwargs.get("hidden_states", args[0] if args else None)
+        key = (self.key, tuple(h.shape) if isinstance(h, torch.Tensor) else None)
+        if self.state["partial"] and key in cache:
+            return cache[key]
         out = self.fn_ref.original_forward(*args, **kwargs)
-        cache[self.key] = out
+        cache[key] = out
         return out
 
 
@@ -104,6 +107,7 @@ class DeepCache(Accelerator):
         record = {"full": 0, "partial": 0, "flops": {}}
         self.records.append(record)
         state = self.state
+        state["cache"].clear()  # a new loop (Self-Cascade's pivot loop, then its 2x loop) starts with a full step
 
         def fn(x: torch.Tensor, t, cond: dict) -> torch.Tensor:
             kind = "partial" if step.full_step % self.interval and state["cache"] else "full"
