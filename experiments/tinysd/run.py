@@ -208,16 +208,12 @@ def wall_side_by_side(sampler: str, variants: dict[str, tuple[int, object]], n: 
     for i in range(0, n, SAMPLE_BATCH):
         for name, lit in lits.items():
             seconds[name] += float(lit.generate(list(range(i, min(i + SAMPLE_BATCH, n))))["seconds"])
-    out = {"n": n, "sec_per_image": {k: v / n for k, v in seconds.items()}, "threads": torch_threads()}
+    import torch
+
+    out = {"n": n, "sec_per_image": {k: v / n for k, v in seconds.items()}, "threads": torch.get_num_threads()}
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(out, indent=2) + "\n")
     return out
-
-
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 def adaptive(args) -> None:

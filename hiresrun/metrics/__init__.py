@@ -176,17 +176,19 @@ class Metrics:
 
     # -- features of the generated images (computed once per image when a cache is given) ----------------
     def generated_features(self, images: Tensor, ids: list[int] | None, cache: FeatureCache | None = None) -> dict:
-        """{"inception": (N, 2048), "patch": (N * patches_per_image, 2048)} for the enabled metrics."""
+        """{"inception": (N, 2048), "patch": (N * patches_per_image, 2048)} for the enabled metrics. The compute
+        functions take the indices of the images still missing from `cache`, or None for all of them."""
         out, d = {}, InceptionPool3.num_features
-        whole = lambda idx: self.inception.features(images[idx], self.batch_size)
+        pick = lambda xs, idx: xs if idx is None else (xs[idx] if isinstance(xs, Tensor) else [xs[i] for i in idx])
+        whole = lambda idx: self.inception.features(pick(images, idx), self.batch_size)
         if self.fid or self.kid:
-            out["inception"] = whole(list(range(len(images)))) if cache is None else cache.rows(
+            out["inception"] = whole(None) if cache is None else cache.rows(
                 "inception", self._inception_key(), (d,), whole)
         if self.patch_fid:
             key, p = {**self._inception_key(), "crops": self._crop_scheme(images.shape[-1])}, self.patches_per_image
             crops = lambda idx: self.inception.features(
-                self._crops(images[idx], None if ids is None else [ids[i] for i in idx]), self.batch_size)
-            out["patch"] = crops(list(range(len(images)))) if cache is None or ids is None else cache.rows(
+                self._crops(pick(images, idx), None if ids is None else pick(ids, idx)), self.batch_size)
+            out["patch"] = crops(None) if cache is None or ids is None else cache.rows(
                 "patch", key, (p, d), crops).reshape(-1, d)
         return out
 
