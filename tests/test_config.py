@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from conftest import CONF, PLAIN_BLOCKS, SCHED, compose, tiny_overrides, tiny_un
 from hydra.utils import get_class, instantiate
 
 from hiresrun import run
+from hiresrun.data import load_mnist
 from hiresrun.models import BaseModel, save_pipeline
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "__pycache__"))
@@ -93,37 +95,53 @@ SPEED = {"sample": ["sample.num_samples=2", "sampler.num_steps=2", "metrics.num_
          "train": ["trainer.max_steps=1", "logger=none", "trainer.enable_progress_bar=false"]}
 
 
+def preset_order(f: Path) -> tuple:
+    """encode (PaGoDA's latents) before training, training before sampling, smaller resolutions first."""
+    return ({"encode": 0, "train": 1}.get(f.stem.rstrip("0123456789"), 2), f.stem)
+
+
 @pytest.mark.parametrize("study", STUDIES)
 def test_study_presets_run_with_only_speed_knobs_changed(study, tmp_path):
     """Every study preset (conf/experiment/<study>/<arm>.yaml: the protocol of a reported number) runs as it is,
-    with the number of images, steps and reference images cut: the training presets first (one step; a preset that
-    leaves the method to its study gets finetune), then the sampling presets, on that checkpoint where their method
-    samples trained weights. A preset whose model is a folder its study builds (model.path ???) trains a tiny
-    class-conditional UNet, and samples what the study's training preset exported."""
+    with the number of images, steps and reference images cut (and PaGoDA's encoder to 2 Karras points): encode and
+    training presets first (one step; a preset that leaves the method to its study gets finetune), then sampling.
+    sample<N> samples what train<N> trained (else the last run of its method); a grow stage's method.previous (its
+    study's to set) is the training run before it. A preset whose model is a folder its study builds (model.path
+    ???) trains a tiny class-conditional UNet, and samples what the study's training preset exported."""
     from omegaconf import OmegaConf
 
-    presets = sorted((CONF / "experiment" / study).glob("*.yaml"), key=lambda f: not f.stem.startswith("train"))
-    trained = {}
+    presets = sorted((CONF / "experiment" / study).glob("*.yaml"), key=preset_order)
+    trained, previous = {}, {}
     for f in presets:
-        name, task = f"{study}/{f.stem}", "train" if f.stem.startswith("train") else "sample"
+        name = f"{study}/{f.stem}"
+        task = "sample" if preset_order(f)[0] == 2 else "train"
+        arm = f.stem.removeprefix("train").removeprefix("sample")
         folder = tmp_path / f.stem
         overrides = [f"experiment={name}", f"task={task}", *SPEED[task], f"paths.cache_dir={tmp_path / 'cache'}"]
-        if OmegaConf.is_missing(compose(overrides, folder).model, "path"):
+        cfg = compose(overrides, folder)
+        if "inv_steps" in cfg.method:
+            overrides.append("method.inv_steps=2")
+        if OmegaConf.is_missing(cfg.model, "path"):
             built = tmp_path / "class-model"
             if task == "train":
                 save_pipeline(tiny_unet(**PLAIN_BLOCKS, num_class_embeds=11), SCHED, built)
             overrides.append(f"model.path={built if task == 'train' else trained['model'] / 'model'}")
+        if cfg.method.get("stage") == "grow" and not cfg.method.previous:
+            previous[arm] = previous.get(arm, trained["model"])
+            overrides.append(f"method.previous={previous[arm]}")
         cfg = compose(overrides, folder)
         if task == "train" and cfg.method._target_.endswith("NoneMethod"):
             cfg = compose([*overrides, "method=finetune"], folder)
         if task == "sample" and instantiate(cfg.method).trains:
-            cfg = compose([*overrides, f"ckpt_path={trained[str(cfg.method._target_)]}"], folder)
+            cfg = compose([*overrides, f"ckpt_path={trained.get(arm) or trained[str(cfg.method._target_)]}"], folder)
         result = run.run(cfg)
         record = json.loads((folder / "metrics.json").read_text())
         assert record["task"] == task, name
-        if task == "train":
+        if cfg.method.get("stage") == "encode":
+            assert record["encoded"] == len(load_mnist()[0]) - 10 * cfg.data.ref_per_class, name
+        elif task == "train":
             assert record["steps"] == 1 and (folder / "checkpoints" / "last.ckpt").is_file(), name
-            trained[str(cfg.method._target_)] = trained["model"] = folder
+            trained[arm] = trained[str(cfg.method._target_)] = trained["model"] = folder
         else:
             quality = "fid" if cfg.metrics.fid else "digit_acc"  # a digit-metrics-only preset computes no FID
             assert result["num_samples"] == 2 and quality in result, name

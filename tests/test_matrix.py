@@ -21,15 +21,22 @@ from hiresrun.models import describe
 METHODS = sorted(f.stem for f in (CONF / "method").glob("*.yaml"))
 ACCELERATORS = sorted(f.stem for f in (CONF / "accelerator").glob("*.yaml"))
 ONE_STEP = "samples with one network evaluation"
-NO_FREEU = "accelerator=freeu needs a UNet2DConditionModel"
+
+
+def declared(group: str, name: str) -> support.Support:
+    return get_class(OmegaConf.load(CONF / group / f"{name}.yaml")._target_).supports
 
 
 def expected_refusal(method: str, accelerator: str) -> str | None:
-    """What the declarations must say on the embedded model (a pixel UNet2DModel)."""
-    if method == "pagoda" and get_class(OmegaConf.load(CONF / "accelerator" / f"{accelerator}.yaml")._target_) \
-            .supports.needs_steps:  # step schedules and step caches, and PaGoDA has no steps
+    """What the declarations must say on the embedded model (a pixel UNet2DModel), derived from them: a one-step
+    method with an accelerator that acts between steps, then whichever of the two does not drive a UNet2DModel."""
+    m, a = declared("method", method), declared("accelerator", accelerator)
+    if m.one_step and a.needs_steps:
         return ONE_STEP
-    return NO_FREEU if accelerator == "freeu" else None
+    for kind, name, s in (("method", method, m), ("accelerator", accelerator, a)):
+        if "UNet2DModel" not in s.unets:
+            return f"{kind}={name} needs a {' or '.join(s.unets)}"
+    return None
 
 
 def test_every_option_is_documented_and_its_file_names_its_class():
@@ -65,10 +72,12 @@ def test_pair_is_built_or_refused_with_one_line(method, accelerator, tmp_path):
     assert (len(handles) > 0) == (accelerator in ("skiptuning", "deepcache"))  # module-level accelerators
 
 
-def test_the_freeu_refusal_is_what_attaching_would_say(tmp_path):
-    """The declaration matches the code: FreeU on the embedded UNet2DModel fails at attach with its own error."""
-    cfg = compose(["accelerator=freeu"], tmp_path / "r")
-    with pytest.raises(UsageError, match="enable_freeu"):
+@pytest.mark.parametrize("accelerator", [a for a in ACCELERATORS if "UNet2DModel" not in declared("accelerator", a).unets])
+def test_a_declared_unet_restriction_is_what_attaching_would_say(accelerator, tmp_path):
+    """The declaration matches the code: an accelerator that declares no UNet2DModel fails to attach to the
+    embedded UNet2DModel with its own error (FreeU: diffusers' enable_freeu)."""
+    cfg = compose([f"accelerator={accelerator}"], tmp_path / "r")
+    with pytest.raises((UsageError, AttributeError)):
         instantiate(cfg.accelerator).attach(instantiate(cfg.model).unet)
 
 
@@ -123,7 +132,7 @@ def test_refused_alone_is_an_error_and_in_a_sweep_a_status_file(tmp_path):
     jobs = sorted((tmp_path / "outputs" / "multirun" / "sample").glob("*/*/[0-9]*"))
     assert len(jobs) == 2
     status = json.loads((jobs[0] / "status.json").read_text())
-    assert status["status"] == "refused" and NO_FREEU in status["reason"]
+    assert status["status"] == "refused" and expected_refusal("none", "freeu") in status["reason"]
     assert (status["method"], status["accelerator"], status["task"]) == ("none", "freeu", "sample")
     assert not (jobs[0] / "metrics.json").exists() and (jobs[1] / "metrics.json").is_file()
     assert not (jobs[1] / "status.json").exists()

@@ -27,10 +27,9 @@ from hiresrun.outputs import load_images, side_by_side, write_block
 
 HERE = Path(__file__).resolve().parent
 HIRESRUN = str(Path(sys.executable).with_name("hiresrun"))
-QUIET = ["logger=csv", "trainer.enable_progress_bar=false"]
-METRICS = ["metrics=default", "metrics.patch_fid=false"]
+QUIET = ["trainer.enable_progress_bar=false"]
+# the protocol of each stage is a preset: conf/experiment/pagoda/{encode,train16,train32,train64,sample16,...}.yaml
 COLUMNS = ("fid", "fid_floor", "kid", "swd", "digit_acc", "fd_digits", "nfe_per_image", "sec_per_image")
-CHOICE = ["method.g_output=raw", "method.g_lr=1e-4"]   # from the --sweep table (README)
 
 
 def hiresrun(*args: str) -> None:
@@ -39,23 +38,20 @@ def hiresrun(*args: str) -> None:
 
 
 def arms(base_steps: int, grow_steps: int, grow64_steps: int) -> list[dict]:
-    """name, resolution, method overrides (train and sample), steps, previous arm (grow). Both 32 px arms grow
-    from the same G16, so the L_rec-only ablation differs from G32 only in the grow stage's loss."""
+    """name, resolution (the presets train<res>/sample<res>), the knobs the study adds, steps, previous arm (grow).
+    Both 32 px arms grow from the same G16, so the L_rec-only ablation differs from G32 only in the grow loss."""
     return [
-        dict(name="G16", res=16, method=["method.stage=base", *CHOICE], steps=base_steps),
-        dict(name="G32", res=32, method=["method.stage=grow", *CHOICE, "method.adv_weight=1.0"], steps=grow_steps,
-             previous="G16"),
-        dict(name="G32 L_rec only", res=32, method=["method.stage=grow", *CHOICE, "method.adv_weight=0"],
-             steps=grow_steps, previous="G16"),
-        dict(name="G64", res=64, method=["method.stage=grow", *CHOICE, "method.adv_weight=1.0"], steps=grow64_steps,
-             previous="G32"),
+        dict(name="G16", res=16, method=[], steps=base_steps),
+        dict(name="G32", res=32, method=[], steps=grow_steps, previous="G16"),
+        dict(name="G32 L_rec only", res=32, method=["method.adv_weight=0"], steps=grow_steps, previous="G16"),
+        dict(name="G64", res=64, method=[], steps=grow64_steps, previous="G32"),
     ]
 
 
 def sweep_arms(steps: int) -> list[dict]:
     """The generator's output parametrisation x its learning rate, at stage base (16 px), equal steps."""
-    return [dict(name=f"g_output={g}, g_lr={lr}", res=16, steps=steps,
-                 method=["method.stage=base", f"method.g_output={g}", f"method.g_lr={lr}"])
+    return [dict(name=f"g_output={g}, g_lr={lr}", res=16, steps=steps, method=[f"method.g_output={g}",
+                                                                                f"method.g_lr={lr}"])
             for g, lr in (("x0", "1e-4"), ("raw", "1e-4"), ("x0", "8e-6"), ("raw", "8e-6"))]
 
 
@@ -66,22 +62,19 @@ def folder(out: Path, name: str) -> Path:
 def run_arm(arm: dict, out: Path, done: dict, n: int, batch_size: int) -> dict:
     """Train (unless its last.ckpt exists) and sample one arm; return its metrics.json."""
     tr, sa = folder(out, arm["name"]) / "train", folder(out, arm["name"]) / "sample"
-    res = ["data.resolution=32"] if arm["res"] == 16 else [f"data.resolution={arm['res']}",
-                                                            f"method.resolution={arm['res']}"]
     previous = [f"method.previous={done[arm['previous']]}"] if arm.get("previous") else []
     if not (tr / "checkpoints" / "last.ckpt").is_file():
-        hiresrun("train", "+method=pagoda", *arm["method"], *res, *previous, *QUIET,
-                 f"trainer.max_steps={arm['steps']}", f"data.batch_size={batch_size}", "train.grid_every=0",
-                 f"train.checkpoint_every={arm['steps']}", f"hydra.run.dir={tr}")
+        hiresrun("train", f"experiment=pagoda/train{arm['res']}", *arm["method"], *previous, *QUIET,
+                 f"trainer.max_steps={arm['steps']}", f"train.checkpoint_every={arm['steps']}",
+                 f"data.batch_size={batch_size}", f"hydra.run.dir={tr}")
     done[arm["name"]] = str(tr)
     if not (sa / "metrics.json").is_file():
-        # stage=base samples at the base size: data.resolution=16 makes the reference set and metrics.json say so
-        sample_res = ["data.resolution=16"] if arm["res"] == 16 else res
-        hiresrun("sample", "+method=pagoda", *arm["method"], *sample_res, *previous, f"ckpt_path={tr}", *METRICS,
-                 *QUIET, f"sample.seeds=0-{n - 1}", f"hydra.run.dir={sa}")
+        hiresrun("sample", f"experiment=pagoda/sample{arm['res']}", *arm["method"], *previous, f"ckpt_path={tr}",
+                 *QUIET, f"sample.num_samples={n}", f"hydra.run.dir={sa}")
     m = json.loads((sa / "metrics.json").read_text())
     train = json.loads((tr / "metrics.json").read_text())
-    return {"overrides": arm["method"], "train_steps": arm["steps"], "train_seconds": train.get("train_seconds"),
+    return {"presets": [f"pagoda/train{arm['res']}", f"pagoda/sample{arm['res']}"], "overrides": arm["method"],
+            "train_steps": arm["steps"], "train_seconds": train.get("train_seconds"),
             "trainable_params": train.get("trainable_params"), "run": str(sa),
             **{k: m[k] for k in COLUMNS if k in m}}
 
@@ -94,7 +87,7 @@ def multistep_timing(out: Path, n: int) -> dict:
         sa = folder(out, "timing " + name)
         if not (sa / "metrics.json").is_file():
             hiresrun("sample", *method, "data.resolution=32", "sampler=ddim", "sampler.num_steps=50", *QUIET,
-                     "metrics=none", f"sample.seeds=0-{n - 1}", "sample.save_images=false", f"hydra.run.dir={sa}")
+                     "logger=csv", "metrics=none", f"sample.seeds=0-{n - 1}", "sample.save_images=false", f"hydra.run.dir={sa}")
         m = json.loads((sa / "metrics.json").read_text())
         rows[name] = {k: m[k] for k in ("nfe_per_image", "sec_per_image", "num_samples")}
     return rows
@@ -156,7 +149,7 @@ def main() -> int:
     p.add_argument("--out", default="/tmp/pagoda")
     args = p.parse_args()
     out = Path(args.out)
-    hiresrun("train", "+method=pagoda", "method.stage=encode", *QUIET, f"hydra.run.dir={out / 'encode'}")
+    hiresrun("train", "experiment=pagoda/encode", *QUIET, f"hydra.run.dir={out / 'encode'}")
     path = HERE / "results.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
     done: dict[str, str] = {}
