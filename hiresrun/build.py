@@ -46,6 +46,8 @@ def choice(cfg: DictConfig, group: str) -> str:
     """The option picked for a config group (`none`, `ddim`, ...), from Hydra when it runs."""
     from hydra.core.hydra_config import HydraConfig
 
+    if group == "accelerator" and len(cfg.accelerator.get("_parts_") or {}) > 1:  # a list selection
+        return "+".join(accelerator_parts(cfg.accelerator))
     if HydraConfig.initialized():
         return str(HydraConfig.get().runtime.choices.get(group))
     if group == "sampler":  # composed outside Hydra's run (tests, scripts): the option file with this step rule
@@ -57,6 +59,61 @@ def choice(cfg: DictConfig, group: str) -> str:
             if OmegaConf.select(OmegaConf.create(f.read_text()), "scheduler._target_") == target:
                 return f.name[:-len(".yaml")]
     return str(cfg[group].get("_target_", "?")).rsplit(".", 1)[-1]
+
+
+def accelerator_parts(node: DictConfig) -> dict[str, DictConfig]:
+    """The accelerators of a config's `accelerator` node, each with its own keywords: one for `+accelerator=<name>`,
+    several for a list selection (Hydra merges their files into one node; `_parts_`, hiresrun/schema.py, names
+    them and each constructor's signature says which keys are its own). `none` in a list adds nothing."""
+    import inspect
+
+    from hydra.utils import get_class
+
+    from hiresrun.schema import PARTS
+
+    targets = dict(node.get(PARTS) or {})
+    if len(targets) > 1:
+        targets = {n: t for n, t in targets.items() if n != "none"}
+    elif not targets:  # a node written by hand, without the schema
+        return {str(node.get("_target_", "none")).rsplit(".", 1)[-1]: node}
+    parts, owner, resolved = {}, {}, OmegaConf.to_container(node, resolve=True)  # interpolations read the run
+    for name, target in targets.items():
+        keys = [k for k in inspect.signature(get_class(target)).parameters if k in node]
+        for k in keys:
+            if k in owner:
+                raise UsageError(f"accelerator=[{','.join(targets)}]: {owner[k]} and {name} both take "
+                                 f"accelerator.{k}, so the list cannot say whose it is; apply them one at a time")
+            owner[k] = name
+        part = {"_target_": target, **{k: resolved[k] for k in keys}}
+        if "setting" in keys:
+            part["_recursive_"] = False  # data, as in the option's own file
+        parts[name] = OmegaConf.create(part)
+    from hiresrun.support import LEVELS
+
+    order = list(LEVELS)
+    rank = lambda name: order.index(lvl) if (lvl := get_class(targets[name]).supports.level) in order else len(order)
+    return {name: parts[name] for name in sorted(parts, key=rank)}  # the declared order, whatever the list's
+
+
+def build_accelerator(cfg: DictConfig, **overrides):
+    """The run's accelerator: the option's class, or for a list `accelerators.Chain` of its members in the declared
+    level order (steps, blocks, features). `overrides` go to the member that takes them."""
+    from hydra.utils import get_class
+
+    from hiresrun.accelerators import Chain
+
+    parts = accelerator_parts(cfg.accelerator)
+    built = {name: instantiate(part, **{k: v for k, v in overrides.items() if k in part}) for name, part in parts.items()}
+    if len(built) == 1:
+        return next(iter(built.values()))
+    from hiresrun.support import chain_refusal
+
+    reason = chain_refusal(list(built), [get_class(p._target_).supports for p in parts.values()])
+    if reason:
+        from hiresrun.errors import Unsupported
+
+        raise Unsupported(reason)
+    return Chain(built)
 
 
 def build_logger(cfg: DictConfig, resume: bool = False):

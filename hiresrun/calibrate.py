@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
@@ -108,7 +107,7 @@ def meets(point: dict, target: tuple[str, float]) -> bool:
 def calibrate(cfg: DictConfig) -> dict:
     """Full-step outputs of the calibration seeds, then the delta grid in ascending order until the target is
     missed; writes calibration.json (key, delta, the curve) to the run folder and prints its path."""
-    from hiresrun.build import build_conditioner, parse_seeds, sampler_scheduler, sampling_net
+    from hiresrun.build import build_accelerator, build_conditioner, parse_seeds, sampler_scheduler, sampling_net
     from hiresrun.lit import LitModule
     from hiresrun.metrics.lpips import LPIPS
 
@@ -134,7 +133,7 @@ def calibrate(cfg: DictConfig) -> dict:
 
     full, curve, chosen = run(), [], 0.0
     for delta in deltas:
-        acc = instantiate(cfg.accelerator, delta=delta, calibration=None)
+        acc = build_accelerator(cfg, delta=delta, calibration=None)
         r = run(acc)
         point = {"delta": delta, "nfe_per_image": r["evals"] / len(seeds), "speedup_nfe": full["evals"] / r["evals"],
                  **fidelity(r["images"], full["images"], lpips)}

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from hiresrun import checkpoint, outputs, sampling, store, support
 from hiresrun.build import (
+    build_accelerator,
     build_conditioner,
     build_logger,
     build_trainer,
@@ -51,7 +52,7 @@ def sample(cfg: DictConfig) -> dict | None:
                          f"{cfg.sample.batch_size} cannot make {shard[1]} shards; use at most {len(plan)} shards or a "
                          f"smaller sample.batch_size")
     lit = LitModule(net, method, sampler_scheduler(cfg, base, method), cfg.sampler.num_steps,
-                    instantiate(cfg.accelerator), conditioner=conditioner)
+                    build_accelerator(cfg), conditioner=conditioner)
     folder = store.Store(run_dir)  # everything that can refuse the run has run: now the folder is written
     info = {"identity": store.identity(cfg, base.weights_hash), **sampling_record(cfg, base, conditioner, seeds)}
     folder.open(info, write=int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0)
@@ -127,7 +128,8 @@ def finish(info: dict, folders: list[Path], out_dir: Path, logger=None, batches=
     worlds = sorted({rec.get("world_size", 1) for rec, _, _ in given})
     metrics = {
         "num_samples": len(seed_list), "resolution": int(cfg.data.resolution),
-        "nfe_per_image": share("evals") / len(seed_list), "unet_passes_per_image": share("passes") / len(seed_list),
+        "nfe_per_image": share("evals") / len(seed_list), "cost_per_image": share("evals") / len(seed_list),
+        "unet_passes_per_image": share("passes") / len(seed_list),
         "sec_per_image": share("seconds") / len(seed_list), **info["choices"],
         "num_steps": int(cfg.sampler.num_steps),
         "peak_memory_mb": max(rec.get("peak_memory_mb", 0.0) for rec, _, _ in given),
@@ -139,6 +141,8 @@ def finish(info: dict, folders: list[Path], out_dir: Path, logger=None, batches=
                                       "resumed parts) / images",
                      "peak_memory_mb": outputs.PEAK_MEMORY + "; the largest over the processes that made the images",
                      "nfe_per_image": "denoiser steps per image; unet_passes_per_image counts 2 per guided step",
+                     "cost_per_image": "nfe_per_image in full-evaluation units: a cache's partial call counts its "
+                                       "measured FLOP share of a full call (accelerator=deepcache)",
                      "folders": [str(f) for f in folders]},
     }
     labels = texts = None
@@ -156,7 +160,7 @@ def finish(info: dict, folders: list[Path], out_dir: Path, logger=None, batches=
             "guidance_rescale": c["guidance_rescale"], "micro_conditioning": c["micro"]}
         outputs.write_text(out_dir / "prompts.jsonl", "".join(json.dumps({"seed": sd, "prompt": t}) + "\n"
                                                               for sd, t in zip(seed_list, texts)))
-    accelerator = instantiate(cfg.accelerator) if "_target_" in cfg.accelerator else None
+    accelerator = build_accelerator(cfg) if "_target_" in cfg.accelerator else None
     per_image = {str(s): per[s]["accelerator"][str(s)] for s in seed_list if "accelerator" in per[s]}
     summary = accelerator.summary(per_image) if accelerator is not None and len(per_image) == len(seed_list) else None
     if summary:

@@ -16,6 +16,11 @@ PIXEL_AND_LATENT = ("pixel", "latent")
 ANY_UNET = ("UNet2DModel", "UNet2DConditionModel")
 TRANSFORMERS = ("DiTTransformer2DModel", "Transformer2DModel")  # models.TRANSFORMERS
 ANY_DENOISER = ANY_UNET + TRANSFORMERS
+# An accelerator list (`+accelerator=[adaptive,deepcache]`) applies its members outermost first in this order: which
+# steps call the model at all, which blocks run inside a call, how the running blocks compute. Two members compose
+# when they declare different levels; one level holds at most one member.
+LEVELS = {"steps": "which steps call the model", "blocks": "which blocks run inside a call",
+          "features": "what the running blocks compute"}
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,7 @@ class Support:
     unets: tuple[str, ...] = ANY_DENOISER         # diffusers denoiser classes it can drive (UNets, DiT transformers)
     one_step: bool = False                        # method: samples with one network evaluation, no step loop
     needs_steps: bool = False                     # accelerator: acts between sampler steps (nothing to do in one)
+    level: str = ""                               # accelerator: what it decides (LEVELS); "" composes with nothing
     text: bool = True                             # works with text-to-image bases (prompts, guidance)
     edm: bool = True                              # works with EDM-preconditioned bases (model.parametrization=edm)
     why: str = ""                                 # the code behind a restriction, shown in the refusal
@@ -56,6 +62,19 @@ def refusal(method: str, m: Support, accelerator: str | None, a: Support, model:
     return None
 
 
+def chain_refusal(names: list[str], supports: list[Support]) -> str | None:
+    """Why these accelerators cannot be applied together, or None (`hiresrun.accelerators.Chain`)."""
+    listed = f"accelerator=[{','.join(names)}]"
+    for name, s in zip(names, supports):
+        if s.level not in LEVELS:
+            return f"{listed}: accelerator={name} declares no composition level; use it alone"
+    for i, (name, s) in enumerate(zip(names, supports)):
+        for other, t in zip(names[i + 1:], supports[i + 1:]):
+            if s.level == t.level:
+                return f"{listed}: {name} and {other} both decide {LEVELS[s.level]}; keep one of them"
+    return None
+
+
 def check(cfg, method: str, accelerator: str | None) -> None:
     """Refuse the configured pair before anything is built (`method`, `accelerator`: the chosen option names;
     accelerator None checks the method and model only)."""
@@ -63,11 +82,17 @@ def check(cfg, method: str, accelerator: str | None) -> None:
 
     from hiresrun.models import describe, text_model
 
+    from hiresrun.build import accelerator_parts, build_accelerator
+
     m = get_class(cfg.method._target_).declared(cfg.method)
-    a = get_class(cfg.accelerator._target_).supports if accelerator else Support()
+    parts = accelerator_parts(cfg.accelerator) if accelerator else {None: None}
     unet, space = describe(cfg.model.path, cfg.model.get("revision"), cfg.model.get("vae"))
     text = text_model(cfg.model.path, cfg.model.get("revision")) if cfg.model.get("conditioning") != "none" else False
     edm = cfg.model.get("parametrization", "standard") == "edm"
-    reason = refusal(method, m, accelerator, a, f"model.path={cfg.model.path}", unet, space, text, edm)
-    if reason:
-        raise Unsupported(reason)
+    for name, part in parts.items():
+        a = get_class(part._target_).supports if part is not None else Support()
+        reason = refusal(method, m, name, a, f"model.path={cfg.model.path}", unet, space, text, edm)
+        if reason:
+            raise Unsupported(reason)
+    if len(parts) > 1:
+        build_accelerator(cfg)  # a list: its members' levels, and what their settings need of each other

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from hiresrun import run as task
 from hiresrun import sampling
 from hiresrun.accelerators.adaptive import AdaptiveDiffusion
+from hiresrun.build import build_accelerator
 from hiresrun.errors import UsageError
 from hiresrun.lit import to_uint8
 from hiresrun.metrics.lpips import LPIPS
@@ -84,7 +85,7 @@ def test_a_target_only_the_full_run_meets_gives_delta_zero(tiny_model_dir, tmp_p
                                                     f"accelerator.calibration={tmp_path / 'r' / 'calibration.json'}"],
                   tmp_path / "s")
     OmegaConf.resolve(cfg)
-    assert instantiate(cfg.accelerator).delta == 0.0
+    assert build_accelerator(cfg).delta == 0.0
 
 
 def test_the_file_round_trips_into_a_sample_run(tiny_model_dir, tmp_path, psnr30):
@@ -115,7 +116,7 @@ def test_a_file_for_another_setting_is_refused(tiny_model_dir, tmp_path, psnr30,
         cfg = compose(tiny_overrides(tiny_model_dir) + base + [change], tmp_path / "s")
     OmegaConf.resolve(cfg)
     with pytest.raises(Exception) as e:
-        instantiate(cfg.accelerator)
+        build_accelerator(cfg)
     error = e.value
     while error is not None and not isinstance(error, UsageError):  # Hydra wraps what constructors raise
         error = error.__cause__

@@ -11,6 +11,7 @@ from conftest import CONF, PLAIN_BLOCKS, SCHED, compose, tiny_overrides, tiny_un
 from hydra.utils import get_class, instantiate
 
 from hiresrun import run
+from hiresrun.build import build_accelerator
 from hiresrun.data import load_mnist
 from hiresrun.models import BaseModel, save_pipeline
 
@@ -51,8 +52,11 @@ def test_option_composes_and_instantiates(group, option, tiny_model_dir, tiny_sd
     if "_target_" not in node and group != "sampler":
         assert group in ("logger", "metrics", "paths"), f"{group}={option} builds nothing"
         return
-    built = instantiate(node.scheduler)(json.loads((tiny_model_dir / "scheduler" / "scheduler_config.json")
-                                                   .read_text())) if group == "sampler" else instantiate(node)
+    if group == "sampler":
+        built = instantiate(node.scheduler)(json.loads((tiny_model_dir / "scheduler" / "scheduler_config.json")
+                                                       .read_text()))
+    else:  # an accelerator through its one builder (it reads the `_parts_` an accelerator list needs)
+        built = build_accelerator(cfg) if group == "accelerator" else instantiate(node)
     # what was built is what the option names: its class, or (model) what load_model returns
     target = str(node.scheduler._target_).removesuffix(".from_config") if group == "sampler" else str(node._target_)
     expected = BaseModel if target == "hiresrun.models.load_model" else get_class(target)

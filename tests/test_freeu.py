@@ -8,6 +8,7 @@ from conftest import tiny_unet
 from diffusers import UNet2DConditionModel
 
 from hiresrun.accelerators.freeu import KEYS, FreeU
+from hiresrun.build import build_accelerator
 from hiresrun.errors import UsageError
 
 
@@ -66,9 +67,8 @@ def test_a_unet_without_enable_freeu_is_refused_in_one_line():
 
 def test_config_builds_the_accelerator_with_sd15_defaults():
     from conftest import compose
-    from hydra.utils import instantiate
 
-    acc = instantiate(compose(["accelerator=freeu", "accelerator.b2=1.4"]).accelerator)
+    acc = build_accelerator(compose(["accelerator=freeu", "accelerator.b2=1.4"]))
     assert isinstance(acc, FreeU) and (acc.b1, acc.b2, acc.s1, acc.s2) == (None, 1.4, None, None)
     from diffusers import UNet2DConditionModel
 

@@ -15,6 +15,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
 from hiresrun import build, support
+from hiresrun.build import build_accelerator
 from hiresrun.errors import Unsupported, UsageError
 from hiresrun.models import describe
 
@@ -64,7 +65,7 @@ def test_pair_is_built_or_refused_with_one_line(method, accelerator, tmp_path):
         return
     support.check(cfg, method, accelerator)  # passes
     # supported: the objects build, the method wraps the embedded model, and the accelerator attaches to that net
-    m, a = instantiate(cfg.method), instantiate(cfg.accelerator)
+    m, a = instantiate(cfg.method), build_accelerator(cfg)
     net = m.wrap(instantiate(cfg.model))
     handles = a.attach(net)
     for h in handles:
@@ -78,7 +79,7 @@ def test_a_declared_unet_restriction_is_what_attaching_would_say(accelerator, tm
     embedded UNet2DModel with its own error (FreeU: diffusers' enable_freeu)."""
     cfg = compose([f"accelerator={accelerator}"], tmp_path / "r")
     with pytest.raises((UsageError, AttributeError)):
-        instantiate(cfg.accelerator).attach(instantiate(cfg.model).unet)
+        build_accelerator(cfg).attach(instantiate(cfg.model).unet)
 
 
 def test_model_facts_come_from_config_files_and_latent_models_refuse_pagoda(tmp_path):

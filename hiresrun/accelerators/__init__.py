@@ -56,3 +56,47 @@ class Accelerator:
 
     def summary(self, per_image: dict) -> tuple[dict, dict] | None:
         return None
+
+
+class Chain(Accelerator):
+    """Several accelerators applied together (`+accelerator=[adaptive,deepcache]`), in the declared level order
+    (support.LEVELS): the first decides which steps call the model, the next which blocks run inside a call.
+    `wrap` nests them so the first is outermost: a step it reuses never reaches the others. Each member keeps its
+    own records; a batch's per-image facts and the run's summary are theirs side by side, under their names."""
+
+    def __init__(self, members: dict[str, Accelerator]):
+        from hiresrun.errors import Unsupported
+
+        self.members = members
+        splits = [n for n, a in members.items() if getattr(a, "sub_batches", False)]
+        whole = [n for n, a in members.items() if getattr(a, "whole_batches", False)]
+        if splits and whole:
+            raise Unsupported(f"accelerator=[{','.join(members)}]: {splits[0]} calls the model on sub-batches of "
+                              f"images (per-image decisions) and {whole[0]} caches whole batches; set "
+                              f"accelerator.decision_scope=batch")
+
+    def attach(self, net: nn.Module) -> list[RemovableHandle]:
+        return [h for a in self.members.values() for h in a.attach(net)]
+
+    def wrap(self, model_fn: ModelFn, step=None) -> ModelFn:
+        for a in reversed(list(self.members.values())):
+            model_fn = a.wrap(model_fn, step)
+        return model_fn
+
+    def mark(self):
+        return {name: a.mark() for name, a in self.members.items()}
+
+    def per_image(self, mark, seeds: list[int]) -> dict | None:
+        facts = {name: a.per_image(mark[name], seeds) for name, a in self.members.items()}
+        facts = {name: f for name, f in facts.items() if f}
+        return {str(s): {name: f[str(s)] for name, f in facts.items()} for s in seeds} if facts else None
+
+    def summary(self, per_image: dict) -> tuple[dict, dict] | None:
+        """Each member's summary over its own facts; the flat metrics of all of them (no member shares a name)."""
+        files, flat = {}, {}
+        for name, a in self.members.items():
+            own = {s: p[name] for s, p in per_image.items() if name in p}
+            result = a.summary(own) if len(own) == len(per_image) else None
+            if result:
+                files[name], flat = result[0], {**flat, **result[1]}
+        return (files, flat) if files else None

@@ -62,7 +62,7 @@ class AdaptiveDiffusion(Accelerator):
     """Per full step: run the model, or feed the scheduler the previous raw output (its counter and multistep
     history advance as usual). Decided from the last three latent-change magnitudes; first `warmup` steps run."""
 
-    supports = Support(needs_steps=True, why="it reuses the last step's output after 4 warm-up steps")
+    supports = Support(level="steps", needs_steps=True, why="it reuses the last step's output after 4 warm-up steps")
 
     def __init__(self, delta: float = 0.01,              # threshold of the skip rule; 0 = never reuse (identity)
                  c_max: int = 4,                       # C_max: most reuses in a row (see `cap`)
@@ -92,6 +92,11 @@ class AdaptiveDiffusion(Accelerator):
 
             self.delta = load(calibration, setting, self.rule)
         self.records: list[dict] = []  # one per sampling call: which images called the model at each call
+
+    @property
+    def sub_batches(self) -> bool:
+        """Per-image decisions call the model on the images that compute (accelerators.Chain checks its members)."""
+        return self.decision_scope == "sample" and self.delta > 0
 
     @property
     def rule(self) -> dict:

@@ -3,8 +3,11 @@
 Adjacent denoising steps produce nearly the same high-level UNet features, so at a *full* step the whole UNet runs
 and the outputs of its deep blocks are cached; at the *partial* steps in between only the shallow branch runs
 (conv_in, the first `branch` down blocks, the last `branch` up blocks, conv_out) and the deep blocks return their
-cached outputs, skip connections of the shallow branch being recomputed (the paper's Fig. 3 and eq. 5). Uniform
-schedule (the paper's N = `interval`): full at steps 0, N, 2N, ...
+cached outputs, skip connections of the shallow branch being recomputed (the paper's Fig. 3 and eq. 5). Schedules
+(`schedule`): uniform, the paper's 1:N (N = `interval`), full at computed steps 0, N, 2N, ...; quadratic, the
+paper's non-uniform 1:N (Sec. 4.3), the same number of full steps ceil(T / N) placed densest around step `center`
+(`full_steps`). Steps are counted as the model computes them: under AdaptiveDiffusion (`+accelerator=[adaptive,
+deepcache]`) a reused step never reaches the UNet, and the schedule runs over the computed steps.
 
 The seam that skips compute is diffusers' own hook registry (`diffusers.hooks.HookRegistry`, `ModelHook.new_forward`),
 not torch hooks (which cannot skip a forward) and not a fork of the blocks. Block granularity: `branch` counts whole
@@ -16,6 +19,9 @@ so `metrics.json` reports `cost_per_image` in full-evaluation units beside `nfe_
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
@@ -26,6 +32,27 @@ from hiresrun.models import ModelFn
 from hiresrun.support import ANY_UNET, Support
 
 HOOK = "hiresrun_deepcache"
+
+
+def full_steps(num_steps: int, interval: int, schedule: str = "uniform", center: int = 15,
+               power: float = 1.4) -> list[int]:
+    """The computed steps (0-based) that run the whole UNet. uniform: every `interval`-th. quadratic: ceil(T / N)
+    of them, the first step and then u^power + center for u evenly spaced from -center^(1/power) to
+    (T - center)^(1/power), truncated and deduplicated, so they crowd around `center`. As in the official code the
+    negative root is taken in complex arithmetic and the real part kept, and `power` steps down by 0.02 until the
+    count comes out right."""
+    if schedule == "uniform" or interval == 1:
+        return list(range(0, num_steps, interval))
+    n = math.ceil(num_steps / interval)
+    p = power
+    while p > 1:
+        u = np.linspace(complex(-center) ** (1 / p), complex(num_steps - center) ** (1 / p), n + 1)
+        picked = [0] + [int(v) + center for v in np.unique(np.trunc((u ** p).real))[1:-1]]
+        if len(picked) == n:
+            return picked
+        p -= 0.02
+    raise UsageError(f"accelerator.schedule=quadratic: no power at or below {power} places {n} full steps around "
+                     f"accelerator.center={center} in {num_steps} steps; lower the center or raise the interval")
 
 
 class _Cached(ModelHook):
@@ -62,17 +89,24 @@ class _Handle:
 class DeepCache(Accelerator):
     """Cache the deep UNet blocks every `interval` steps; recompute only the shallow `branch` in between."""
 
-    supports = Support(unets=ANY_UNET, needs_steps=True,
+    supports = Support(unets=ANY_UNET, needs_steps=True, level="blocks",
                        why="caches the deep blocks of a UNet2DModel / UNet2DConditionModel between sampler steps")
+    whole_batches = True  # one cache entry per block and batch (accelerators.Chain)
 
     def __init__(self, interval: int = 3,      # N: a full step every N steps (paper: 3-5 for SD); 1 = no caching
-                 branch: int = 1):             # shallow down/up blocks recomputed at partial steps (>= 1)
+                 branch: int = 1,              # shallow down/up blocks recomputed at partial steps (>= 1)
+                 schedule: str = "uniform",    # uniform | quadratic (the paper's non-uniform 1:N)
+                 center: int = 15,             # quadratic: the step the full steps crowd around
+                 power: float = 1.4):          # quadratic: the exponent (lowered by 0.02 until the count fits)
+        if schedule not in ("uniform", "quadratic"):
+            raise UsageError(f"accelerator.schedule={schedule}: choose uniform or quadratic")
         if int(interval) < 1:
             raise UsageError(f"accelerator.interval={interval}: must be at least 1 (1 computes every step fully)")
         if int(branch) < 1:
             raise UsageError(f"accelerator.branch={branch}: at least the outermost down/up block pair is recomputed "
                              f"(branch >= 1)")
-        self.interval, self.branch = int(interval), int(branch)
+        self.interval, self.branch, self.schedule = int(interval), int(branch), schedule
+        self.center, self.power = int(center), float(power)
         self.state: dict | None = None
         self.records: list[dict] = []
 
@@ -108,9 +142,14 @@ class DeepCache(Accelerator):
         self.records.append(record)
         state = self.state
         state["cache"].clear()  # a new loop (Self-Cascade's pivot loop, then its 2x loop) starts with a full step
+        num_steps = -(-len(step.timesteps) // step.order)
+        full = set(full_steps(num_steps, self.interval, self.schedule, self.center, self.power))
+        seen = {"step": None, "computed": -1}  # the loop's full step at the last call, computed steps so far
 
         def fn(x: torch.Tensor, t, cond: dict) -> torch.Tensor:
-            kind = "partial" if step.full_step % self.interval and state["cache"] else "full"
+            if step.full_step != seen["step"]:  # the first call of a step (Heun's second call shares its kind)
+                seen["step"], seen["computed"] = step.full_step, seen["computed"] + 1
+            kind = "full" if seen["computed"] in full or not state["cache"] else "partial"
             if kind == "full":
                 state["cache"].clear()
             state["partial"] = kind == "partial"

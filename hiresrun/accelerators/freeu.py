@@ -56,7 +56,8 @@ class FreeU(Accelerator):
     """FreeU through `enable_freeu` / `disable_freeu`; a factor left None takes the FreeU README's value for the
     UNet's family (SD 1.5, SD 2.1 or SDXL, read from its config)."""
 
-    supports = Support(unets=("UNet2DConditionModel",), why="diffusers' enable_freeu exists on that class only")
+    supports = Support(level="features",
+                       unets=("UNet2DConditionModel",), why="diffusers' enable_freeu exists on that class only")
 
     def __init__(self, b1: float | None = None,    # backbone factor, stage 1 (lowest resolution)
                  b2: float | None = None,          # backbone factor, stage 2

@@ -37,7 +37,8 @@ class SkipTuning(Accelerator):
     """Depth-ramped (or constant) skip scaling, optionally weighted over time (paper sec. 5.2)."""
 
     # Both UNet call conventions; one-step generators too (the paper's Table 3 tunes distilled one-step EDMs).
-    supports = Support(unets=ANY_UNET, why="it scales the skips the UNet's up blocks receive; a transformer has none")
+    supports = Support(level="features",
+                       unets=ANY_UNET, why="it scales the skips the UNet's up blocks receive; a transformer has none")
 
     def __init__(self, mode: str = "constant",       # constant | linear (depth ramp, endpoint-inclusive)
                  rho: float = 0.8,                     # constant mode: every skip
