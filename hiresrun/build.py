@@ -47,7 +47,7 @@ def choice(cfg: DictConfig, group: str) -> str:
     from hydra.core.hydra_config import HydraConfig
 
     if group == "accelerator" and len(cfg.accelerator.get("_parts_") or {}) > 1:  # a list selection
-        return "+".join(accelerator_parts(cfg.accelerator))
+        return "-".join(accelerator_parts(cfg.accelerator))
     if HydraConfig.initialized():
         return str(HydraConfig.get().runtime.choices.get(group))
     if group == "sampler":  # composed outside Hydra's run (tests, scripts): the option file with this step rule
@@ -76,6 +76,13 @@ def accelerator_parts(node: DictConfig) -> dict[str, DictConfig]:
         targets = {n: t for n, t in targets.items() if n != "none"}
     elif not targets:  # a node written by hand, without the schema
         return {str(node.get("_target_", "none")).rsplit(".", 1)[-1]: node}
+    from hiresrun.support import chain_refusal
+
+    reason = chain_refusal(list(targets), [get_class(t).supports for t in targets.values()])
+    if reason:  # before the knobs are shared out: two members of one level may well take the same knob
+        from hiresrun.errors import Unsupported
+
+        raise Unsupported(reason)
     parts, owner, resolved = {}, {}, OmegaConf.to_container(node, resolve=True)  # interpolations read the run
     for name, target in targets.items():
         keys = [k for k in inspect.signature(get_class(target)).parameters if k in node]

@@ -1,4 +1,6 @@
-"""`hiresrun calibrate`: the largest AdaptiveDiffusion delta that keeps a fidelity target, and its file.
+"""`hiresrun calibrate`: the largest AdaptiveDiffusion delta that keeps a fidelity target, and its file; or, with
+`calibrate.families`, every listed training-free setting's cost against its fidelity, the Pareto front, and the
+cheapest setting that keeps the target (`front`).
 
 Fidelity is measured as in the paper's protocol (spec §7): each image against the full-step output of the same
 seed, model, method, sampler and step count. Search: an ascending grid of delta (`calibrate.deltas`), stopped at
@@ -111,6 +113,8 @@ def calibrate(cfg: DictConfig) -> dict:
     from hiresrun.lit import LitModule
     from hiresrun.metrics.lpips import LPIPS
 
+    if cfg.calibrate.get("families"):
+        return front(cfg)
     target = parse_target(cfg.target)
     if "delta" not in cfg.accelerator:
         raise UsageError("hiresrun calibrate tunes the adaptive accelerator's delta: add +accelerator=adaptive")
@@ -157,3 +161,176 @@ def calibrate(cfg: DictConfig) -> dict:
     print(f"hiresrun: delta={chosen:g} for {target[0]} {'>=' if target[0] == 'psnr' else '<='} {target[1]:g} on "
           f"{len(seeds)} seeds ({how}) -> {path}  (use: accelerator.calibration={path})")
     return record
+
+
+# -- across accelerators: the cost-fidelity front ---------------------------------------------------------
+FRONT_SEARCH = ("every point of each family's grid (calibrate.grid) on the calibration seeds; cost in full "
+                "network evaluations per image; fidelity to the full-step outputs of the run's own sampler and steps")
+
+
+def family_points(family: str, grid: dict) -> list[dict]:
+    """The knob settings of one family: the product of its grid's lists (`steps:<sampler>` uses the `steps` grid)."""
+    from itertools import product
+
+    own = grid.get(family.split(":")[0])
+    if own is None:
+        raise UsageError(f"calibrate.families has {family} but calibrate.grid has no {family.split(':')[0]} entry; "
+                         f"add calibrate.grid.{family.split(':')[0]}={{<knob>: [values]}}")
+    keys = list(own)
+    return [dict(zip(keys, values)) for values in product(*(list(own[k]) for k in keys))]
+
+
+def build_setting(family: str, knobs: dict, cfg: DictConfig):
+    """(accelerator or None, sampler config node) for one point: `steps[:<sampler>]` changes the sampler and its step
+    count, any other family names accelerator options (`a-b` a list of them) built with these knobs."""
+    from importlib.resources import files
+
+    from hydra.utils import get_class
+
+    from hiresrun.accelerators import Chain
+    from hiresrun.schema import options
+    from hiresrun.support import chain_refusal
+
+    if family.split(":")[0] == "steps":
+        sampler = cfg.sampler
+        if ":" in family:
+            f = files("hiresrun.conf").joinpath("sampler", f"{family.split(':')[1]}.yaml")
+            if not f.is_file():
+                raise UsageError(f"calibrate.families has {family}: no sampler option {family.split(':')[1]}")
+            sampler = OmegaConf.create(f.read_text())
+        sampler = OmegaConf.merge(sampler, {"num_steps": int(knobs["num_steps"])})
+        return None, sampler
+    known = options("accelerator")
+    members = {}
+    for name in family.split("-"):
+        if name not in known:
+            raise UsageError(f"calibrate.families has {family}: {name} is not an accelerator option "
+                             f"({', '.join(sorted(known))}) or steps[:<sampler>]")
+        cls = get_class(known[name]["_target_"])
+        import inspect
+
+        own = {k: v for k, v in knobs.items() if k in inspect.signature(cls).parameters}
+        members[name] = cls(**own)
+    if len(members) == 1:
+        return next(iter(members.values())), cfg.sampler
+    reason = chain_refusal(list(members), [type(a).supports for a in members.values()])
+    if reason:
+        from hiresrun.errors import Unsupported
+
+        raise Unsupported(reason)
+    return Chain(members), cfg.sampler
+
+
+def pareto(points: list[dict], fidelity_key: str, higher_better: bool) -> list[int]:
+    """Indices of the points no other point beats on both cost (lower) and fidelity, cheapest first."""
+    sign = 1 if higher_better else -1
+    keep = []
+    for i, p in enumerate(points):
+        dominated = any(q["cost_per_image"] <= p["cost_per_image"] and sign * q[fidelity_key] >= sign * p[fidelity_key]
+                        and (q["cost_per_image"], q[fidelity_key]) != (p["cost_per_image"], p[fidelity_key])
+                        for q in points)
+        if not dominated:
+            keep.append(i)
+    return sorted(keep, key=lambda i: points[i]["cost_per_image"])
+
+
+def overrides_of(point: dict) -> list[str]:
+    """The command-line overrides that sample with a point's setting."""
+    family, knobs = point["family"], point["knobs"]
+    if family.split(":")[0] == "steps":
+        return ([f"sampler={family.split(':')[1]}"] if ":" in family else []) + [f"sampler.num_steps={knobs['num_steps']}"]
+    names = family.split("-")
+    head = f"+accelerator={names[0]}" if len(names) == 1 else f"+accelerator=[{','.join(names)}]"
+    return [head, *(f"accelerator.{k}={v}" for k, v in knobs.items())]
+
+
+def front(cfg: DictConfig) -> dict:
+    """Each family's grid on the calibration seeds, against the full-step outputs: cost per image (full-evaluation
+    units: NFE, a cache's partial calls at their FLOP share), wall seconds per image (same process, after a warm-up
+    call; the settings take turns batch by batch), PSNR/SSIM/LPIPS-alex; writes front.json (every point, the Pareto front, the cheapest
+    point meeting the target) and prints the overrides that sample with it."""
+    import time
+
+    from hiresrun.build import build_conditioner, parse_seeds, sampler_scheduler, sampling_net
+    from hiresrun.lit import LitModule
+    from hiresrun.metrics.lpips import LPIPS
+
+    target = parse_target(cfg.target)
+    families = [str(f) for f in cfg.calibrate.families]
+    grid = OmegaConf.to_container(cfg.calibrate.grid, resolve=True)
+    plan = [(family, knobs) for family in families for knobs in family_points(family, grid)]
+    for family, knobs in plan:  # every setting is checked before any image is made
+        build_setting(family, knobs, cfg)
+    seeds = parse_seeds(cfg.calibrate.seeds, 0)
+    base, method, net = sampling_net(cfg)
+    conditioner = build_conditioner(cfg, base)
+    device = "cuda" if cfg.trainer.get("accelerator") in ("gpu", "cuda") and torch.cuda.is_available() else "cpu"
+    lpips = LPIPS(cache_dir=cfg.paths.cache_dir).to(device)  # the front reports PSNR, SSIM and LPIPS
+    batch = int(cfg.sample.batch_size)
+
+    def module(acc, sampler) -> LitModule:
+        from hiresrun.accelerators import Accelerator
+
+        own = OmegaConf.create({"sampler": OmegaConf.to_container(sampler, resolve=True)})  # this point's sampler
+        return LitModule(net, method, sampler_scheduler(own, base, method), int(sampler.num_steps),
+                         acc or Accelerator(), conditioner=conditioner).to(device)
+
+    settings = [(None, module(None, cfg.sampler))] + [(p, module(*build_setting(*p, cfg))) for p in plan]
+    runs = [{"images": [], "evals": 0, "seconds": 0.0, "per": {}} for _ in settings]
+    for _, lit in settings:
+        lit.generate(seeds[:1])  # warm-up: the first call pays for allocation and lazy init
+    for i in range(0, len(seeds), batch):  # settings take turns batch by batch: load falls on all of them alike
+        chunk = seeds[i:i + batch]
+        for (_, lit), r in zip(settings, runs):
+            mark = lit.accelerator_.mark()
+            start = time.perf_counter()
+            out = lit.generate(chunk)
+            r["seconds"] += time.perf_counter() - start
+            r["images"].append(out["images"])
+            r["evals"] += int(out["evals"])
+            r["per"].update(lit.accelerator_.per_image(mark, chunk) or {})
+    for (_, lit), r in zip(settings, runs):
+        summary = lit.accelerator_.summary(r["per"]) if len(r["per"]) == len(seeds) else None
+        r.update(images=torch.cat(r["images"]), nfe_per_image=r["evals"] / len(seeds),
+                 cost_per_image=(summary[1] if summary else {}).get("cost_per_image", r["evals"] / len(seeds)),
+                 sec_per_image=r["seconds"] / len(seeds))
+    keep = ("nfe_per_image", "cost_per_image", "sec_per_image")
+    full, points = runs[0], []
+    for ((family, knobs), _), r in zip(settings[1:], runs[1:]):
+        point = {"family": family, "knobs": knobs, **{k: r[k] for k in keep},
+                 "speedup_cost": full["cost_per_image"] / r["cost_per_image"],
+                 "speedup_wall": full["sec_per_image"] / r["sec_per_image"],
+                 **fidelity(r["images"], full["images"], lpips)}
+        point["meets"] = meets(point, target)
+        point["overrides"] = overrides_of(point)
+        points.append(point)
+        print(f"hiresrun: {family} {knobs}: cost {point['cost_per_image']:.2f} / {full['cost_per_image']:.0f}, "
+              f"wall {point['speedup_wall']:.2f}x, PSNR {point['psnr_to_ref']:.2f} dB", flush=True)
+    key_name = "psnr_to_ref" if target[0] == "psnr" else "lpips_to_ref"
+    on_front = pareto(points, key_name, target[0] == "psnr")
+    meeting = [p for p in points if p["meets"]]
+    best = min(meeting, key=lambda p: (p["cost_per_image"], -p["psnr_to_ref"])) if meeting else None
+    record = {"target": {target[0]: target[1]}, "search": FRONT_SEARCH, "seeds": outputs.seed_ranges(seeds),
+              "full": {**{k: full[k] for k in keep}, "sampler": choice_of(cfg), "num_steps": int(cfg.sampler.num_steps)},
+              "families": families, "points": points, "front": on_front, "best": best, "model_source": base.source,
+              "model_weights_sha256": base.weights_hash,
+              "hardware": f"{device}, {torch.get_num_threads()} threads, batch {batch}"}
+    path = Path(cfg.paths.run_dir) / "front.json"
+    outputs.write_json(path, record)
+    outputs.write_metrics(path.parent, "calibrate", {
+        **({k: best[k] for k in ("family", "cost_per_image", "speedup_cost", "speedup_wall", "psnr_to_ref")}
+           if best else {}), "front": str(path),
+        "protocol": {"target": record["target"], "seeds": record["seeds"], "search": FRONT_SEARCH}})
+    if best:
+        print(f"hiresrun: cheapest setting with {target[0]} {'>=' if target[0] == 'psnr' else '<='} {target[1]:g}: "
+              f"{' '.join(best['overrides'])} ({best['speedup_cost']:.2f}x less compute, "
+              f"{best['speedup_wall']:.2f}x wall) -> {path}")
+    else:
+        print(f"hiresrun: no setting meets {target[0]} {target[1]:g}; the front is in {path}")
+    return record
+
+
+def choice_of(cfg: DictConfig) -> str:
+    from hiresrun.build import choice
+
+    return choice(cfg, "sampler")

@@ -141,3 +141,76 @@ def test_the_verb_prints_the_file_it_saved(tiny_model_dir, tmp_path, psnr30):
     assert proc.returncode == 0, proc.stderr
     path = proc.stdout.strip().splitlines()[-1].split("accelerator.calibration=")[-1].rstrip(")")
     assert str(tmp_path / "outputs" / "calibrate") in path and json.loads(open(path).read())["delta"] == chosen
+
+
+# -- across accelerators: the cost-fidelity front -------------------------------------------------------------
+def test_pareto_keeps_exactly_the_undominated_points():
+    from hiresrun.calibrate import pareto
+
+    pts = [{"cost_per_image": c, "psnr_to_ref": q} for c, q in ((10, 60), (5, 30), (5, 35), (3, 20), (8, 34), (3, 25))]
+    assert pareto(pts, "psnr_to_ref", True) == [5, 2, 0]  # (3, 25), (5, 35), (10, 60); cheapest first
+    lp = [{"cost_per_image": c, "lpips_to_ref": q} for c, q in ((4, 0.1), (4, 0.05), (2, 0.2))]
+    assert pareto(lp, "lpips_to_ref", False) == [2, 1]
+
+
+@pytest.fixture(scope="module")
+def front_run(tiny_model_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("front") / "run"
+    extra = ["target.psnr=30", "calibrate.families=[steps,steps:dpmsolver,stepskip,deepcache,adaptive-deepcache]",
+             "calibrate.grid.steps.num_steps=[12,6]", "calibrate.grid.stepskip.every=[2]",
+             "calibrate.grid.deepcache.interval=[1,2]", "calibrate.grid.adaptive-deepcache.delta=[0.3]",
+             "calibrate.grid.adaptive-deepcache.interval=[2]", "accelerator=none"]
+    return calibrate(tiny_model_dir, run_dir, *extra), run_dir
+
+
+def test_the_front_measures_each_setting_against_the_full_run(front_run):
+    from hiresrun.metrics.lpips import psnr
+
+    record, run_dir = front_run
+    blank = torch.zeros(1, 1, 16, 16, dtype=torch.uint8)
+    cap = float(psnr(blank, blank))  # identical images: PSNR's finite cap at this size
+    points = {(p["family"], json.dumps(p["knobs"], sort_keys=True)): p for p in record["points"]}
+    full = record["full"]
+    assert full["nfe_per_image"] == 12 and full["cost_per_image"] == 12
+    same = points[("steps", '{"num_steps": 12}')]  # the full run itself: identical images, equal cost
+    assert same["cost_per_image"] == 12 and same["psnr_to_ref"] == pytest.approx(cap)
+    assert points[("steps", '{"num_steps": 6}')]["cost_per_image"] == 6
+    assert points[("steps:dpmsolver", '{"num_steps": 6}')]["overrides"] == ["sampler=dpmsolver",
+                                                                            "sampler.num_steps=6"]
+    assert points[("stepskip", '{"every": 2}')]["cost_per_image"] == 6  # steps 0, 2, ..., 10 computed
+    assert points[("deepcache", '{"interval": 1}')]["psnr_to_ref"] == pytest.approx(cap)  # neutral: bit-exact
+    dc = points[("deepcache", '{"interval": 2}')]
+    share = (dc["cost_per_image"] - 6) / 6  # 6 full calls, 6 partial ones at their FLOP share
+    assert 0 < share < 1 and dc["nfe_per_image"] == 12
+    both = points[("adaptive-deepcache", '{"decision_scope": "batch", "delta": 0.3, "interval": 2}')]
+    assert both["nfe_per_image"] < 12 and both["cost_per_image"] < both["nfe_per_image"]
+    assert both["overrides"][0] == "+accelerator=[adaptive,deepcache]"
+    # the front and the answer follow from the points
+    from hiresrun.calibrate import pareto
+
+    assert record["front"] == pareto(record["points"], "psnr_to_ref", True)
+    meeting = [p for p in record["points"] if p["psnr_to_ref"] >= 30]
+    assert record["best"]["cost_per_image"] == min(p["cost_per_image"] for p in meeting)
+    assert json.loads((run_dir / "metrics.json").read_text())["front"] == str(run_dir / "front.json")
+
+
+def test_the_best_settings_overrides_sample_with_it(front_run, tiny_model_dir):
+    from hiresrun.build import build_accelerator
+
+    best = front_run[0]["best"]
+    cfg = compose(tiny_overrides(tiny_model_dir) + [o.lstrip("+") for o in best["overrides"]])
+    if best["family"].startswith("steps"):
+        assert cfg.sampler.num_steps == best["knobs"]["num_steps"]
+    else:
+        built = build_accelerator(cfg)
+        for name, value in best["knobs"].items():
+            members = getattr(built, "members", {"": built}).values()
+            assert any(getattr(m, name, None) == value for m in members), name
+
+
+def test_a_family_without_a_grid_or_option_is_one_line(tiny_model_dir, tmp_path):
+    with pytest.raises(UsageError, match="calibrate.grid has no banana entry"):
+        calibrate(tiny_model_dir, tmp_path / "r", "target.psnr=30", "calibrate.families=[banana]")
+    with pytest.raises(UsageError, match="calibrate.families has steps:banana: no sampler option banana"):
+        calibrate(tiny_model_dir, tmp_path / "r", "target.psnr=30", "calibrate.families=[steps:banana]")
+    assert not (tmp_path / "r" / "front.json").exists()

@@ -18,7 +18,7 @@ from hydra.utils import get_class
 from omegaconf import OmegaConf
 
 from hiresrun import sampling, support
-from hiresrun.accelerators import Chain, hooks_removed_after
+from hiresrun.accelerators import Accelerator, Chain, hooks_removed_after
 from hiresrun.accelerators.adaptive import AdaptiveDiffusion
 from hiresrun.accelerators.deepcache import DeepCache, full_steps
 from hiresrun.build import accelerator_parts, build_accelerator, choice
@@ -47,7 +47,7 @@ def test_a_list_is_applied_in_the_declared_order_whatever_its_own():
     for listed in ("[deepcache,adaptive]", "[adaptive,deepcache]"):
         cfg = compose([f"accelerator={listed}", "accelerator.decision_scope=batch", "accelerator.interval=2"])
         assert list(accelerator_parts(cfg.accelerator)) == ["adaptive", "deepcache"]  # steps, then blocks
-        assert choice(cfg, "accelerator") == "adaptive+deepcache"
+        assert choice(cfg, "accelerator") == "adaptive-deepcache"
         chain = build_accelerator(cfg)
         assert isinstance(chain, Chain) and chain.members["deepcache"].interval == 2
         assert chain.members["adaptive"].decision_scope == "batch"
@@ -122,9 +122,18 @@ def test_refusals_are_one_line():
     with pytest.raises(Unsupported, match=r"set accelerator.decision_scope=batch"):
         build_accelerator(compose(["accelerator=[adaptive,deepcache]"]))  # per-image decisions: sub-batches
     clash = OmegaConf.create({"every": 2, "mask": None, "_parts_": {
-        "stepskip": "hiresrun.accelerators.stepskip.StepSkip", "again": "hiresrun.accelerators.stepskip.StepSkip"}})
-    with pytest.raises(UsageError, match="both take accelerator.every"):
+        "stepskip": "hiresrun.accelerators.stepskip.StepSkip", "features": "test_chain.EveryFeature"}})
+    with pytest.raises(UsageError, match="stepskip and features both take accelerator.every"):
         accelerator_parts(clash)
+
+
+class EveryFeature(Accelerator):
+    """A features-level accelerator whose knob has stepskip's name (the clash a list cannot resolve)."""
+
+    supports = support.Support(level="features")
+
+    def __init__(self, every: int = 1):
+        self.every = every
 
 
 def declared(name: str) -> support.Support:
@@ -137,15 +146,14 @@ def test_every_pair_composes_or_is_refused_as_the_levels_declare(pair, tmp_path)
     sample together (hooks gone afterwards); the others are refused with one line before anything loads."""
     cfg = compose([f"accelerator=[{','.join(pair)}]", "accelerator.decision_scope=batch"]
                   if "adaptive" in pair else [f"accelerator=[{','.join(pair)}]"], tmp_path / "r")
-    name = choice(cfg, "accelerator")
     levels = [declared(a).level for a in pair]
     drives = all("UNet2DModel" in declared(a).unets for a in pair)
     if levels[0] == levels[1] or not drives:
         with pytest.raises(Unsupported) as refused:
-            support.check(cfg, "none", name)
+            support.check(cfg, "none", choice(cfg, "accelerator"))
         assert "\n" not in str(refused.value)
         return
-    support.check(cfg, "none", name)
+    support.check(cfg, "none", choice(cfg, "accelerator"))
     chain = build_accelerator(cfg)
     unet = tiny_unet().eval()
     before = {k: v.clone() for k, v in unet.state_dict().items()}
@@ -166,7 +174,7 @@ def test_a_sample_run_records_both_members_and_the_combined_cost(tiny_model_dir,
     assert out.returncode == 0, out.stderr
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     masks = json.loads((tmp_path / "run" / "skip_masks.json").read_text())
-    assert m["accelerator"] == "adaptive+deepcache" and set(masks) == {"adaptive", "deepcache"}
+    assert m["accelerator"] == "adaptive-deepcache" and set(masks) == {"adaptive", "deepcache"}
     assert m["nfe_per_image"] < 20 and m["speedup_nfe"] == pytest.approx(20 / m["nfe_per_image"])
     full = m["nfe_per_image"] - m["partial_per_image"]
     assert full >= 1 and m["cost_per_image"] == pytest.approx(full + m["partial_per_image"] * m["partial_flops_share"])

@@ -25,7 +25,8 @@ def run(scheduler, steps: int, acc: StepSkip | None):
     return x, counter.evals // len(SEEDS)  # per image
 
 
-@pytest.mark.parametrize("neutral", [StepSkip(every=1), StepSkip(mask=[1] * 10), StepSkip(mask="1" * 10)])
+@pytest.mark.parametrize("neutral", [StepSkip(every=1), StepSkip(mask=[1] * 10), StepSkip(mask="1" * 10),
+                                     StepSkip(mask=int("1" * 10))])  # the command line makes an int of 1111111111
 def test_computing_every_step_is_no_accelerator_bit_for_bit(neutral):
     base, nfe = run(DDIMScheduler.from_config(SCHED), 10, None)
     x, nfe_skip = run(DDIMScheduler.from_config(SCHED), 10, neutral)

@@ -27,7 +27,9 @@ class StepSkip(Accelerator):
                                                              # list or a "1011..." string; overrides `every`
         if int(every) < 1:
             raise UsageError(f"accelerator.every={every}: must be at least 1 (1 computes every step)")
-        bits = [int(b) for b in (mask if not isinstance(mask, str) else list(mask))] if mask is not None else None
+        # a "1011" string, or the number the command line makes of it (accelerator.mask=1011 parses as an int)
+        bits = [int(b) for b in (list(str(mask)) if isinstance(mask, (str, int)) else mask)] if mask is not None \
+            else None
         if bits is not None and (not bits or any(b not in (0, 1) for b in bits)):
             raise UsageError(f"accelerator.mask={mask}: give one 1 (compute) or 0 (reuse) per sampler step, e.g. "
                              f"accelerator.mask=[1,1,0,1,0]")

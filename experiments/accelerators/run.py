@@ -1,0 +1,181 @@
+"""Training-free accelerators side by side: which setting is fastest at a required fidelity, per model.
+
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/accelerators/run.py [--models pixel16 pixel32 tinysd16]
+        [--seeds 1000-1063] [--n-fid 500] [--out /tmp/hiresrun-accelerators] [--tables]
+
+For each model, one `hiresrun calibrate` with `calibrate.families` (the product's own search, hiresrun/calibrate.py):
+every point of each family's knob grid on the calibration seeds against the 50-step DDIM outputs of the same seeds,
+the settings taking turns batch by batch in one process (wall-clock measured side by side), cost per image in full
+network evaluations (DeepCache's partial calls at their FLOP share), PSNR / SSIM / LPIPS-alex to the full-step
+images. Families: fewer steps of DDIM, DPM-Solver++ and Euler (the peers' "fewer steps" arm, 50 steps included),
+DeepCache alone (the peer), stepskip, AdaptiveDiffusion, and the compositions adaptive-deepcache and
+stepskip-deepcache. Then, for the full run and each family's fastest setting meeting the target (PSNR >= 32 dB and
+LPIPS <= 0.05), `hiresrun sample` with that setting's overrides on seeds 0..n-1 with `metrics=default` (FID/KID
+against the held-out digits). Writes results.json, one plot per model (PSNR against wall speed-up, each family's
+front) and the README tables between their markers. Every step is a printed `hiresrun` command; a folder that
+already holds its front.json / metrics.json is reused (delete it to rerun).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from hiresrun.calibrate import pareto
+from hiresrun.outputs import write_block
+
+HERE = Path(__file__).resolve().parent
+HIRESRUN = str(Path(sys.executable).with_name("hiresrun"))
+QUIET = ["trainer.enable_progress_bar=false", "logger=csv"]
+MODELS = {"pixel16": ["data.resolution=16"],                    # tiny-mnist at its own 16 px
+          "pixel32": ["data.resolution=32"],                    # tiny-mnist sampled directly at 32 px
+          "tinysd16": ["experiment=tinysd/sample16"]}           # the latent text-to-image base, guidance 3
+FAMILIES = ["steps", "steps:dpmsolver", "steps:euler", "deepcache", "stepskip", "adaptive", "adaptive-deepcache",
+            "stepskip-deepcache"]
+PEERS = ("steps", "steps:dpmsolver", "steps:euler", "deepcache")  # what a user has without hiresrun
+GRID = ["calibrate.grid.steps.num_steps=[50,40,30,25,20,15,12,10,8,6]",
+        "calibrate.grid.adaptive.delta=[0.005,0.01,0.02,0.05,0.1,0.2]",
+        "calibrate.grid.deepcache.interval=[2,3,4,5,6,8]", "calibrate.grid.stepskip.every=[2,3,4]",
+        "calibrate.grid.adaptive-deepcache.delta=[0.01,0.05,0.2]", "calibrate.grid.adaptive-deepcache.interval=[2,3,4]",
+        "calibrate.grid.stepskip-deepcache.every=[2]", "calibrate.grid.stepskip-deepcache.interval=[2,3]"]
+PSNR, LPIPS = 32.0, 0.05                    # the issue's fidelity target
+GOAL_PEER, GOAL_DDIM = 1.3, 3.0             # hiresrun's best vs the best peer, and vs 50-step DDIM (wall)
+FID_COLUMNS = ("fid", "kid", "digit_acc", "prompt_acc", "nfe_per_image", "cost_per_image")
+
+
+def hiresrun(*args: str) -> None:
+    print("$ hiresrun", " ".join(args), flush=True)
+    subprocess.run([HIRESRUN, *args], check=True)
+
+
+def ok(p: dict) -> bool:
+    return p["psnr_to_ref"] >= PSNR and p["lpips_to_ref"] <= LPIPS
+
+
+def best_per_family(points: list[dict]) -> dict[str, dict]:
+    """Each family's fastest (wall) setting that meets the target."""
+    out = {}
+    for p in points:
+        if ok(p) and (p["family"] not in out or p["speedup_wall"] > out[p["family"]]["speedup_wall"]):
+            out[p["family"]] = p
+    return out
+
+
+def study(name: str, args, out: Path) -> dict:
+    model = MODELS[name]
+    folder = out / name
+    front_dir = folder / "front"
+    if not (front_dir / "front.json").is_file():
+        hiresrun("calibrate", *model, *QUIET, "sampler=ddim", "sampler.num_steps=50", f"target.psnr={PSNR}",
+                 f"calibrate.families=[{','.join(FAMILIES)}]", *GRID, f"calibrate.seeds={args.seeds}",
+                 f"sample.batch_size={args.batch}", f"hydra.run.dir={front_dir}")
+    front = json.loads((front_dir / "front.json").read_text())
+    points = front["points"]
+    best = best_per_family(points)
+    fid = {}
+    arms = {"DDIM 50 (full)": ["sampler=ddim", "sampler.num_steps=50"]}
+    arms.update({f"{fam}: {' '.join(p['overrides'])}": p["overrides"] for fam, p in best.items()})
+    for arm, overrides in arms.items():
+        run_dir = folder / "fid" / arm.split(":")[0].replace(" ", "_").replace("(", "").replace(")", "")
+        if not (run_dir / "metrics.json").is_file():
+            base = [] if overrides[0].startswith("sampler") else ["sampler=ddim", "sampler.num_steps=50"]
+            hiresrun("sample", *model, *QUIET, *base, *overrides, "metrics=default", "metrics.patch_fid=false",
+                     f"sample.num_samples={args.n_fid}", "sample.save_images=false", f"hydra.run.dir={run_dir}")
+        m = json.loads((run_dir / "metrics.json").read_text())
+        fid[arm] = {k: m[k] for k in FID_COLUMNS if k in m}
+    hiresrun_best = max((p for f, p in best.items() if f not in PEERS), key=lambda p: p["speedup_wall"], default=None)
+    peer_best = max((p for f, p in best.items() if f in PEERS), key=lambda p: p["speedup_wall"], default=None)
+    goal = None
+    if hiresrun_best and peer_best:
+        goal = {"hiresrun": hiresrun_best["family"], "peer": peer_best["family"],
+                "vs_peer": hiresrun_best["speedup_wall"] / peer_best["speedup_wall"],
+                "vs_ddim50": hiresrun_best["speedup_wall"]}
+    return {"front": str(front_dir / "front.json"), "full": front["full"], "hardware": front["hardware"],
+            "seeds": front["seeds"], "points": points, "best": best, "fid": fid, "goal": goal,
+            "wall_front": [points[i] for i in pareto([{**p, "cost_per_image": 1 / p["speedup_wall"]} for p in points],
+                                                     "psnr_to_ref", True)]}
+
+
+def plot(name: str, r: dict, path: Path) -> None:
+    """PSNR to the full run against wall speed-up, each family's own front (its points no other of its points
+    beats on both), the target line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.6, 4.8), dpi=100)
+    for fam in FAMILIES:
+        ps = [p for p in r["points"] if p["family"] == fam]
+        keep = pareto([{**p, "cost_per_image": 1 / p["speedup_wall"]} for p in ps], "psnr_to_ref", True)
+        line = sorted((ps[i] for i in keep), key=lambda p: p["speedup_wall"])
+        style = "--" if fam in PEERS else "-"
+        ax.plot([p["speedup_wall"] for p in line], [p["psnr_to_ref"] for p in line], "o" + style, label=fam,
+                markersize=4)
+    ax.axhline(PSNR, color="0.75")
+    ax.set_xscale("log")
+    ax.set_xlabel("wall-clock speed-up over 50-step DDIM (same process, interleaved)")
+    ax.set_ylabel("PSNR to the 50-step DDIM images (dB)")
+    ax.set_title(f"{name}: each family's front, seeds {r['seeds']}, {r['hardware']}", fontsize=9)
+    ax.legend(fontsize=7, title="dashed: peers", title_fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def table(name: str, r: dict) -> str:
+    lines = [f"**{name}** (front on seeds {r['seeds']}, {r['hardware']}; FID/KID on seeds 0..n-1, n = "
+             f"{next(iter(r['fid'].values()), {}).get('n', '')})", "",
+             "| family | fastest setting meeting the target | wall speed-up | cost speed-up | PSNR | LPIPS | FID | "
+             "KID |", "|---|---|---|---|---|---|---|---|"]
+    full = r["fid"].get("DDIM 50 (full)", {})
+    lines.append(f"| DDIM 50 (full) | `sampler=ddim sampler.num_steps=50` | 1.00 | 1.00 | - | - | "
+                 f"{full.get('fid', float('nan')):.2f} | {full.get('kid', float('nan')):.4f} |")
+    for fam in FAMILIES:
+        p = r["best"].get(fam)
+        if p is None:
+            lines.append(f"| {fam} | none meets it | | | | | | |")
+            continue
+        f = next((v for k, v in r["fid"].items() if k.startswith(f"{fam}: ")), {})
+        lines.append(f"| {fam}{' (peer)' if fam in PEERS else ''} | `{' '.join(p['overrides'])}` | "
+                     f"{p['speedup_wall']:.2f} | {p['speedup_cost']:.2f} | {p['psnr_to_ref']:.1f} | "
+                     f"{p['lpips_to_ref']:.3f} | {f.get('fid', float('nan')):.2f} | {f.get('kid', float('nan')):.4f} |")
+    g = r["goal"]
+    if g:
+        lines += ["", f"Best hiresrun setting ({g['hiresrun']}) vs the best peer ({g['peer']}): "
+                      f"**{g['vs_peer']:.2f}x** (goal {GOAL_PEER}x); vs 50-step DDIM: **{g['vs_ddim50']:.2f}x** "
+                      f"(goal {GOAL_DDIM}x)."]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--seeds", default="1000-1063", help="calibration seeds of the fronts (disjoint from 0..n-1)")
+    p.add_argument("--batch", type=int, default=16, help="images per batch; settings take turns batch by batch")
+    p.add_argument("--n-fid", type=int, default=500, help="images per FID arm (seeds 0..n-1)")
+    p.add_argument("--out", default="/tmp/hiresrun-accelerators")
+    p.add_argument("--tables", action="store_true", help="only rewrite README tables and plots from results.json")
+    args = p.parse_args()
+    path = HERE / "results.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    if not args.tables:
+        for name in args.models:
+            results[name] = study(name, args, Path(args.out))
+            results[name]["protocol"] = {
+                "reference": "50-step DDIM of the same seeds", "target": {"psnr": PSNR, "lpips": LPIPS},
+                "fid": f"n = {args.n_fid}, seeds 0..{args.n_fid - 1}, Inception pool3, clean resize, vs the 1,000 "
+                       f"held-out digits at the model's size", "families": FAMILIES, "grid": GRID}
+            path.write_text(json.dumps(results, indent=2) + "\n")
+    for name, r in results.items():
+        plot(name, r, HERE / f"front_{name}.png")
+        write_block(HERE / "README.md", name, table(name, r))
+        print(table(name, r))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
