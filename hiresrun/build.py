@@ -78,7 +78,8 @@ def accelerator_parts(node: DictConfig) -> dict[str, DictConfig]:
         return {str(node.get("_target_", "none")).rsplit(".", 1)[-1]: node}
     from hiresrun.support import chain_refusal
 
-    reason = chain_refusal(list(targets), [get_class(t).supports for t in targets.values()])
+    reason = chain_refusal(list(targets), [get_class(t).supports for t in targets.values()]) if len(targets) > 1 \
+        else None
     if reason:  # before the knobs are shared out: two members of one level may well take the same knob
         from hiresrun.errors import Unsupported
 
