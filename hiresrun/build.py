@@ -111,7 +111,8 @@ def build_accelerator(cfg: DictConfig, **overrides):
     from hiresrun.accelerators import Chain
 
     parts = accelerator_parts(cfg.accelerator)
-    built = {name: instantiate(part, **{k: v for k, v in overrides.items() if k in part}) for name, part in parts.items()}
+    built = {name: instantiate(part, **{k: v for k, v in overrides.items() if k in part})
+             for name, part in parts.items()}
     if len(built) == 1:
         return next(iter(built.values()))
     from hiresrun.support import chain_refusal

@@ -238,7 +238,8 @@ def overrides_of(point: dict) -> list[str]:
     """The command-line overrides that sample with a point's setting."""
     family, knobs = point["family"], point["knobs"]
     if family.split(":")[0] == "steps":
-        return ([f"sampler={family.split(':')[1]}"] if ":" in family else []) + [f"sampler.num_steps={knobs['num_steps']}"]
+        sampler = [f"sampler={family.split(':')[1]}"] if ":" in family else []
+        return sampler + [f"sampler.num_steps={knobs['num_steps']}"]
     names = family.split("-")
     head = f"+accelerator={names[0]}" if len(names) == 1 else f"+accelerator=[{','.join(names)}]"
     return [head, *(f"accelerator.{k}={v}" for k, v in knobs.items())]
@@ -247,8 +248,8 @@ def overrides_of(point: dict) -> list[str]:
 def front(cfg: DictConfig) -> dict:
     """Each family's grid on the calibration seeds, against the full-step outputs: cost per image (full-evaluation
     units: NFE, a cache's partial calls at their FLOP share), wall seconds per image (same process, after a warm-up
-    call; the settings take turns batch by batch), PSNR/SSIM/LPIPS-alex; writes front.json (every point, the Pareto front, the cheapest
-    point meeting the target) and prints the overrides that sample with it."""
+    call; the settings take turns batch by batch), PSNR/SSIM/LPIPS-alex; writes front.json (every point, the Pareto
+    front, the cheapest point meeting the target) and prints the overrides that sample with it."""
     import time
 
     from hiresrun.build import build_conditioner, parse_seeds, sampler_scheduler, sampling_net
@@ -311,7 +312,8 @@ def front(cfg: DictConfig) -> dict:
     meeting = [p for p in points if p["meets"]]
     best = min(meeting, key=lambda p: (p["cost_per_image"], -p["psnr_to_ref"])) if meeting else None
     record = {"target": {target[0]: target[1]}, "search": FRONT_SEARCH, "seeds": outputs.seed_ranges(seeds),
-              "full": {**{k: full[k] for k in keep}, "sampler": choice_of(cfg), "num_steps": int(cfg.sampler.num_steps)},
+              "full": {**{k: full[k] for k in keep}, "sampler": choice_of(cfg),
+                       "num_steps": int(cfg.sampler.num_steps)},
               "families": families, "points": points, "front": on_front, "best": best, "model_source": base.source,
               "model_weights_sha256": base.weights_hash,
               "hardware": f"{device}, {torch.get_num_threads()} threads, batch {batch}"}

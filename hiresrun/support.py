@@ -80,9 +80,8 @@ def check(cfg, method: str, accelerator: str | None) -> None:
     accelerator None checks the method and model only)."""
     from hydra.utils import get_class
 
-    from hiresrun.models import describe, text_model
-
     from hiresrun.build import accelerator_parts, build_accelerator
+    from hiresrun.models import describe, text_model
 
     m = get_class(cfg.method._target_).declared(cfg.method)
     parts = accelerator_parts(cfg.accelerator) if accelerator else {None: None}

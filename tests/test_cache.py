@@ -75,8 +75,12 @@ def test_a_skipping_setting_costs_less_and_leaves_nothing_behind(kind, dit):
 
 
 def test_the_configs_are_diffusers_own(dit):
-    from diffusers.hooks import (FirstBlockCacheConfig, MagCacheConfig, PyramidAttentionBroadcastConfig,
-                                 TaylorSeerCacheConfig)
+    from diffusers.hooks import (
+        FirstBlockCacheConfig,
+        MagCacheConfig,
+        PyramidAttentionBroadcastConfig,
+        TaylorSeerCacheConfig,
+    )
 
     acc = DiffusersCache("taylorseer", interval=4, options={"max_order": 2})
     acc.transformer = dit[0]

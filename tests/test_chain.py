@@ -181,3 +181,17 @@ def test_a_sample_run_records_both_members_and_the_combined_cost(tiny_model_dir,
     refused = cli("sample", "+accelerator=[adaptive,deepcache]", cwd=tmp_path)
     (line,) = refused.stderr.strip().splitlines()
     assert refused.returncode == 2 and "decision_scope=batch" in line
+
+
+def test_a_list_runs_inside_self_cascade(tiny_model_dir, tmp_path):
+    """Inside a method's wrapper as single accelerators are: Self-Cascade's pivot loop and its truncated 2x loop are
+    each wrapped by the whole list; each loop's DeepCache schedule starts over on its computed steps."""
+    out = cli("sample", "model=diffusers", f"model.path={tiny_model_dir}", "data.resolution=16", "logger=none",
+              "trainer.enable_progress_bar=false", "sampler.num_steps=10", "sample.num_samples=2",
+              "+method=selfcascade", "method.mode=tuning_free", "method.strength=0.5",
+              "+accelerator=[adaptive,deepcache]", "accelerator.decision_scope=batch", "accelerator.delta=0",
+              "accelerator.interval=3", "hydra.run.dir=run", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    # delta 0 computes every step: pivot loop 10 steps (full at 0, 3, 6, 9), 2x loop 5 steps (full at 0, 3)
+    assert m["nfe_per_image"] == 15 and m["partial_per_image"] == 6 + 3 and m["accelerator"] == "adaptive-deepcache"

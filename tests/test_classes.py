@@ -224,7 +224,8 @@ def test_dit_defaults_to_its_pipelines_guidance_and_null_label(tiny_dit_dir, tmp
 
 def test_dit_pairs_run_or_are_refused_by_their_declarations(tiny_dit_dir, tmp_path):
     """Transformers run none / upsample / tuning-free Self-Cascade with the step-level accelerators (adaptive,
-    stepskip) or none; every pair that needs UNet blocks (Skip-Tuning, FreeU, DeepCache, tuned Self-Cascade,
+    stepskip), diffusers' cache hooks (cache) or none; every pair that needs UNet blocks (Skip-Tuning, FreeU,
+    DeepCache, tuned Self-Cascade,
     finetune, simple, PaGoDA) is refused up front."""
     from conftest import CONF
     from hydra.utils import get_class
@@ -252,8 +253,11 @@ def test_dit_pairs_run_or_are_refused_by_their_declarations(tiny_dit_dir, tmp_pa
                 cfg.ckpt_path = None
                 assert run.run(cfg)["num_samples"] == 2
                 ran.add((name, accelerator))
-    assert ran == {(m, a) for m in ("none", "upsample", "selfcascade-tuning_free")
-                   for a in ("none", "adaptive", "stepskip")}
+    target = lambda a: get_class(compose([f"accelerator={a}"]).accelerator._target_)  # noqa: E731
+    drive_dit = {a for a in sorted(f.stem for f in (CONF / "accelerator").glob("*.yaml"))
+                 if "DiTTransformer2DModel" in target(a).supports.unets}
+    assert drive_dit == {"none", "adaptive", "stepskip", "cache"}  # the step-level ones and diffusers' cache hooks
+    assert ran == {(m, a) for m in ("none", "upsample", "selfcascade-tuning_free") for a in drive_dit}
     assert ("none", "deepcache") in refused
     assert ("selfcascade-tuned", "none") in refused and ("none", "skiptuning") in refused
     assert ("finetune", "none") in refused and ("pagoda", "none") in refused and ("none", "freeu") in refused

@@ -73,7 +73,8 @@ def test_pair_is_built_or_refused_with_one_line(method, accelerator, tmp_path):
     assert (len(handles) > 0) == (accelerator in ("skiptuning", "deepcache"))  # module-level accelerators
 
 
-@pytest.mark.parametrize("accelerator", [a for a in ACCELERATORS if "UNet2DModel" not in declared("accelerator", a).unets])
+@pytest.mark.parametrize("accelerator",
+                         [a for a in ACCELERATORS if "UNet2DModel" not in declared("accelerator", a).unets])
 def test_a_declared_unet_restriction_is_what_attaching_would_say(accelerator, tmp_path):
     """The declaration matches the code: an accelerator that declares no UNet2DModel fails to attach to the
     embedded UNet2DModel with its own error (FreeU: diffusers' enable_freeu)."""

@@ -87,7 +87,8 @@ def multistep_timing(out: Path, n: int) -> dict:
         sa = folder(out, "timing " + name)
         if not (sa / "metrics.json").is_file():
             hiresrun("sample", *method, "data.resolution=32", "sampler=ddim", "sampler.num_steps=50", *QUIET,
-                     "logger=csv", "metrics=none", f"sample.seeds=0-{n - 1}", "sample.save_images=false", f"hydra.run.dir={sa}")
+                     "logger=csv", "metrics=none", f"sample.seeds=0-{n - 1}", "sample.save_images=false",
+                     f"hydra.run.dir={sa}")
         m = json.loads((sa / "metrics.json").read_text())
         rows[name] = {k: m[k] for k in ("nfe_per_image", "sec_per_image", "num_samples")}
     return rows
