@@ -36,7 +36,7 @@ MODELS = {"pixel16": ["data.resolution=16"],                    # tiny-mnist at 
 FAMILIES = ["steps", "steps:dpmsolver", "steps:euler", "deepcache", "stepskip", "adaptive", "adaptive-deepcache",
             "stepskip-deepcache"]
 PEERS = ("steps", "steps:dpmsolver", "steps:euler", "deepcache")  # what a user has without hiresrun
-GRID = ["calibrate.grid.steps.num_steps=[50,30,20,15,10,8]", "calibrate.grid.adaptive.delta=[0.01,0.02,0.05,0.1]",
+GRID = ["calibrate.grid.steps.num_steps=[50,30,20,15,10,8,6,5,4]", "calibrate.grid.adaptive.delta=[0.01,0.02,0.05,0.1]",
         "calibrate.grid.deepcache.interval=[2,3,4,6]", "calibrate.grid.stepskip.every=[2,3]",
         "calibrate.grid.adaptive-deepcache.delta=[0.01,0.05,0.2]", "calibrate.grid.adaptive-deepcache.interval=[2,3]",
         "calibrate.grid.stepskip-deepcache.every=[2]", "calibrate.grid.stepskip-deepcache.interval=[2,3]"]
@@ -48,6 +48,17 @@ FID_COLUMNS = ("fid", "kid", "digit_acc", "prompt_acc", "nfe_per_image", "cost_p
 def hiresrun(*args: str) -> None:
     print("$ hiresrun", " ".join(args), flush=True)
     subprocess.run([HIRESRUN, *args], check=True)
+
+
+def same_run(run_dir: Path, command: list[str]) -> bool:
+    """A finished run folder made by this very command (Hydra's overrides.yaml; `+group=` is recorded plain)."""
+    record = run_dir / ".hydra" / "overrides.yaml"
+    if not (run_dir / "metrics.json").is_file() or not record.is_file():
+        return False
+    from omegaconf import OmegaConf
+
+    done = [str(o) for o in OmegaConf.load(record) if not str(o).startswith("task=")]
+    return done == [c.lstrip("+") for c in command]
 
 
 def ok(p: dict) -> bool:
@@ -78,11 +89,15 @@ def study(name: str, args, out: Path) -> dict:
     arms = {"DDIM 50 (full)": ["sampler=ddim", "sampler.num_steps=50"]}
     arms.update({f"{fam}: {' '.join(p['overrides'])}": p["overrides"] for fam, p in best.items()})
     for arm, overrides in arms.items():
-        run_dir = folder / "fid" / arm.split(":")[0].replace(" ", "_").replace("(", "").replace(")", "")
-        if not (run_dir / "metrics.json").is_file():
-            base = [] if overrides[0].startswith("sampler") else ["sampler=ddim", "sampler.num_steps=50"]
-            hiresrun("sample", *model, *QUIET, *base, *overrides, "metrics=default", "metrics.patch_fid=false",
-                     f"sample.num_samples={args.n_fid}", "sample.save_images=false", f"hydra.run.dir={run_dir}")
+        name = arm.split(": ")[0]  # the family (steps:dpmsolver keeps its sampler) or the full run
+        run_dir = folder / "fid" / name.replace(" ", "_").replace("(", "").replace(")", "").replace(":", "_")
+        base = [] if overrides[0].startswith("sampler") else ["sampler=ddim", "sampler.num_steps=50"]
+        command = [*model, *QUIET, *base, *overrides, "metrics=default", "metrics.patch_fid=false",
+                   f"sample.num_samples={args.n_fid}", "sample.save_images=false"]
+        if not same_run(run_dir, command):
+            if run_dir.exists():  # another setting of this family ran here before: keep it aside
+                run_dir.rename(run_dir.with_name(f"{run_dir.name}-old-{len(list(run_dir.parent.glob('*-old-*')))}"))
+            hiresrun("sample", *command, f"hydra.run.dir={run_dir}")
         m = json.loads((run_dir / "metrics.json").read_text())
         fid[arm] = {k: m[k] for k in FID_COLUMNS if k in m}
     hiresrun_best = max((p for f, p in best.items() if f not in PEERS), key=lambda p: p["speedup_wall"], default=None)
@@ -126,8 +141,7 @@ def plot(name: str, r: dict, path: Path) -> None:
 
 
 def table(name: str, r: dict) -> str:
-    lines = [f"**{name}** (front on seeds {r['seeds']}, {r['hardware']}; FID/KID on seeds 0..n-1, n = "
-             f"{next(iter(r['fid'].values()), {}).get('n', '')})", "",
+    lines = [f"**{name}** (front on seeds {r['seeds']}, {r['hardware']}; FID/KID: {r['protocol']['fid']})", "",
              "| family | fastest setting meeting the target | wall speed-up | cost speed-up | PSNR | LPIPS | FID | "
              "KID |", "|---|---|---|---|---|---|---|---|"]
     full = r["fid"].get("DDIM 50 (full)", {})
