@@ -17,6 +17,15 @@ from hiresrun.models import ModelFn
 from hiresrun.support import Support
 
 
+def counted(model_fn: ModelFn, x, t, cond: dict):
+    """(the call's output, its FLOPs by torch's FLOP counter): how caches measure a partial call's cost share."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        out = model_fn(x, t, cond)
+    return out, counter.get_total_flops()
+
+
 @contextmanager
 def hooks_removed_after(handles: list[RemovableHandle]) -> Iterator[list[RemovableHandle]]:
     """`with hooks_removed_after(acc.attach(net)):` -- whatever happens inside, the model leaves without the hooks
@@ -49,7 +58,8 @@ class Accelerator:
     # `mark()` before a batch, `per_image(mark, seeds)` after it -> {str(seed): facts} or None;
     # `summary(per_image)` -> (a file's content, flat metrics) over every image of the run, or None.
     def mark(self):
-        return None
+        """Where this batch's records start: accelerators that keep one record per sampling call in `records`."""
+        return len(self.records) if hasattr(self, "records") else None
 
     def per_image(self, mark, seeds: list[int]) -> dict | None:
         return None

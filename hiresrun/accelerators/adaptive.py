@@ -122,9 +122,6 @@ class AdaptiveDiffusion(Accelerator):
         """Per image of the last sampling call: True where the model ran at that full step."""
         return masks(self.records[-1]) if self.records else []
 
-    def mark(self) -> int:
-        return len(self.records)
-
     def per_image(self, mark: int, seeds: list[int]) -> dict | None:
         """Each image's skip masks ("1" = model called), one per sampling loop of its batch (Self-Cascade: the pivot
         loop, then the 2x loop), and its NFE, from the records made since `mark`."""

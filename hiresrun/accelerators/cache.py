@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hiresrun.accelerators import Accelerator
+from hiresrun.accelerators import Accelerator, counted
 from hiresrun.errors import UsageError
 from hiresrun.models import ModelFn
 from hiresrun.support import TRANSFORMERS, Support
@@ -156,11 +156,7 @@ class DiffusersCache(Accelerator):
                 if not self.count_flops:
                     out = model_fn(x, t, cond)
                 else:
-                    from torch.utils.flop_counter import FlopCounterMode
-
-                    with FlopCounterMode(display=False) as counter:
-                        out = model_fn(x, t, cond)
-                    flops = counter.get_total_flops()
+                    out, flops = counted(model_fn, x, t, cond)
                     record["full_flops"] = record["full_flops"] or flops  # the loop's first call runs everything
                     share = flops / record["full_flops"] if record["full_flops"] else 1.0
                     record["cost"] += share
@@ -173,9 +169,6 @@ class DiffusersCache(Accelerator):
         return fn
 
     # -- per-image records and the run's summary (hiresrun/store.py) -----------------------------------------
-    def mark(self) -> int:
-        return len(self.records)
-
     def per_image(self, mark: int, seeds: list[int]) -> dict | None:
         recs = self.records[mark:]
         if not recs or not self.count_flops:

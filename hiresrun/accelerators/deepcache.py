@@ -26,7 +26,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
-from hiresrun.accelerators import Accelerator
+from hiresrun.accelerators import Accelerator, counted
 from hiresrun.errors import UsageError
 from hiresrun.models import ModelFn
 from hiresrun.support import ANY_UNET, Support
@@ -156,19 +156,12 @@ class DeepCache(Accelerator):
             record[kind] += 1
             if kind in record["flops"]:
                 return model_fn(x, t, cond)
-            from torch.utils.flop_counter import FlopCounterMode
-
-            with FlopCounterMode(display=False) as counter:  # once per kind and sampling call: the cost share
-                out = model_fn(x, t, cond)
-            record["flops"][kind] = counter.get_total_flops()
+            out, record["flops"][kind] = counted(model_fn, x, t, cond)  # once per kind and sampling call
             return out
 
         return fn
 
     # -- per-image records and the run's summary (hiresrun/store.py) -----------------------------------------
-    def mark(self) -> int:
-        return len(self.records)
-
     def per_image(self, mark: int, seeds: list[int]) -> dict | None:
         """Each image's full and partial UNet calls in its batch, and the partial call's FLOPs / a full call's."""
         recs = self.records[mark:]
