@@ -117,3 +117,11 @@ def test_bad_settings_are_one_line():
         DiffusersCache("magcache")
     with pytest.raises(UsageError, match="accelerator.options for kind=first_block"):
         DiffusersCache("first_block", options={"banana": 1}).config(10, {})
+
+
+def test_counting_flops_changes_no_image(dit):
+    """count_flops only measures: the same images with it off, and no cost record."""
+    counted, plain = DiffusersCache("first_block", threshold=0.3), DiffusersCache("first_block", threshold=0.3,
+                                                                                  count_flops=False)
+    assert torch.equal(run(dit, counted), run(dit, plain))
+    assert plain.per_image(0, [0, 1]) is None and counted.per_image(0, [0, 1])["0"]["calls"] == 10
