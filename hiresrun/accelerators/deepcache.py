@@ -9,6 +9,13 @@ paper's non-uniform 1:N (Sec. 4.3), the same number of full steps ceil(T / N) pl
 (`full_steps`). Steps are counted as the model computes them: under AdaptiveDiffusion (`+accelerator=[adaptive,
 deepcache]`) a reused step never reaches the UNet, and the schedule runs over the computed steps.
 
+Why not the `deepcache` package (0.1.1, 2023; read for this): its `DeepCacheSDHelper` replaces `unet.forward` and
+each block's `forward` attribute on a diffusers *pipeline* and finds the step as `pipe.scheduler.timesteps.index(t)`.
+hiresrun runs its own loop (no pipeline object), Heun repeats timesteps (the index is ambiguous), Self-Cascade's
+truncated 2x loop and its tuned low-resolution pass need a cache per loop and per input size, the hooks must come off
+after every sampling call, and partial calls must be costed; its non-uniform schedule lives only in its forked
+pipelines. Its layer-level cut (`cache_layer_id`) is the one thing it has that this class does not.
+
 The seam that skips compute is diffusers' own hook registry (`diffusers.hooks.HookRegistry`, `ModelHook.new_forward`),
 not torch hooks (which cannot skip a forward) and not a fork of the blocks. Block granularity: `branch` counts whole
 down/up blocks (the official code picks a layer inside a block; on diffusers' 2-4 level UNets a block is the
