@@ -106,23 +106,17 @@ def accelerator_parts(node: DictConfig) -> dict[str, DictConfig]:
 def build_accelerator(cfg: DictConfig, **overrides):
     """The run's accelerator: the option's class, or for a list `accelerators.Chain` of its members in the declared
     level order (steps, blocks, features). `overrides` go to the member that takes them."""
-    from hydra.utils import get_class
+    return accelerator_from(cfg.accelerator, **overrides)
 
+
+def accelerator_from(node: DictConfig, **overrides):
+    """An accelerator node (a config's `accelerator`, or one `hiresrun calibrate` makes for a grid point) built:
+    its one option, or the Chain of its members (`accelerator_parts` has refused what cannot compose)."""
     from hiresrun.accelerators import Chain
 
-    parts = accelerator_parts(cfg.accelerator)
     built = {name: instantiate(part, **{k: v for k, v in overrides.items() if k in part})
-             for name, part in parts.items()}
-    if len(built) == 1:
-        return next(iter(built.values()))
-    from hiresrun.support import chain_refusal
-
-    reason = chain_refusal(list(built), [get_class(p._target_).supports for p in parts.values()])
-    if reason:
-        from hiresrun.errors import Unsupported
-
-        raise Unsupported(reason)
-    return Chain(built)
+             for name, part in accelerator_parts(node).items()}
+    return next(iter(built.values())) if len(built) == 1 else Chain(built)
 
 
 def build_logger(cfg: DictConfig, resume: bool = False):

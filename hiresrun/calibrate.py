@@ -185,11 +185,8 @@ def build_setting(family: str, knobs: dict, cfg: DictConfig):
     count, any other family names accelerator options (`a-b` a list of them) built with these knobs."""
     from importlib.resources import files
 
-    from hydra.utils import get_class
-
-    from hiresrun.accelerators import Chain
+    from hiresrun.build import accelerator_from
     from hiresrun.schema import options
-    from hiresrun.support import chain_refusal
 
     if family.split(":")[0] == "steps":
         sampler = cfg.sampler
@@ -201,24 +198,12 @@ def build_setting(family: str, knobs: dict, cfg: DictConfig):
         sampler = OmegaConf.merge(sampler, {"num_steps": int(knobs["num_steps"])})
         return None, sampler
     known = options("accelerator")
-    members = {}
     for name in family.split("-"):
         if name not in known:
             raise UsageError(f"calibrate.families has {family}: {name} is not an accelerator option "
                              f"({', '.join(sorted(known))}) or steps[:<sampler>]")
-        cls = get_class(known[name]["_target_"])
-        import inspect
-
-        own = {k: v for k, v in knobs.items() if k in inspect.signature(cls).parameters}
-        members[name] = cls(**own)
-    if len(members) == 1:
-        return next(iter(members.values())), cfg.sampler
-    reason = chain_refusal(list(members), [type(a).supports for a in members.values()])
-    if reason:
-        from hiresrun.errors import Unsupported
-
-        raise Unsupported(reason)
-    return Chain(members), cfg.sampler
+    node = OmegaConf.create({"_parts_": {n: known[n]["_target_"] for n in family.split("-")}, **knobs})
+    return accelerator_from(node), cfg.sampler  # as `+accelerator=[...]` with these knobs builds it
 
 
 def pareto(points: list[dict], fidelity_key: str, higher_better: bool) -> list[int]:
@@ -252,7 +237,7 @@ def front(cfg: DictConfig) -> dict:
     front, the cheapest point meeting the target) and prints the overrides that sample with it."""
     import time
 
-    from hiresrun.build import build_conditioner, parse_seeds, sampler_scheduler, sampling_net
+    from hiresrun.build import build_conditioner, choice, parse_seeds, sampler_scheduler, sampling_net
     from hiresrun.lit import LitModule
     from hiresrun.metrics.lpips import LPIPS
 
@@ -260,8 +245,7 @@ def front(cfg: DictConfig) -> dict:
     families = [str(f) for f in cfg.calibrate.families]
     grid = OmegaConf.to_container(cfg.calibrate.grid, resolve=True)
     plan = [(family, knobs) for family in families for knobs in family_points(family, grid)]
-    for family, knobs in plan:  # every setting is checked before any image is made
-        build_setting(family, knobs, cfg)
+    built = [build_setting(family, knobs, cfg) for family, knobs in plan]  # refused before any image is made
     seeds = parse_seeds(cfg.calibrate.seeds, 0)
     base, method, net = sampling_net(cfg)
     conditioner = build_conditioner(cfg, base)
@@ -276,7 +260,7 @@ def front(cfg: DictConfig) -> dict:
         return LitModule(net, method, sampler_scheduler(own, base, method), int(sampler.num_steps),
                          acc or Accelerator(), conditioner=conditioner).to(device)
 
-    settings = [(None, module(None, cfg.sampler))] + [(p, module(*build_setting(*p, cfg))) for p in plan]
+    settings = [(None, module(None, cfg.sampler))] + [(p, module(*b)) for p, b in zip(plan, built)]
     runs = [{"images": [], "evals": 0, "seconds": 0.0, "per": {}} for _ in settings]
     for _, lit in settings:
         lit.generate(seeds[:1])  # warm-up: the first call pays for allocation and lazy init
@@ -312,7 +296,7 @@ def front(cfg: DictConfig) -> dict:
     meeting = [p for p in points if p["meets"]]
     best = min(meeting, key=lambda p: (p["cost_per_image"], -p["psnr_to_ref"])) if meeting else None
     record = {"target": {target[0]: target[1]}, "search": FRONT_SEARCH, "seeds": outputs.seed_ranges(seeds),
-              "full": {**{k: full[k] for k in keep}, "sampler": choice_of(cfg),
+              "full": {**{k: full[k] for k in keep}, "sampler": choice(cfg, "sampler"),
                        "num_steps": int(cfg.sampler.num_steps)},
               "families": families, "points": points, "front": on_front, "best": best, "model_source": base.source,
               "model_weights_sha256": base.weights_hash,
@@ -330,9 +314,3 @@ def front(cfg: DictConfig) -> dict:
     else:
         print(f"hiresrun: no setting meets {target[0]} {target[1]:g}; the front is in {path}")
     return record
-
-
-def choice_of(cfg: DictConfig) -> str:
-    from hiresrun.build import choice
-
-    return choice(cfg, "sampler")
