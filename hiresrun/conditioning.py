@@ -243,11 +243,12 @@ class Conditioner:
         return self.base.conditioning in ("text", "class") and self.guidance_scale > 1
 
     def labels_of(self, seeds: list[int], gens: list[torch.Generator]) -> Tensor:
-        """Each seed's class: drawn uniformly from its own generator (always drawn, so the noise that follows is the
-        same whether labels are given or not), or sample.class_labels[seed mod L]."""
+        """Each seed's class: drawn uniformly over the classes that are not the null class from its own generator
+        (always drawn, so the noise that follows is the same whether labels are given or not), or
+        sample.class_labels[seed mod L]."""
         drawn = torch.cat([torch.randint(self.base.num_classes, (1,), generator=g) for g in gens])
         if self.class_labels is None:
-            return drawn
+            return self.base.class_of(drawn)
         return torch.tensor([self.class_labels[int(s) % len(self.class_labels)] for s in seeds])
 
     def prompts_of(self, seeds: list[int]) -> list[str]:
@@ -260,6 +261,26 @@ class Conditioner:
         long = sorted({p for p in self.prompts_of(seeds) + [self.negative_prompt or ""] if self.base.text.too_long(p)})
         return [f"hiresrun: warning: prompt {p[:40]!r}... is longer than the tokenizer's "
                 f"{self.base.text.max_length} tokens; truncated, as diffusers does" for p in long]
+
+    def at(self, cond: dict, resolution: int) -> dict:
+        """`cond` for a sampling pass at `resolution` pixels: SDXL's time ids become the base model's own at that
+        size (original = target = the pass's size, no crop), as the pipeline conditions a call of that size; the
+        user's `sample.original_size` / `crops_coords_top_left` / `target_size` apply to the final, target-size
+        pass only. Nothing else in `cond` depends on the size."""
+        text = self.base.text
+        if text is None or not text.xl or "added_cond_kwargs" not in cond:
+            return cond
+        micro = self.micro if int(resolution) == int(self.size) else {}
+
+        def resized(c: dict) -> dict:
+            ids = c["added_cond_kwargs"]["time_ids"]
+            new = text.time_ids(int(resolution), micro, ids.dtype, ids.device).expand(ids.shape[0], -1)
+            return {**c, "added_cond_kwargs": {**c["added_cond_kwargs"], "time_ids": new}}
+
+        out = resized(cond)
+        if isinstance(cond.get("negative"), dict) and "added_cond_kwargs" in cond["negative"]:
+            out["negative"] = resized(cond["negative"])
+        return out
 
     def __call__(self, seeds: list[int], gens: list[torch.Generator], device) -> dict:
         base = self.base

@@ -11,7 +11,6 @@ import os
 import signal
 import threading
 import time
-from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -241,8 +240,7 @@ class LitModule(L.LightningModule):
 
             self.conditioner = Conditioner(self.method.base)
         cond = self.conditioner(seeds, gens, self.device)  # drawn before any noise: labels depend on the seed only
-        loop = partial(sampling.sample, scheduler=self.scheduler, num_steps=self.num_steps, gens=gens, wrap=wrap,
-                       cond=cond)
+        loop = sampling.Loop(self.scheduler, self.num_steps, gens, wrap, cond, self.conditioner.at)
         start = time.perf_counter()
         with hooks_removed_after(self.accelerator_.attach(self.net)):
             x = self.method.sample(self.net, gens, loop)

@@ -87,18 +87,25 @@ class BaseModel:
 
     @property
     def num_classes(self) -> int:
-        """Classes to draw from: the embedding's rows without the null class when it is the last row."""
-        return self.class_table - (1 if self.null_class == self.class_table - 1 else 0)
+        """Classes to draw from: the embedding's rows without the null class, wherever it sits."""
+        return self.class_table - (0 if self.null_class is None else 1)
+
+    def class_of(self, drawn: Tensor) -> Tensor:
+        """Labels from draws in 0 .. num_classes - 1: the rows at and above the null class move up by one, so the
+        null class is never an image's class (with the null class last, the labels are the draws)."""
+        return drawn if self.null_class is None else drawn + (drawn >= self.null_class).to(drawn.dtype)
 
     def broadcast(self, batch: int, device) -> dict:
         """`cond`'s fixed keyword arguments as one row per image."""
         return {k: v.to(device).expand(batch, *v.shape[1:]) if isinstance(v, Tensor) and v.shape[0] == 1 else v
                 for k, v in self.cond.items()}
 
-    def batch_condition(self, batch: dict, dropout: bool = True, guidance: float | None = 1.0) -> dict:
+    def batch_condition(self, batch: dict, dropout: bool = True, guidance: float | None = 1.0,
+                        size: int | None = None) -> dict:
         """UNet keyword arguments for a training batch: its labels (class models), its captions (text models,
         `caption_dropout` of them replaced by the empty prompt from the step's seeded RNG, unless `dropout` is off;
-        with `guidance` > 1, or None for the pipeline's default, a guided cond for sampling from the captions)."""
+        with `guidance` > 1, or None for the pipeline's default, a guided cond for sampling from the captions).
+        `size`: the pixel side of the pass it conditions (SDXL's time ids), else the batch's image side."""
         size = batch["image"].shape[0] if "image" in batch else len(batch["label"])
         device = (batch["image"] if "image" in batch else batch["label"]).device
         cond = self.broadcast(size, device)
@@ -119,7 +126,7 @@ class BaseModel:
             if dropout and self.caption_dropout > 0:
                 drop = torch.rand(size) < self.caption_dropout
                 captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-            side = batch["image"].shape[-1] if "image" in batch else self.resolution
+            side = size or (batch["image"].shape[-1] if "image" in batch else self.resolution)
             scale = self.text.default_guidance if guidance is None else float(guidance)
             cond.update(self.text.encode(captions, device, size=side, guidance=scale > 1))
             if scale > 1:

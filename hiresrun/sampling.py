@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -96,6 +96,30 @@ def sample(model_fn: ModelFn, x: Tensor, scheduler, num_steps: int, start_step: 
         if callback is not None:
             callback(i, t, x)
     return x
+
+
+@dataclass
+class Loop:
+    """`sample` with what a sampling call fixes bound: the scheduler, steps, per-image generators, the accelerator's
+    wrapping and the batch's conditioning. A method calls it (`loop(model_fn, x, start_step=..., renoise=...)`),
+    reads `num_steps` and `cond`, and asks `at(resolution)` for the loop of a base-size or intermediate pass, whose
+    conditioning is the one the base model gets at that size (SDXL's time ids: conditioning.Conditioner.at)."""
+
+    scheduler: object
+    num_steps: int
+    gens: Sequence[torch.Generator] | None = None
+    wrap: Wrap = lambda f, step: f
+    cond: dict | None = None
+    resize: Callable[[dict, int], dict] = lambda cond, resolution: cond   # cond at another resolution (pixels)
+
+    def __call__(self, model_fn: ModelFn, x: Tensor, start_step: int = 0, renoise: Tensor | None = None,
+                 cond: dict | None = None, callback: Callable[[int, Tensor, Tensor], None] | None = None) -> Tensor:
+        return sample(model_fn, x, self.scheduler, self.num_steps, start_step=start_step, gens=self.gens,
+                      wrap=self.wrap, callback=callback, renoise=renoise, cond=self.cond if cond is None else cond)
+
+    def at(self, resolution: int) -> Loop:
+        """The same loop, its conditioning built for a pass at `resolution` pixels."""
+        return replace(self, cond=self.resize(self.cond or {}, int(resolution)))
 
 
 def _takes_generator(scheduler) -> bool:

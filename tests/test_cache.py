@@ -125,3 +125,45 @@ def test_counting_flops_changes_no_image(dit):
                                                                                   count_flops=False)
     assert torch.equal(run(dit, counted), run(dit, plain))
     assert plain.per_image(0, [0, 1]) is None and counted.per_image(0, [0, 1])["0"]["calls"] == 10
+
+
+@pytest.mark.parametrize("kind", list(SKIPPING))
+def test_the_cost_of_each_call_is_torchs_flop_count_with_the_counter_run_once_per_loop(kind, dit, monkeypatch):
+    """The cost record equals counting every call with torch's FLOP counter (call FLOPs / the first call's), while
+    the counter itself runs on one call per sampling loop only (counting is several times a tiny call's time)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hiresrun import accelerators
+
+    reference = DiffusersCache(kind, **SKIPPING[kind], count_flops=False)
+    per_call = []
+    transformer, _ = dit
+    real_attach = reference.attach
+
+    def attach(net):  # count every call inside the accelerator's own wrapping, as the cost used to be measured
+        handles = real_attach(net)
+        wrap = reference.wrap
+
+        def counting(f):
+            def call(x, t, c):
+                out, flops = accelerators.counted(f, x, t, c)
+                per_call.append(flops)
+                return out
+            return call
+
+        reference.wrap = lambda f, step: wrap(counting(f), step)
+        return handles
+
+    reference.attach = attach
+    images = run(dit, reference)
+    expected = sum(f / per_call[0] for f in per_call)
+    entered = []
+    real_enter = FlopCounterMode.__enter__
+    monkeypatch.setattr(FlopCounterMode, "__enter__", lambda self: entered.append(1) or real_enter(self))
+    acc = DiffusersCache(kind, **SKIPPING[kind])
+    assert torch.equal(run(dit, acc), images)
+    assert acc.records[-1]["cost"] == pytest.approx(expected, rel=1e-9)
+    assert acc.records[-1]["cost"] < 10 and len(entered) == 1
+    run(dit, acc)
+    assert len(entered) == 2 and acc.records[-1]["cost"] == pytest.approx(expected, rel=1e-9)
+    assert not any(m._forward_pre_hooks for m in transformer.modules())  # the meter's hooks are gone

@@ -53,6 +53,23 @@ def test_given_labels_keep_each_seeds_noise(class_dir, tmp_path):
     assert not torch.equal(free, moved)
 
 
+@pytest.mark.parametrize("null", [0, 4, 10])
+def test_the_null_class_is_never_drawn_wherever_it_sits(null, class_dir):
+    """Drawn labels cover every class but the null one, uniformly in the draw: the draw d in 0..9 maps to d, or d + 1
+    at and above the null row; with the null class last (10) the labels are the draws themselves."""
+    from hiresrun.conditioning import Conditioner
+    from hiresrun.models import load_model
+
+    seeds = list(range(1000))
+    base = load_model(str(class_dir), null_class=null)
+    labels = Conditioner(base).labels_of(seeds, sampling.generators(seeds))
+    draws = torch.cat([torch.randint(10, (1,), generator=g) for g in sampling.generators(seeds)])
+    assert base.num_classes == 10
+    assert not (labels == null).any()
+    assert set(labels.tolist()) == set(range(11)) - {null}
+    assert torch.equal(labels, draws + (draws >= null).long())
+
+
 def test_class_guidance_is_the_cfg_formula_on_the_null_class(class_dir, tmp_path):
     """w = 3 on class 7 against the null class, checked against a DDIM loop written here."""
     from diffusers import DDIMScheduler, UNet2DModel

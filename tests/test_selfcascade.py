@@ -181,8 +181,56 @@ def test_every_sampler_strength_one_is_none_and_tuned_runs(name):
 
     assert torch.equal(run(SelfCascade(16, mode="tuning_free", strength=1.0)), run(NoneMethod(16)))
     for mode in ("tuning_free", "tuned"):
+        if mode == "tuned" and name.startswith("edm_"):  # refused: its loss and branch gate live on the VP grid
+            with pytest.raises(UsageError, match="does not drive EDM-preconditioned networks"):
+                run(SelfCascade(16, mode=mode, strength=0.5))
+            continue
         images = run(SelfCascade(16, mode=mode, strength=0.5))
         assert images.shape == (2, 1, 16, 16), (name, mode)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in SAMPLERS.glob("*.yaml") if not p.stem.startswith("edm_")))
+def test_the_low_resolution_branch_runs_on_every_call_above_its_gate(name, monkeypatch):
+    """Tuned Self-Cascade runs the frozen UNet's low-resolution pass once per high-resolution call whose timestep is
+    at or above `lr_branch_min_t`, on every sampler of the parametrization it accepts (VP timesteps; EDM bases are
+    refused), and that branch changes the image."""
+    from omegaconf import OmegaConf
+
+    from hiresrun.methods import selfcascade
+
+    passes, real = [], selfcascade.lr_features
+    monkeypatch.setattr(selfcascade, "lr_features", lambda *a, **k: passes.append(1) or real(*a, **k))
+    make = instantiate(OmegaConf.load(SAMPLERS / f"{name}.yaml").scheduler)
+    b, steps, min_t = base(), 10, 300
+    tuned = SelfCascade(16, mode="tuned", strength=0.6, lr_branch_min_t=min_t)
+    from hiresrun.sampling import Loop, generators
+
+    out = tuned.sample(tuned.wrap(b), generators([0]), Loop(make(SCHED), steps, generators([0])))
+    scheduler = make(SCHED)
+    scheduler.set_timesteps(steps)
+    start = steps - int(steps * 0.6)
+    kept = scheduler.timesteps[start * scheduler.order:]
+    assert len(passes) == int((kept >= min_t).sum()) > 0, name
+    free = SelfCascade(16, mode="tuning_free", strength=0.6)
+    plain = free.sample(free.wrap(b), generators([0]), Loop(make(SCHED), steps, generators([0])))
+    assert (out - plain).abs().max() > 1e-3  # the branch (upsamplers at init: nearest-upsampled features) acts
+
+
+def test_tuned_selfcascade_on_an_edm_base_is_refused_before_any_work(tmp_path):
+    from conftest import compose
+
+    from hiresrun import run
+    from hiresrun.errors import Unsupported
+    from hiresrun.models import save_pipeline
+
+    save_pipeline(tiny_unet(), {"num_train_timesteps": 1000}, tmp_path / "edm")
+    for verb, extra in (("train", []), ("sample", ["ckpt_path=x.ckpt"])):
+        cfg = compose([f"task={verb}", "model=diffusers", f"model.path={tmp_path / 'edm'}", "model.parametrization=edm",
+                       "sampler=edm_heun", "data.resolution=16", "method=selfcascade", "logger=none", *extra],
+                      tmp_path / verb)
+        with pytest.raises(Unsupported, match="does not drive EDM-preconditioned networks"):
+            run.run(cfg)
+        assert not (tmp_path / verb).exists()
 
 
 def test_tuned_with_per_image_adaptive_skipping_matches_one_image_at_a_time():

@@ -325,3 +325,73 @@ def test_clip_score_from_local_weights_equals_torchmetrics_and_absent_weights_sa
                         "metrics.clip_model=nobody/no-such-clip", *common)
     assert "clip_score" not in metrics and "fid" in metrics and "kid" in metrics
     assert "clip_score skipped: no CLIP weights for metrics.clip_model=nobody/no-such-clip" in capsys.readouterr().out
+
+
+def _text_run(folder: Path, run_dir: Path, resolution: int, *extra: str, seeds: int = 2) -> tuple[dict, torch.Tensor]:
+    cfg = compose(["model=diffusers", f"model.path={folder}", f"data.resolution={resolution}", "sampler.num_steps=10",
+                   f"sample.num_samples={seeds}", "logger=none", "trainer.enable_progress_bar=false", *extra], run_dir)
+    return run.run(cfg), load_images(run_dir / "samples")
+
+
+def test_sdxl_selfcascade_conditions_each_pass_at_its_own_size_as_the_official_two_calls(tiny_sdxl_dir, prompt_file,
+                                                                                         tmp_path, monkeypatch):
+    """Self-Cascade's official SDXL protocol is two pipeline calls: the base call at the base size (time ids of that
+    size), then the 2x pass on the bicubically upsampled latent, noised at the first kept step, at the target size
+    with target-size ids. Reproduced here with diffusers' own SDXL pipelines (the img2img pipeline for the second
+    call: it takes latents, keeps `strength` of the grid and noises with `add_noise` from the seed's generator) and
+    compared image for image; the pivot is `method=none` at the base size bit for bit."""
+    import diffusers
+    import torch.nn.functional as F
+
+    latents_of = []
+    real = sampling.sample
+
+    def spy(*args, **kwargs):  # every loop's output latent, in call order
+        out = real(*args, **kwargs)
+        latents_of.append(out)
+        return out
+
+    monkeypatch.setattr(sampling, "sample", spy)
+    common = [f"prompts={prompt_file}", "sample.guidance_scale=5", "sample.negative_prompt='blurry'"]
+    _, ours = _text_run(tiny_sdxl_dir, tmp_path / "sc", 32, "method=selfcascade", "method.mode=tuning_free", *common)
+    pivot = latents_of[0]
+    latents_of.clear()
+    _text_run(tiny_sdxl_dir, tmp_path / "none16", 16, *common)
+    assert torch.equal(pivot, latents_of[0])  # the pivot pass is the base model at its own size, bit for bit
+
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    gens = sampling.generators([0, 1])
+    prompts, negative = PROMPTS[:2], ["blurry"] * 2
+    base = pipe(prompts, negative_prompt=negative, latents=sampling.noise(gens, (4, 8, 8)), num_inference_steps=10,
+                guidance_scale=5.0, height=16, width=16, output_type="latent").images
+    # the pipeline's latent output is the sample-space pivot (no VAE scaling applied for output_type="latent")
+    assert (base - pivot).abs().max() < 1e-5
+    up = F.interpolate(base, size=(16, 16), mode="bicubic", align_corners=False)
+    second = diffusers.StableDiffusionXLImg2ImgPipeline(**pipe.components, requires_aesthetics_score=False)
+    second.set_progress_bar_config(disable=True)
+    # the generators have drawn each seed's base noise; the img2img pipeline draws the stage's eps next, as hiresrun
+    ref = second(prompts, negative_prompt=negative, image=up, strength=0.7, num_inference_steps=10,
+                 guidance_scale=5.0, generator=gens, output_type="np").images
+    ref = torch.from_numpy(ref).permute(0, 3, 1, 2) * 255
+    assert ours.shape == ref.shape == (2, 3, 32, 32)
+    assert (ours.float() - ref).abs().max() <= 1.0
+
+
+def test_sdxl_micro_conditioning_of_each_pass(tiny_sdxl_dir):
+    """The conditioner's time ids at a pass's size: (s, s, 0, 0, s, s) for a base-size or intermediate pass; the
+    user's micro-conditioning only on the target-size pass; unconditional rows alike."""
+    from hiresrun.conditioning import Conditioner, Prompt, Prompts
+    from hiresrun.models import load_model
+
+    base = load_model(str(tiny_sdxl_dir))
+    c = Conditioner(base, Prompts([Prompt("a cat")]), guidance_scale=5.0, size=64,
+                    micro={"original_size": [128, 128], "crops_coords_top_left": [4, 2], "target_size": None})
+    cond = c([0, 1], sampling.generators([0, 1]), "cpu")
+    for size, expected in ((16, [16, 16, 0, 0, 16, 16]), (32, [32, 32, 0, 0, 32, 32]),
+                           (64, [128, 128, 4, 2, 64, 64])):
+        at = c.at(cond, size)
+        assert at["added_cond_kwargs"]["time_ids"].tolist() == [expected] * 2
+        assert at["negative"]["added_cond_kwargs"]["time_ids"].tolist() == [expected] * 2
+    assert torch.equal(c.at(cond, 64)["encoder_hidden_states"], cond["encoder_hidden_states"])

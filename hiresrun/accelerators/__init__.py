@@ -19,11 +19,89 @@ from hiresrun.support import Support
 
 def counted(model_fn: ModelFn, x, t, cond: dict):
     """(the call's output, its FLOPs by torch's FLOP counter): how caches measure a partial call's cost share."""
+    out, counter = _count(model_fn, x, t, cond)
+    return out, counter.get_total_flops()
+
+
+class FlopShare:
+    """Each call's FLOPs as a share of a full call's, with torch's FLOP counter run on the first call only (counting
+    every call costs several times the call). The first call of a loop computes everything: hooks around every module
+    invocation read the counter before and after it, which gives each invocation its own FLOPs (those outside the
+    invocations nested in it; a module called twice, as DiT calls its first block's label embedding, is two
+    invocations). Later calls only note which invocations happen (pre-hooks on the modules with FLOPs): one counts its
+    own FLOPs when it had no nested invocations in the first call, or has at least one in this call. A block or
+    attention that a cache skips is still called but calls none of its children, so it adds nothing."""
+
+    def __init__(self, net: nn.Module):
+        self.net, self.full, self.top, self.handles = net, 0, 0, []
+        self.own: dict[tuple, int] = {}                 # (module, k-th call of it) -> its own FLOPs
+        self.parent: dict[tuple, tuple | None] = {}     # the invocation it is nested in (first call)
+        self.calls: list[nn.Module] = []                # the module invocations of the call now running
+
+    def first(self, model_fn: ModelFn, x, t, cond: dict):
+        """The first (full) call, counted; installs the pre-hooks that note the invocations of later calls."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter, stack, seen, inclusive = FlopCounterMode(display=False), [], {}, {}
+
+        def enter(module, args):
+            key = (module, seen.get(module, 0))
+            seen[module] = key[1] + 1
+            self.parent[key] = stack[-1][0] if stack else None
+            stack.append((key, counter.get_total_flops()))
+
+        def leave(module, args, out):
+            key, before = stack.pop()
+            inclusive[key] = counter.get_total_flops() - before
+
+        modules = list(self.net.modules())
+        hooks = [h for m in modules for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+        try:
+            with counter:
+                out = model_fn(x, t, cond)
+        finally:
+            for h in hooks:
+                h.remove()
+        self.full = counter.get_total_flops()
+        for key, flops in inclusive.items():
+            self.own[key] = self.own.get(key, 0) + flops
+            up = self.parent[key]
+            if up is not None:
+                self.own[up] = self.own.get(up, 0) - flops
+        self.top = self.full - sum(f for k, f in inclusive.items() if self.parent[k] is None)
+        self.nested = {self.parent[k] for k, f in inclusive.items() if f > 0 and self.parent[k] is not None}
+        counted = {m for (m, _), f in inclusive.items() if f > 0}
+        self.handles = [m.register_forward_pre_hook(lambda mod, args: self.calls.append(mod)) for m in counted]
+        self.keep = {k: f for k, f in self.own.items() if k[0] in counted}
+        return out
+
+    def __call__(self, model_fn: ModelFn, x, t, cond: dict):
+        """(the call's output, its FLOPs / a full call's)."""
+        if not self.handles:
+            return self.first(model_fn, x, t, cond), 1.0
+        self.calls = []
+        out = model_fn(x, t, cond)
+        seen, keys = {}, []
+        for m in self.calls:
+            keys.append((m, seen.get(m, 0)))
+            seen[m] = keys[-1][1] + 1
+        ran = set(keys)
+        had_child = {self.parent.get(k) for k in ran}
+        flops = self.top + sum(self.keep.get(k, 0) for k in ran if k not in self.nested or k in had_child)
+        return out, flops / self.full if self.full else 1.0
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def _count(model_fn: ModelFn, x, t, cond: dict):
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
         out = model_fn(x, t, cond)
-    return out, counter.get_total_flops()
+    return out, counter
 
 
 @contextmanager

@@ -19,8 +19,9 @@ default to those modules. diffusers wires these hooks through `CacheMixin` on th
 `DiTTransformer2DModel` is not one, so this class does what `enable_cache` / `cache_context` / `disable_cache` do:
 apply the config's hooks, set a `CacheContext` before each call (the loop's step index and timestep), remove the
 hooks after the sampling call. The hooks are applied afresh at the start of each sampling loop, so no state leaks
-between loops or batches. Cost: the FLOPs of every call (torch's FLOP counter) over those of the loop's first call,
-which always runs every block, summed per image as `cost_per_image` (full-evaluation units).
+between loops or batches. Cost: each call's FLOPs over those of the loop's first call, which always runs every block,
+summed per image as `cost_per_image` (full-evaluation units); torch's FLOP counter runs on that first call only and
+later calls add up the modules they ran (`accelerators.FlopShare`), so the counting stays out of the timed calls.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hiresrun.accelerators import Accelerator, counted
+from hiresrun.accelerators import Accelerator, FlopShare
 from hiresrun.errors import UsageError
 from hiresrun.models import ModelFn
 from hiresrun.support import TRANSFORMERS, Support
@@ -68,7 +69,7 @@ class DiffusersCache(Accelerator):
                  interval: int = 2,                 # taylorseer: cache_interval; pab: the attention skip range;
                                                     # 1 computes every step
                  options: dict | None = None,       # further fields of the diffusers config, verbatim
-                 count_flops: bool = True):         # cost_per_image from torch's FLOP counter on every call
+                 count_flops: bool = True):         # cost_per_image (accelerators.FlopShare)
         if kind not in KINDS:
             raise UsageError(f"accelerator.kind={kind}: choose {' | '.join(KINDS)}")
         if threshold < 0:
@@ -83,6 +84,7 @@ class DiffusersCache(Accelerator):
         self.transformer: nn.Module | None = None
         self.names: set[str] = set()  # the hooks this accelerator applied (and removes)
         self.records: list[dict] = []
+        self.meter = FlopShare(nn.Module())  # replaced by each loop's own
 
     @property
     def neutral(self) -> bool:
@@ -125,6 +127,7 @@ class DiffusersCache(Accelerator):
         """Take off the hooks this accelerator applied (diffusers' `disable_cache` does the same by name)."""
         from diffusers.hooks import HookRegistry
 
+        self.meter.remove()
         if self.transformer is not None and self.names:
             registry = HookRegistry.check_if_exists_or_initialize(self.transformer)
             for name in self.names:
@@ -145,8 +148,10 @@ class DiffusersCache(Accelerator):
         before = hook_names(transformer)
         getattr(hooks, KINDS[self.kind][1])(transformer, self.config(num_steps, timestep))
         self.names = hook_names(transformer) - before
-        record = {"calls": 0, "cost": 0.0, "partial": 0, "full_flops": None}
+        record = {"calls": 0, "cost": 0.0, "partial": 0}
         self.records.append(record)
+        self.meter.remove()
+        self.meter = FlopShare(transformer)  # a new loop: its first call is counted, the rest only noted
 
         def fn(x: torch.Tensor, t, cond: dict) -> torch.Tensor:
             timestep["t"] = step.time(t)
@@ -156,9 +161,7 @@ class DiffusersCache(Accelerator):
                 if not self.count_flops:
                     out = model_fn(x, t, cond)
                 else:
-                    out, flops = counted(model_fn, x, t, cond)
-                    record["full_flops"] = record["full_flops"] or flops  # the loop's first call runs everything
-                    share = flops / record["full_flops"] if record["full_flops"] else 1.0
+                    out, share = self.meter(model_fn, x, t, cond)  # the loop's first call runs everything
                     record["cost"] += share
                     record["partial"] += int(share < 0.999)
             finally:

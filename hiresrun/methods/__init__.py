@@ -25,8 +25,9 @@ class Method:
     `resolution`: the target resolution in pixels.
     `wrap(base)`: the module Lightning trains and checkpoints (freezes what the method freezes); keeps `base`.
     `loss(net, batch)`: a dict whose "loss" is back-propagated; the other entries are logged.
-    `sample(net, gens, loop)`: images in [-1, 1] at the target resolution, one per generator; `loop` is
-        `sampling.sample` with scheduler, steps, generators, accelerator wrapping and the per-image `cond` bound.
+    `sample(net, gens, loop)`: images in [-1, 1] at the target resolution, one per generator; `loop` is a
+        `sampling.Loop`: `sampling.sample` with scheduler, steps, generators, accelerator wrapping and the per-image
+        `cond` bound; `loop.at(resolution)` is the loop of a pass at another size (its conditioning rebuilt).
     `scheduler_config(base)`: the schedule the net samples on (simple diffusion trains its own).
     `precompute(base, data, run_dir)`: a stage that only computes and caches; True ends `hiresrun train` there.
     Manual optimisation is opted into by defining both `training_step(lit, batch)` and `optimizers(net, factory)`

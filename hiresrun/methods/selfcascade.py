@@ -152,7 +152,9 @@ def attach_upsamplers(net: CascadeNet, stage: int, pivot: Tensor, min_t: float =
 class SelfCascade(NoneMethod):
     """Pivot-guided re-schedule (tuning_free) and time-aware feature upsamplers (tuned)."""
 
-    TUNED = Support(unets=ANY_UNET, why="the tuned upsamplers hook the UNet's down and mid blocks")
+    TUNED = Support(unets=ANY_UNET, why="the tuned upsamplers hook the UNet's down and mid blocks", edm=False,
+                    why_edm="the upsamplers train with DDPM's eps loss on the VP grid and their branch is gated on the "
+                            "VP timestep; use method.mode=tuning_free")
 
     @classmethod
     def declared(cls, config) -> Support:
@@ -195,6 +197,8 @@ class SelfCascade(NoneMethod):
                              f"set data.resolution={base.resolution * 2 ** self.stages} or change method.stages")
         if self.mode == "tuning_free":
             return base.unet.eval().requires_grad_(False)
+        if base.parametrization == "edm":  # also reached without the support check (scripts, the Python API)
+            raise UsageError(f"method.mode=tuned does not drive EDM-preconditioned networks ({self.TUNED.why_edm})")
         from diffusers import DDPMScheduler
 
         self.train_scheduler = DDPMScheduler.from_config(base.scheduler_config)
@@ -209,50 +213,50 @@ class SelfCascade(NoneMethod):
         unet, f = self._unet(net), self.base.latent_factor
         sizes = [self.base.resolution * 2 ** s // f for s in range(self.stages + 1)]
         shape = lambda s: (unet.config.in_channels, sizes[s], sizes[s])
-        cond, num_steps = loop.keywords.get("cond") or {}, loop.keywords["num_steps"]
+        num_steps = loop.num_steps
         start = num_steps - int(num_steps * self.strength)
         if start == 0:  # strength 1: a pure-noise start; the pivot is never needed
             return self.base.decode(loop(model_fn(unet), sampling.noise(gens, shape(self.stages), unet.device)))
-        x = loop(model_fn(unet), sampling.noise(gens, shape(0), unet.device))
+        # Every pass is conditioned at its own size (base x 2^s): the pivot as the base model samples at its size.
+        x = loop.at(self.base.resolution)(model_fn(unet), sampling.noise(gens, shape(0), unet.device))
         for s in range(1, self.stages + 1):
             up = upscale(x, sizes[s], self.pivot_upsample)
             if start >= num_steps:  # strength 0: nothing to denoise
                 x = up
                 continue
-            x = self._stage(net, s, x, up, sampling.noise(gens, shape(s), unet.device), cond, loop, start)
+            stage_loop = loop.at(self.base.resolution * 2 ** s)
+            x = self._stage(net, s, x, up, sampling.noise(gens, shape(s), unet.device), stage_loop, start)
         return self.base.decode(x)
 
-    def _stage(self, net, s: int, pivot: Tensor, up: Tensor, eps: Tensor, cond: dict, loop, start: int) -> Tensor:
+    def _stage(self, net, s: int, pivot: Tensor, up: Tensor, eps: Tensor, loop, start: int) -> Tensor:
         unet = self._unet(net)
         if not isinstance(net, CascadeNet):
             return loop(model_fn(unet), up, start_step=start, renoise=eps)
         handles, state = attach_upsamplers(net, s - 1, pivot, self.lr_branch_min_t)
         plain = model_fn(unet)
 
-        edm = self.base.parametrization == "edm"
-
         def fn(x: Tensor, t: Tensor, c: dict) -> Tensor:  # the pivot travels in cond: it follows sub-batches
-            now = float(torch.as_tensor(t).flatten()[0])
-            state["t"] = float(torch.tensor(4 * now).exp()) if edm else now  # EDM: c_noise -> sigma
+            state["t"] = float(torch.as_tensor(t).flatten()[0])  # the VP timestep (tuned mode refuses EDM bases)
             state["pivot"] = c["pivot"]
             return plain(x, t, {k: v for k, v in c.items() if k != "pivot"})
 
         with hooks_removed_after(handles):
-            return loop(fn, up, start_step=start, renoise=eps, cond={**cond, "pivot": pivot})
+            return loop(fn, up, start_step=start, renoise=eps, cond={**(loop.cond or {}), "pivot": pivot})
 
     def loss(self, net: CascadeNet, batch: dict) -> dict[str, Tensor]:
         """eps-MSE at each stage's resolution, the pivot being the image's own exact lower-resolution view
         (`downsampled`) or a base-model sample for the same condition (`generated`)."""
         image, out = batch["image"], {}
         for s in range(1, self.stages + 1):
-            target = resize(image, self.base.resolution * 2 ** s)
+            side = self.base.resolution * 2 ** s
+            target = resize(image, side)
             if self.pivot_source == "generated":
                 pivot = self.generated_pivots(net.unet, batch)
             else:
                 pivot = self.base.encode(resize(image, self.base.resolution * 2 ** (s - 1)))
             with hooks_removed_after(attach_upsamplers(net, s - 1, pivot)[0]):
                 out[f"loss_stage{s}"] = denoising_loss(net.unet, self.train_scheduler, self.base.encode(target),
-                                                       self.base.batch_condition(batch))
+                                                       self.base.batch_condition(batch, size=side))
         out["loss"] = sum(out.values()) / self.stages
         return out
 
@@ -270,7 +274,8 @@ class SelfCascade(NoneMethod):
         todo = [i for i, k in enumerate(index) if k not in self.pivots]
         if todo:
             gens = sampling.training_generators([index[i] for i in todo])
-            cond = rows(self.base.batch_condition(batch, dropout=False, guidance=self.pivot_guidance),
+            cond = rows(self.base.batch_condition(batch, dropout=False, guidance=self.pivot_guidance,
+                                                  size=self.base.resolution),
                         torch.tensor(todo))
             size = self.base.resolution // self.base.latent_factor
             x = sampling.noise(gens, (unet.config.in_channels, size, size), unet.device)

@@ -24,4 +24,4 @@ class Upsample(NoneMethod):
     def sample(self, net: nn.Module, gens: list[torch.Generator], loop) -> Tensor:
         low = NoneMethod(self.base.resolution)
         low.base = self.base
-        return upscale(low.sample(net, gens, loop), self.resolution, self.mode)
+        return upscale(low.sample(net, gens, loop.at(self.base.resolution)), self.resolution, self.mode)

@@ -263,9 +263,7 @@ class PaGoDA(Method):
         """x = G(sigma_max eps) at the grown resolution, NFE 1; `loop` only lends its counting wrapper."""
         size = self.base.resolution // self.base.latent_factor
         z = self.sigma_max * sampling.noise(gens, (self.base.unet.config.in_channels, size, size), net.device)
-        cond = loop.keywords.get("cond") or {}
         t = torch.tensor(self.view.t(self.sigma_max))
-        wrap = loop.keywords.get("wrap", lambda fn, step: fn)
-        f = wrap(lambda x, t_, c: net.gen(x, c), sampling.Step(timesteps=t[None], order=1))
-        x = f(z, t, cond)
+        f = loop.wrap(lambda x, t_, c: net.gen(x, c), sampling.Step(timesteps=t[None], order=1))
+        x = f(z, t, loop.cond or {})
         return self.base.decode(x.clamp(-1, 1) if self.base.vae is None else x)
