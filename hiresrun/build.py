@@ -42,6 +42,23 @@ def parse_seeds(seeds, num_samples: int) -> list[int]:
     return out
 
 
+def calibration_overlap(cfg: DictConfig, seeds: list[int]) -> None:
+    """Refuse a sample run that uses `accelerator.calibration=<file>` on seeds the file was calibrated on: a delta
+    tuned on the images it is then scored on flatters the result."""
+    path = cfg.accelerator.get("calibration") if "accelerator" in cfg else None
+    if not path or not Path(str(path)).expanduser().is_file():
+        return  # a missing file is refused by the accelerator itself, in its own line
+    try:
+        tuned = set(parse_seeds(json.loads(Path(str(path)).expanduser().read_text())["seeds"], 0))
+    except (ValueError, KeyError, TypeError, UsageError):
+        return  # not a calibration file: the accelerator refuses it, naming the file
+    shared = sorted(tuned & set(seeds))
+    if shared:
+        raise UsageError(f"accelerator.calibration={path} was calibrated on seeds {outputs.seed_ranges(shared)}, which "
+                         f"this run samples; report on other seeds, or calibrate on seeds no run reports "
+                         f"(calibrate.seeds' default)")
+
+
 def choice(cfg: DictConfig, group: str) -> str:
     """The option picked for a config group (`none`, `ddim`, ...), from Hydra when it runs."""
     from hydra.core.hydra_config import HydraConfig
@@ -219,7 +236,8 @@ def sampler_scheduler(cfg: DictConfig, base, method=None):
 
 def sampling_net(cfg: DictConfig):
     """method -> model -> the net to sample, with trained weights from `ckpt_path` where the method trains
-    (a missing checkpoint is refused before the model loads)."""
+    (a missing checkpoint is refused before the model loads), and the checkpoint's identity: the file `ckpt_path`
+    resolved to, what it resolved from and its sha256 (None without a checkpoint)."""
     method = instantiate(cfg.method)
     if method.trains and not cfg.ckpt_path:
         raise UsageError(f"method={choice(cfg, 'method')} samples with trained weights: pass ckpt_path=<a "
@@ -227,7 +245,11 @@ def sampling_net(cfg: DictConfig):
     base = instantiate(cfg.model)
     base.check_resolution(cfg.data.resolution)
     net = method.wrap(base)
+    ckpt = None
     if cfg.ckpt_path:
-        load_net_weights(net, checkpoint.resolve(cfg.ckpt_path, cfg.paths.output_root, "train",
-                                                 str(cfg.method._target_)), base)
-    return base, method, net
+        path = checkpoint.resolve(cfg.ckpt_path, cfg.paths.output_root, "train", str(cfg.method._target_))
+        ckpt = checkpoint.fingerprint(path)
+        load_net_weights(net, path, base)
+        checkpoint.unchanged(ckpt)
+        ckpt = {"from": str(cfg.ckpt_path), "path": ckpt["path"], "sha256": ckpt["sha256"]}
+    return base, method, net, ckpt

@@ -109,13 +109,18 @@ def meets(point: dict, target: tuple[str, float]) -> bool:
 def calibrate(cfg: DictConfig) -> dict:
     """Full-step outputs of the calibration seeds, then the delta grid in ascending order until the target is
     missed; writes calibration.json (key, delta, the curve) to the run folder and prints its path."""
-    from hiresrun.build import build_accelerator, build_conditioner, parse_seeds, sampler_scheduler, sampling_net
+    from hiresrun.build import build_accelerator, build_conditioner, choice, parse_seeds, sampler_scheduler, sampling_net
     from hiresrun.lit import LitModule
     from hiresrun.metrics.lpips import LPIPS
 
     if cfg.calibrate.get("families"):
         return front(cfg)
     target = parse_target(cfg.target)
+    if len(cfg.accelerator.get("_parts_") or {}) > 1:  # a list: its delta would be valid for the composition only
+        family = choice(cfg, "accelerator")
+        raise UsageError(f"hiresrun calibrate searches AdaptiveDiffusion's delta alone; for the list "
+                         f"accelerator=[{family.replace('-', ',')}] use calibrate.families=[{family}] (its grid: "
+                         f"calibrate.grid.{family})")
     if "delta" not in cfg.accelerator:
         raise UsageError("hiresrun calibrate tunes the adaptive accelerator's delta: add +accelerator=adaptive")
     deltas = [float(d) for d in cfg.calibrate.deltas]
@@ -123,7 +128,7 @@ def calibrate(cfg: DictConfig) -> dict:
         raise UsageError(f"calibrate.deltas={list(deltas)}: give positive values in ascending order, e.g. "
                          f"[0.002,0.005,0.01,0.02]")
     seeds = parse_seeds(cfg.calibrate.seeds, 0)
-    base, method, net = sampling_net(cfg)
+    base, method, net, _ = sampling_net(cfg)
     conditioner = build_conditioner(cfg, base)  # text models: the run's prompts and guidance
     device = "cuda" if cfg.trainer.get("accelerator") in ("gpu", "cuda") and torch.cuda.is_available() else "cpu"
     lpips = LPIPS(cache_dir=cfg.paths.cache_dir).to(device) if target[0] == "lpips" else None
@@ -247,7 +252,7 @@ def front(cfg: DictConfig) -> dict:
     plan = [(family, knobs) for family in families for knobs in family_points(family, grid)]
     built = [build_setting(family, knobs, cfg) for family, knobs in plan]  # refused before any image is made
     seeds = parse_seeds(cfg.calibrate.seeds, 0)
-    base, method, net = sampling_net(cfg)
+    base, method, net, _ = sampling_net(cfg)
     conditioner = build_conditioner(cfg, base)
     device = "cuda" if cfg.trainer.get("accelerator") in ("gpu", "cuda") and torch.cuda.is_available() else "cpu"
     lpips = LPIPS(cache_dir=cfg.paths.cache_dir).to(device)  # the front reports PSNR, SSIM and LPIPS

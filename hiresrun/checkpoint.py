@@ -10,6 +10,8 @@ Lightning's own resume (`Trainer.fit(ckpt_path=...)`) is called with `weights_on
 
 from __future__ import annotations
 
+import hashlib
+import os
 import pickle
 import re
 from pathlib import Path
@@ -88,3 +90,22 @@ def trained_state(path: str | Path, weights_hash: str | None, prefix: str, key: 
         raise UsageError(f"{key}={path} was trained on base weights {trained_on[:12]} ({loaded['base'].get('source')})"
                          f", but model= gives {weights_hash[:12]}; pass the same model")
     return {k[len(prefix):]: v for k, v in loaded["state_dict"].items() if k.startswith(prefix)}
+
+
+def fingerprint(path: str | Path) -> dict:
+    """The checkpoint file's identity: its sha256 (what a sample run records and a resume or merge compares) and the
+    stat fields that change when the file is replaced (`unchanged` checks them after loading)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    st = os.stat(path)
+    return {"path": str(path), "sha256": h.hexdigest(), "stat": [st.st_ino, st.st_size, st.st_mtime_ns]}
+
+
+def unchanged(print_: dict) -> None:
+    """Refuse when the file was replaced between hashing and loading (a training run writing `last.ckpt`)."""
+    st = os.stat(print_["path"])
+    if [st.st_ino, st.st_size, st.st_mtime_ns] != print_["stat"]:
+        raise UsageError(f"ckpt_path: {print_['path']} was replaced while it was read (a training run is writing "
+                         f"it); pass a fixed checkpoint file (checkpoints/step_*.ckpt) or wait for training to end")

@@ -20,6 +20,7 @@ from hiresrun.build import (
     build_conditioner,
     build_logger,
     build_trainer,
+    calibration_overlap,
     choice,
     parse_seeds,
     sampler_scheduler,
@@ -39,11 +40,12 @@ def sample(cfg: DictConfig) -> dict | None:
     if cfg.sample.batch_size < 1:
         raise UsageError(f"sample.batch_size={cfg.sample.batch_size}: must be at least 1")
     shard = store.parse_shard(cfg.sample.get("shard"))
-    base, method, net = sampling_net(cfg)
+    base, method, net, ckpt = sampling_net(cfg)
     conditioner = build_conditioner(cfg, base)
     from_file = conditioner.prompts.seeds if conditioner.prompts is not None else None
     seeds = from_file if from_file and cfg.sample.seeds is None else parse_seeds(cfg.sample.seeds,
                                                                                   cfg.sample.num_samples)
+    calibration_overlap(cfg, seeds)
     for line in conditioner.check_lengths(seeds):
         print(line)
     plan = store.batches(seeds, int(cfg.sample.batch_size))
@@ -54,7 +56,8 @@ def sample(cfg: DictConfig) -> dict | None:
     lit = LitModule(net, method, sampler_scheduler(cfg, base, method), cfg.sampler.num_steps,
                     build_accelerator(cfg), conditioner=conditioner)
     folder = store.Store(run_dir)  # everything that can refuse the run has run: now the folder is written
-    info = {"identity": store.identity(cfg, base.weights_hash), **sampling_record(cfg, base, conditioner, seeds)}
+    info = {"identity": store.identity(cfg, base.weights_hash, ckpt), "checkpoint": ckpt,
+            **sampling_record(cfg, base, conditioner, seeds)}
     folder.open(info, write=int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0)
     done = folder.done()
     mine = store.shard_batches(plan, shard)
@@ -134,7 +137,8 @@ def finish(info: dict, folders: list[Path], out_dir: Path, logger=None, batches=
         "num_steps": int(cfg.sampler.num_steps),
         "peak_memory_mb": max(rec.get("peak_memory_mb", 0.0) for rec, _, _ in given),
         "protocol": {"n": len(seed_list), "seeds": outputs.seed_ranges(seed_list),
-                     "model_weights_sha256": b["weights_sha256"], "world_size": worlds[-1],
+                     "model_weights_sha256": b["weights_sha256"], "checkpoint": info.get("checkpoint"),
+                     "world_size": worlds[-1],
                      "device": ", ".join(sorted({rec.get("device", "?") for rec, _, _ in given})),
                      "precision": str(cfg.trainer.precision),
                      "sec_per_image": "wall seconds of method.sample summed over batches (all ranks, shards and "
@@ -224,6 +228,10 @@ def merge(cfg: DictConfig) -> dict:
             raise UsageError(f"gen={f}: no {store.CONFIG} there; give the folders of `hiresrun sample` runs")
         infos.append(info)
     for f, info in zip(folders[1:], infos[1:]):
+        changed = store.checkpoint_change(info, infos[0])
+        if changed:
+            raise UsageError(f"{f} and {folders[0]} were sampled from different checkpoints ({changed}): merge shards "
+                             f"of one run")
         if not store.same(info["identity"], infos[0]["identity"]) or info["seeds"] != infos[0]["seeds"]:
             diff = store.differences(info["identity"], infos[0]["identity"])
             if info["seeds"] != infos[0]["seeds"]:

@@ -38,7 +38,8 @@ NOT_IMAGES = ("sample.seeds", "sample.num_samples", "sample.shard", "sample.save
               "trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.enable_progress_bar",
               "trainer.log_every_n_steps", "trainer.default_root_dir", "logger", "paths", "metrics", "reference",
               "eval", "calibrate", "merge",
-              "hydra", "task", "train", "optimizer", "data.root", "data.num_workers", "data.batch_size")
+              "hydra", "task", "train", "optimizer", "data.root", "data.num_workers", "data.batch_size",
+              "ckpt_path")  # the checkpoint is compared by its file's sha256 (`identity`), not by how it was named
 
 
 def png_name(seed: int) -> str:
@@ -96,9 +97,22 @@ def images_only(flat: dict) -> dict:
     return {k: v for k, v in flat.items() if not any(k == x or k.startswith(x + ".") for x in NOT_IMAGES)}
 
 
-def identity(cfg: DictConfig, weights_sha256: str | None) -> dict:
-    """Every resolved setting that can change an image, flattened (`sampler.num_steps: 50`), plus the weights."""
-    return {**images_only(_flat(OmegaConf.to_container(cfg, resolve=True))), "model.weights_sha256": weights_sha256}
+def identity(cfg: DictConfig, weights_sha256: str | None, ckpt: dict | None = None) -> dict:
+    """Every resolved setting that can change an image, flattened (`sampler.num_steps: 50`), plus the weights: the
+    base's hash and the trained checkpoint's file hash (`ckpt_path` itself is only where it was found: `last` or a run
+    folder resolve to whatever checkpoint is newest when a process starts)."""
+    return {**images_only(_flat(OmegaConf.to_container(cfg, resolve=True))), "model.weights_sha256": weights_sha256,
+            "checkpoint.sha256": ckpt["sha256"] if ckpt else None}
+
+
+def checkpoint_change(ours: dict, theirs: dict) -> str | None:
+    """`old -> new` naming both checkpoints (file, what it resolved from, sha256) when two sample records were made
+    from different trained weights; None when they agree."""
+    a, b = theirs.get("checkpoint"), ours.get("checkpoint")
+    if (a or {}).get("sha256") == (b or {}).get("sha256"):
+        return None
+    name = lambda c: "no checkpoint" if not c else f"{c['path']} (ckpt_path={c['from']}, sha256 {c['sha256'][:12]})"
+    return f"{name(a)} -> {name(b)}"
 
 
 def same(ours: dict, theirs: dict) -> bool:
@@ -129,6 +143,10 @@ class Store:
         from hiresrun import outputs
 
         old = self.read_config()
+        changed = checkpoint_change(info, old) if old is not None else None
+        if changed:
+            raise UsageError(f"{self.run_dir} holds images sampled from another checkpoint ({changed}); resume with "
+                             f"ckpt_path=<that file>, or sample into a new folder (hydra.run.dir=<folder>)")
         if old is not None and not same(info["identity"], old["identity"]):
             diff = differences(info["identity"], old["identity"])
             shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")

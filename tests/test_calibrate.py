@@ -93,12 +93,30 @@ def test_the_file_round_trips_into_a_sample_run(tiny_model_dir, tmp_path, psnr30
     saved = json.loads(path.read_text())
     assert saved["delta"] == record["delta"] and saved["key"]["num_steps"] == 12 and saved["key"]["resolution"] == 16
     assert saved["key"]["model_weights_sha256"] == load_model(str(tiny_model_dir)).weights_hash
-    cfg = compose(tiny_overrides(tiny_model_dir) + ["accelerator=adaptive", "sampler.num_steps=12",
-                                                    "sample.seeds=0-3", "sample.batch_size=4",
-                                                    f"accelerator.calibration={path}"], tmp_path / "s")
-    metrics = task.run(cfg)
-    chosen = next(p for p in record["curve"] if p["delta"] == record["delta"])
-    assert metrics["nfe_per_image"] == chosen["nfe_per_image"] < 12  # the calibrated delta, on the same seeds
+    use = tiny_overrides(tiny_model_dir) + ["accelerator=adaptive", "sampler.num_steps=12", "sample.batch_size=4",
+                                            f"accelerator.calibration={path}"]
+    with pytest.raises(UsageError, match=r"was calibrated on seeds 2-3, which this run samples"):
+        task.run(compose(use + ["sample.seeds=2-5"], tmp_path / "same"))  # tuned on the images it would report
+    assert not (tmp_path / "same").exists()
+    metrics = task.run(compose(use + ["sample.seeds=4-7"], tmp_path / "s"))
+    OmegaConf.resolve(cfg := compose(use, tmp_path / "x"))
+    assert build_accelerator(cfg).delta == record["delta"] > 0
+    assert metrics["nfe_per_image"] < 12  # the calibrated delta skips steps on the reported seeds too
+
+
+def test_calibration_seeds_default_to_a_range_no_run_reaches_and_a_list_is_refused_before_work(tiny_model_dir,
+                                                                                               tmp_path):
+    from hiresrun.build import parse_seeds
+
+    cfg = compose(["task=calibrate"])
+    seeds = parse_seeds(cfg.calibrate.seeds, 0)
+    assert seeds == list(range(2 ** 31 - 1024, 2 ** 31 - 1024 + 32))
+    assert min(seeds) > 10 ** 9  # beyond any FID-50k / 1M-image run's seeds 0..n-1
+    cfg = compose(overrides(tiny_model_dir, "target.psnr=30", "accelerator=[adaptive,deepcache]",
+                                       "accelerator.decision_scope=batch"), tmp_path / "l")
+    with pytest.raises(UsageError, match=r"use calibrate.families=\[adaptive-deepcache\]"):
+        task.run(cfg)
+    assert not (tmp_path / "l").exists()
 
 
 @pytest.mark.parametrize("change,field", [("sampler.num_steps=13", "num_steps"), ("sampler=euler", "sampler"),

@@ -221,3 +221,33 @@ def test_inception_rows_are_cached_per_image_while_sampling_and_reused_by_resume
     assert "9 row sets reused, 3 computed" in m2["protocol"]["generated_features"]
     for key in ("fid", "kid", "patch_fid"):
         assert m2[key] == pytest.approx(m[key], rel=1e-6, abs=1e-9), key
+
+
+def test_shards_or_a_resume_from_another_checkpoint_are_refused_naming_both(tiny_model_dir, tmp_path):
+    """`ckpt_path=<run folder>` resolves to the run's newest last.ckpt when each process starts: a shard started after
+    training went on samples other weights. sampling.json records the resolved file's sha256, so a resume into the
+    folder, or a merge of such shards, is refused in one line naming both checkpoints."""
+    from conftest import compose, tiny_overrides
+
+    from hiresrun import run
+    from hiresrun.errors import UsageError
+
+    train = tmp_path / "train" / "run"
+    training = ["task=train", "method=selfcascade", "method.upsampler=light", "data.batch_size=4", "train.grid_every=0"]
+    run.run(compose(tiny_overrides(tiny_model_dir) + training + ["trainer.max_steps=1"], train))
+    sample = tiny_overrides(tiny_model_dir) + ["method=selfcascade", "method.upsampler=light", f"ckpt_path={train}",
+                                               "sample.num_samples=4", "sample.batch_size=2"]
+    run.run(compose(sample + ["sample.shard=0/2"], tmp_path / "s0"))
+    info = json.loads((tmp_path / "s0" / "sampling.json").read_text())
+    first = info["checkpoint"]
+    assert first["from"] == str(train) and first["path"] == str(train / "checkpoints" / "last.ckpt")
+    assert info["identity"]["checkpoint.sha256"] == first["sha256"] and "ckpt_path" not in info["identity"]
+    run.run(compose(tiny_overrides(tiny_model_dir) + training + ["trainer.max_steps=2", f"ckpt_path={train}"], train))
+    with pytest.raises(UsageError, match=r"holds images sampled from another checkpoint .*sha256 "
+                                         rf"{first['sha256'][:12]}\) -> .*last.ckpt"):
+        run.run(compose(sample + ["sample.shard=1/2"], tmp_path / "s0"))
+    run.run(compose(sample + ["sample.shard=1/2"], tmp_path / "s1"))
+    with pytest.raises(UsageError, match="were sampled from different checkpoints"):
+        run.run(compose(["task=merge", f"merge.gen=[{tmp_path / 's0'},{tmp_path / 's1'}]", "logger=none"],
+                        tmp_path / "merged"))
+    assert not (tmp_path / "merged" / "metrics.json").exists()

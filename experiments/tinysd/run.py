@@ -198,7 +198,7 @@ def wall_side_by_side(sampler: str, variants: dict[str, tuple[int, object]], n: 
 
     with initialize_config_module("hiresrun.conf", version_base="1.3"):
         cfg = compose("config", overrides=[*SAMPLE16, f"sampler={sampler}"])
-    model, method, net = build.sampling_net(cfg)
+    model, method, net, _ = build.sampling_net(cfg)
     conditioner = build.build_conditioner(cfg, model)
     lits = {name: LitModule(net, method, build.sampler_scheduler(cfg, model, method), steps, acc,
                             conditioner=conditioner) for name, (steps, acc) in variants.items()}
