@@ -222,14 +222,20 @@ def model_fn(unet: nn.Module) -> ModelFn:
         both = cat_rows(cond["negative"], kwargs)
         tt = torch.cat([t, t]) if isinstance(t, Tensor) and t.ndim and t.shape[0] == x.shape[0] else t
         uncond, text = unet(torch.cat([x, x]), tt, **both).sample.chunk(2)
-        out = uncond + float(cond["guidance_scale"]) * (text - uncond)
-        if float(cond.get("guidance_rescale", 0.0)) > 0:
-            from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
-
-            out = rescale_noise_cfg(out, text, guidance_rescale=float(cond["guidance_rescale"]))
-        return out
+        return guide(uncond, text, cond)
 
     return call
+
+
+def guide(uncond: Tensor, text: Tensor, cond: dict) -> Tensor:
+    """Classifier-free guidance eps_u + w (eps_c - eps_u), rescaled by phi = `guidance_rescale` when it is set (Lin et
+    al. 2023, diffusers' `rescale_noise_cfg`: the guided output's std per image brought towards the conditional's)."""
+    out = uncond + float(cond["guidance_scale"]) * (text - uncond)
+    if float(cond.get("guidance_rescale", 0.0)) > 0:
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+        out = rescale_noise_cfg(out, text, guidance_rescale=float(cond["guidance_rescale"]))
+    return out
 
 
 TRANSFORMERS = ("DiTTransformer2DModel", "Transformer2DModel")  # diffusers transformer denoisers hiresrun drives
@@ -246,7 +252,8 @@ def denoiser_dir(root: Path) -> Path:
 def transformer_fn(net: nn.Module) -> ModelFn:
     """A DiT as `DiTPipeline` calls it: the timestep as one value per row, under guidance the doubled batch in DiT's
     order [conditional; unconditional] with labels [c; null], guidance on the first `in_channels` output channels,
-    and the learned-variance channels dropped (the sampler takes eps)."""
+    and the learned-variance channels dropped (the sampler takes eps). `guidance_rescale` applies as on UNets
+    (DiTPipeline has no such knob; at 0, the default, the output is the pipeline's)."""
     channels = int(net.config.in_channels)
 
     def call(x: Tensor, t: Tensor, cond: dict) -> Tensor:
@@ -259,7 +266,7 @@ def transformer_fn(net: nn.Module) -> ModelFn:
         if not two:
             return out
         text, uncond = out.chunk(2)
-        return uncond + float(cond["guidance_scale"]) * (text - uncond)
+        return guide(uncond, text, cond)
 
     return call
 

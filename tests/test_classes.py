@@ -302,3 +302,33 @@ def test_metrics_json_records_each_images_class(class_dir, tmp_path):
     metrics, _ = sample(class_dir, tmp_path / "r", "model.null_class=-1", "sample.class_labels=[4,2]", n=3)
     assert metrics["protocol"]["class"]["labels_per_image"] == [4, 2, 4]
     assert metrics["protocol"]["class"]["null_class"] == 10
+
+
+def test_dit_guidance_rescale_is_applied_and_dits_grid_is_interpolated_above_its_size(tiny_dit_dir):
+    """sample.guidance_rescale on a DiT is diffusers' rescale_noise_cfg of the guided eps (0 = DiTPipeline's output);
+    above the native size diffusers' PatchEmbed interpolates the sin-cos grid: at 2x, patch (2i, 2j) gets the
+    trained table's position (i, j) and the others half-step positions (what README says)."""
+    from diffusers import DiTTransformer2DModel
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    from hiresrun.models import transformer_fn
+
+    net = DiTTransformer2DModel.from_pretrained(tiny_dit_dir / "transformer").eval()
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor(500)
+    cond = {"class_labels": torch.tensor([3, 5]), "negative": {"class_labels": torch.tensor([1000, 1000])},
+            "guidance_scale": 4.0}
+    with torch.no_grad():
+        plain = transformer_fn(net)(x, t, cond)
+        rescaled = transformer_fn(net)(x, t, {**cond, "guidance_rescale": 0.7})
+        both = net(torch.cat([x, x]), timestep=t.expand(4), class_labels=torch.tensor([3, 5, 1000, 1000])).sample[:, :4]
+    text, uncond = both.chunk(2)
+    assert torch.allclose(plain, uncond + 4.0 * (text - uncond), atol=1e-6)
+    assert torch.allclose(rescaled, rescale_noise_cfg(plain, text, guidance_rescale=0.7), atol=1e-6)
+    assert not torch.allclose(rescaled, plain)
+    dim, base = net.pos_embed.pos_embed.shape[-1], net.pos_embed.base_size
+    native = get_2d_sincos_pos_embed(dim, (base, base), base_size=base, output_type="pt").reshape(base, base, dim)
+    double = get_2d_sincos_pos_embed(dim, (2 * base, 2 * base), base_size=base, output_type="pt")
+    double = double.reshape(2 * base, 2 * base, dim)
+    assert torch.allclose(double[::2, ::2], native, atol=1e-6)
+    assert torch.allclose(native.float(), net.pos_embed.pos_embed.reshape(base, base, dim).float(), atol=1e-6)

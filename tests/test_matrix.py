@@ -151,6 +151,13 @@ FULLSCALE = {  # experiment -> (model.path, data.resolution, method, accelerator
 }
 
 
+NEGATIVE = "blurry, ugly, duplicate, poorly drawn, deformed, mosaic"  # Self-Cascade's released SDXL driver
+GUIDANCE = {  # experiment -> (sample.guidance_scale, sample.negative_prompt) of the paper's own driver
+    "selfcascade-sdxl": (7.5, NEGATIVE), "selfcascade-sd21": (7.5, NEGATIVE), "adaptive-sdxl": (5.0, None),
+    "pagoda-imagenet": (None, None), "simple-imagenet": (None, None), "skiptuning-edm64": (1.0, None),
+}
+
+
 def test_every_fullscale_config_is_listed():
     assert {f.stem for f in (CONF / "experiment" / "fullscale").glob("*.yaml")} == set(FULLSCALE)
 
@@ -167,6 +174,7 @@ def test_fullscale_config_composes_with_the_papers_values(name):
     assert (choices.method, choices.accelerator, choices.sampler) == (method, accelerator, sampler)
     assert OmegaConf.is_missing(cfg.model, "path") if path is None else cfg.model.path == path
     assert (cfg.data.resolution, cfg.sampler.num_steps) == (resolution, steps)
+    assert (cfg.sample.guidance_scale, cfg.sample.negative_prompt) == GUIDANCE[name]  # None: the model's own (1)
     assert OmegaConf.is_missing(cfg.data, "root") and cfg.metrics._target_ == "hiresrun.metrics.Metrics"
     assert "NOT RUN HERE" in (CONF / "experiment" / "fullscale" / f"{name}.yaml").read_text()
     if path is not None:  # the pair itself is supported (model facts unknown offline: not downloaded)
