@@ -83,19 +83,27 @@ class Interrupt(L.Callback):
             raise KeyboardInterrupt
         self.signum = signum
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def stop(self, trainer) -> int | None:
+        """The signal to stop on after this step or batch (every rank agrees under DDP), else None."""
         stop = self.signum is not None
         if trainer.world_size > 1:
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
-        if not stop:
-            return
-        trainer.save_checkpoint(self.path)
-        signum = self.signum or signal.SIGTERM
+        return (self.signum or signal.SIGTERM) if stop else None
+
+    def hand_over(self, trainer, signum: int, done: str) -> None:
+        """SIGUSR2 under submitit: say what is safe on disk, then let submitit requeue the job (it exits)."""
         previous = self._previous.get(signum)
         if signum == signal.SIGUSR2 and callable(previous) and trainer.is_global_zero:
-            print(f"hiresrun: SIGUSR2 after step {trainer.global_step}: saved {self.path}; handing over to the job "
-                  f"scheduler's requeue (the requeued job resumes from it)", flush=True)
+            print(f"hiresrun: SIGUSR2 {done}; handing over to the job scheduler's requeue (the requeued job resumes "
+                  f"from it)", flush=True)
             previous(signum, None)  # submitit: requeue this job, then exit
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        signum = self.stop(trainer)
+        if signum is None:
+            return
+        trainer.save_checkpoint(self.path)
+        self.hand_over(trainer, signum, f"after step {trainer.global_step}: saved {self.path}")
         raise Interrupted(f"interrupted by {signal.Signals(signum).name} after step {trainer.global_step}: saved "
                           f"{self.path}; resume with the same command plus ckpt_path={self.path.parents[1]}", signum)
 
@@ -103,6 +111,31 @@ class Interrupt(L.Callback):
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous = {}
+
+
+class SampleInterrupt(Interrupt):
+    """SIGINT / SIGTERM / SIGUSR2 during sampling: the batch in flight finishes and is written (images, then its
+    record), so the folder resumes; one line says how many images are on disk and how to resume (the same command
+    into the same folder), and the command exits 130 / 143."""
+
+    def __init__(self, run_dir: Path, done_before: int, total: int):
+        super().__init__(Path(run_dir))
+        self.made, self.done_before, self.total = 0, done_before, total
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self.on_train_start(trainer, pl_module)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.made += len(batch) * trainer.world_size
+        signum = self.stop(trainer)
+        if signum is None:
+            return
+        if trainer.world_size > 1:  # every rank's batch is on disk before the line is printed
+            trainer.strategy.barrier("hiresrun-interrupted")
+        done = f"with {min(self.done_before + self.made, self.total):,} of {self.total:,} images on disk"
+        self.hand_over(trainer, signum, done)
+        raise Interrupted(f"interrupted by {signal.Signals(signum).name} {done} in {self.path}; resume with the same "
+                          f"command plus hydra.run.dir={self.path}", signum)
 
 
 class TrainClock(L.Callback):

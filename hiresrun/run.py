@@ -28,7 +28,7 @@ from hiresrun.build import (
     seed_loader,
 )
 from hiresrun.errors import Unsupported, UsageError
-from hiresrun.lit import EMA, FinalCheckpoint, Interrupt, LitModule, TrainClock
+from hiresrun.lit import EMA, FinalCheckpoint, Interrupt, LitModule, SampleInterrupt, TrainClock
 from hiresrun.models import count_params, save_pipeline
 
 
@@ -58,7 +58,20 @@ def sample(cfg: DictConfig) -> dict | None:
     folder = store.Store(run_dir)  # everything that can refuse the run has run: now the folder is written
     info = {"identity": store.identity(cfg, base.weights_hash, ckpt), "checkpoint": ckpt,
             **sampling_record(cfg, base, conditioner, seeds)}
-    folder.open(info, write=int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0)
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
+    claim = folder.claim(shard) if first else None  # one process per shard of a folder (DDP: its global rank 0)
+    try:
+        return _sample_into(cfg, folder, info, lit, plan, shard, base, conditioner, first)
+    finally:
+        if claim is not None:
+            claim.close()
+
+
+def _sample_into(cfg: DictConfig, folder: store.Store, info: dict, lit: LitModule, plan: list[list[int]],
+                 shard: tuple[int, int], base, conditioner, first: bool) -> dict | None:
+    """The part of `sample` that writes: the folder's identity, the batches still to do, the scoring."""
+    run_dir = folder.run_dir
+    folder.open(info, write=first)
     done = folder.done()
     mine = store.shard_batches(plan, shard)
     todo = [b for b in mine if not all(s in done and done[s]["seeds"] == b for s in b)]
@@ -69,8 +82,8 @@ def sample(cfg: DictConfig) -> dict | None:
 
         lit.featurize = BatchFeatures(cfg.metrics, run_dir)
     logger = build_logger(cfg)
-    trainer = build_trainer(cfg, logger)
     total, left = sum(map(len, mine)), sum(map(len, todo))
+    trainer = build_trainer(cfg, logger, [SampleInterrupt(run_dir, total - left, total)])
     if left < total:
         print(f"hiresrun: resuming {run_dir}: {total - left:,} of {total:,} images are on disk, {left:,} to go")
     if not (cfg.trainer.enable_progress_bar and os.isatty(1)):  # a log file: a line every so many images
@@ -81,9 +94,10 @@ def sample(cfg: DictConfig) -> dict | None:
         trainer.test(lit, dataloaders=DataLoader(store.Batches(todo), batch_size=None), verbose=False)
     if not trainer.is_global_zero:
         return None
+    made = {s for b in todo for s in b}
     if shard[1] > 1:  # a shard scores nothing: the metrics belong to the union (hiresrun merge)
-        return finish(info, [run_dir], run_dir, logger, batches=mine, shard=shard)
-    return finish(info, [run_dir], run_dir, logger)
+        return finish(info, [run_dir], run_dir, logger, batches=mine, shard=shard, made=made)
+    return finish(info, [run_dir], run_dir, logger, made=made)
 
 
 def sampling_record(cfg: DictConfig, base, conditioner, seeds: list[int]) -> dict:
@@ -113,7 +127,7 @@ def image_facts(base, conditioner, seeds: list[int]) -> dict:
 
 
 def finish(info: dict, folders: list[Path], out_dir: Path, logger=None, batches=None, shard=None,
-           task: str = "sample") -> dict:
+           task: str = "sample", made: set[int] | None = None) -> dict:
     """Score a sample run's images once, from its batch records on disk (one folder, or the shards of one seed list
     for `merge`): grid, metrics.json, prompts.jsonl, skip_masks.json, manifest.json in `out_dir`. A shard
     (`batches`: its own) gets its cost numbers only."""
@@ -191,12 +205,8 @@ def finish(info: dict, folders: list[Path], out_dir: Path, logger=None, batches=
         quality = Metrics(cache_dir=cfg.paths.cache_dir).fidelity(images, cfg.reference, seed_list)
         metrics["protocol"].update(quality.pop("protocol"))
         metrics.update(quality)
-    if len(folders) == 1 and shard is None:
-        store.Store(folders[0]).prune(set(seeds))
-        if not cfg.sample.save_images:
-            import shutil
-
-            shutil.rmtree(Path(folders[0]) / store.SAMPLES, ignore_errors=True)
+    if made and shard is None and not cfg.sample.save_images:  # scored: this run's own images go, nothing else
+        store.Store(folders[0]).drop(made)
     metrics = outputs.write_metrics(out_dir, task, metrics)
     outputs.write_json(out_dir / "manifest.json", outputs.manifest(b["weights_sha256"], b["source"]))
     if logger:

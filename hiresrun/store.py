@@ -73,6 +73,16 @@ def parse_shard(value) -> tuple[int, int]:
     return int(m[1]), int(m[2])
 
 
+def parse_seed_ranges(text: str) -> list[int]:
+    """`outputs.seed_ranges` read back: "0-3,7" -> [0, 1, 2, 3, 7]."""
+    out = []
+    for part in str(text).split(","):
+        if part.strip():
+            a, _, b = part.partition("-")
+            out += list(range(int(a), int(b or a) + 1))
+    return out
+
+
 def batches(seeds: list[int], batch_size: int) -> list[list[int]]:
     """The full run's batches: consecutive seeds of the list, `batch_size` each (the last may be shorter)."""
     return [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
@@ -140,8 +150,16 @@ class Store:
     def open(self, info: dict, write: bool) -> None:
         """Refuse a folder whose images were made with other settings (one line naming them); else (`write`: rank 0)
         write `sampling.json` = `info` (its identity, this run's seeds and config)."""
+        import fcntl
+
         from hiresrun import outputs
 
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / ".lock-sampling", "a") as lock:  # one reader-writer of sampling.json at a time
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._open(info, write, outputs)
+
+    def _open(self, info: dict, write: bool, outputs) -> None:
         old = self.read_config()
         changed = checkpoint_change(info, old) if old is not None else None
         if changed:
@@ -153,11 +171,36 @@ class Store:
             raise UsageError(f"{self.run_dir} holds images sampled with other settings ({shown}); resume with the "
                              f"same settings, or sample into a new folder (hydra.run.dir=<folder>)")
         if old is None and self.samples.is_dir() and any(self.samples.glob("*.png")):
-            # a folder from before resumable runs (no record of how its images were made): start it afresh
-            for stale in self.samples.glob("*.png"):
-                stale.unlink()
-        if write:
-            outputs.write_json(self.run_dir / CONFIG, info)
+            # images nothing recorded (a user's folder): never ours to overwrite or delete
+            raise UsageError(f"{self.samples} holds images that no hiresrun sample run recorded; sample into a new "
+                             f"folder (hydra.run.dir=<folder>) or move them away")
+        if write:  # the folder's seed set grows: a run with fewer seeds keeps the earlier runs' images
+            grown = sorted(set(parse_seed_ranges(old["seeds"]) if old else []) | set(parse_seed_ranges(info["seeds"])))
+            outputs.write_json(self.run_dir / CONFIG, {**info, "seeds": outputs.seed_ranges(grown)})
+
+    def claim(self, shard: tuple[int, int]):
+        """Hold this folder's lock for one shard of work for as long as the process runs (an OS lock, gone with the
+        process, kill -9 included). Shards K/N of one run share a folder; a second process given the same shard
+        (the same batches, or other seeds with sample.shard unset) is refused in one line naming the holder."""
+        import fcntl
+        import socket
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / f".lock-shard{shard[0]}of{shard[1]}"
+        handle = open(path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise UsageError(f"{self.run_dir}: {holder} is sampling shard {shard[0]}/{shard[1]} into this folder; "
+                             f"wait for it, use another folder, or split the work with sample.shard=K/N") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        return handle
 
     # -- what is on disk --------------------------------------------------------------------------------------
     def read_records(self) -> list[dict]:
@@ -191,15 +234,11 @@ class Store:
     def writer(self, name: str) -> Writer:
         return Writer(self, name)
 
-    def prune(self, keep: set[int]) -> None:
-        """Remove images (and, by rewriting nothing, their records stay harmless) of seeds outside `keep`: a rerun
-        with fewer seeds leaves a folder holding exactly its own seeds."""
-        if not self.samples.is_dir():
-            return
-        names = {png_name(s) for s in keep}
-        for p in self.samples.glob("*.png"):
-            if p.name not in names:
-                p.unlink()
+    def drop(self, made: set[int]) -> None:
+        """`sample.save_images=false`: remove the images of `made`, the seeds this run generated, once scored; images
+        of earlier runs into the folder stay."""
+        for s in made:
+            (self.samples / png_name(s)).unlink(missing_ok=True)
 
 
 class Writer:

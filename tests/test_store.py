@@ -251,3 +251,75 @@ def test_shards_or_a_resume_from_another_checkpoint_are_refused_naming_both(tiny
         run.run(compose(["task=merge", f"merge.gen=[{tmp_path / 's0'},{tmp_path / 's1'}]", "logger=none"],
                         tmp_path / "merged"))
     assert not (tmp_path / "merged" / "metrics.json").exists()
+
+
+def test_nothing_a_run_did_not_make_is_deleted(tiny_model_dir, tmp_path):
+    """(a) a finished 8-image folder rerun with 2 seeds keeps all 8 (the folder's seed set grows; the rerun scores its
+    own 2); (b) disjoint seed lists into one folder: the second process is refused while the first holds the folder,
+    or both finish, and neither deletes the other's images; (c) a folder of images no run recorded is refused, not
+    emptied; save_images=false removes only the images that run made."""
+    import fcntl
+
+    from conftest import compose, tiny_overrides
+
+    from hiresrun import run
+    from hiresrun.errors import UsageError
+
+    run_dir = tmp_path / "run"
+    common = tiny_overrides(tiny_model_dir) + ["sample.batch_size=2"]
+    run.run(compose(common + ["sample.num_samples=8"], run_dir))
+    before = images_bytes(run_dir)
+    assert len(before) == 8
+    metrics = run.run(compose(common + ["sample.num_samples=2"], run_dir))
+    assert metrics["num_samples"] == 2 and images_bytes(run_dir) == before  # nothing deleted, nothing redone
+    assert json.loads((run_dir / "sampling.json").read_text())["seeds"] == "0-7"
+    run.run(compose(common + ["sample.seeds=20-23"], run_dir))  # another seed list into the same folder
+    assert len(images_bytes(run_dir)) == 12 and all(images_bytes(run_dir)[k] == v for k, v in before.items())
+    assert json.loads((run_dir / "sampling.json").read_text())["seeds"] == "0-7,20-23"
+
+    with open(run_dir / ".lock-shard0of1", "a+") as held:  # a process sampling shard 0/1 into this folder
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("process 4242 on node7")
+        held.flush()
+        with pytest.raises(UsageError, match="process 4242 on node7 is sampling shard 0/1 into this folder"):
+            run.run(compose(common + ["sample.seeds=30-31"], run_dir))
+        run.run(compose(common + ["sample.seeds=30-33", "sample.shard=1/2"], run_dir))  # another shard: works
+    assert len(images_bytes(run_dir)) == 14 and (run_dir / "samples" / "000032.png").is_file()
+
+    mine = tmp_path / "mine"
+    (mine / "samples").mkdir(parents=True)
+    (mine / "samples" / "000000.png").write_bytes(b"a user's image")
+    with pytest.raises(UsageError, match="holds images that no hiresrun sample run recorded"):
+        run.run(compose(common + ["sample.num_samples=2"], mine))
+    assert (mine / "samples" / "000000.png").read_bytes() == b"a user's image"
+
+    run.run(compose(common + ["sample.seeds=40-41", "sample.save_images=false"], run_dir))
+    left = images_bytes(run_dir)
+    assert len(left) == 14 and "000040.png" not in left and all(left[k] == v for k, v in before.items())
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_while_sampling_finishes_the_batch_says_how_to_resume_and_the_rerun_completes(
+        signum, code, tiny_model_dir, tmp_path):
+    exe = Path(sys.executable).with_name("hiresrun")
+    args = [str(exe), *common(tiny_model_dir, "sampler.num_steps=20", "sample.num_samples=40", "sample.batch_size=2",
+                              "hydra.run.dir=run")]
+    env = {**os.environ, "HIRESRUN_OUTPUTS": str(tmp_path / "outputs"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not list((tmp_path / "run" / "records").glob("*.jsonl")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err[-2000:]
+    said = [x for x in err.splitlines() if x.startswith("hiresrun:")]
+    assert len(said) == 1 and f"interrupted by {signal.Signals(signum).name} with " in said[0], err[-2000:]
+    assert f"hydra.run.dir={tmp_path / 'run'}" in said[0]
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    on_disk = len(images_bytes(tmp_path / "run"))
+    assert 0 < on_disk < 40 and on_disk % 2 == 0  # whole batches only
+    assert f"{on_disk} of 40 images on disk" in said[0]
+    again = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"{on_disk} of 40 images are on disk, {40 - on_disk} to go" in again.stdout
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["num_samples"] == 40
