@@ -102,7 +102,7 @@ class _EpochIterator:
 
     def __init__(self, sampler: EpochShuffle, epoch: int):
         self.sampler, self.epoch, self.yielded = sampler, epoch, 0
-        self.perm = self._perm()
+        self.perm: list[int] | None = None  # drawn at the first sample: the loader may be iterated before set_epoch
 
     def _perm(self) -> list[int]:
         g = torch.Generator().manual_seed(self.sampler.seed * 1_000_003 + self.epoch)
@@ -112,15 +112,24 @@ class _EpochIterator:
         return self
 
     def __next__(self) -> int:
+        if self.perm is None:
+            self.epoch = self.sampler.epoch
+            self.perm = self._perm()
         if self.yielded >= len(self.perm):
             raise StopIteration
         self.yielded += 1
         return self.perm[self.yielded - 1]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "yielded": self.yielded}
+        return {"epoch": self.epoch if self.perm is not None else self.sampler.epoch, "yielded": self.yielded}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue the saved epoch where it stopped. A saved epoch that was used up (a checkpoint written on an
+        epoch's last batch) has nothing left to continue: the loader is being started for the next epoch, whose
+        number Lightning has just set, so this iterator keeps that fresh epoch (restoring the used-up one would run
+        an empty epoch and put every later epoch's shuffle one epoch ahead)."""
+        if int(state["yielded"]) >= self.sampler.n:
+            return
         self.epoch, self.yielded = int(state["epoch"]), int(state["yielded"])
         self.perm = self._perm()
 

@@ -58,6 +58,7 @@ def sample(cfg: DictConfig) -> dict | None:
     folder = store.Store(run_dir)  # everything that can refuse the run has run: now the folder is written
     info = {"identity": store.identity(cfg, base.weights_hash, ckpt), "checkpoint": ckpt,
             **sampling_record(cfg, base, conditioner, seeds)}
+    folder.check(info)  # a refusal here leaves the folder as it was (open checks again under its lock)
     first = int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
     claim = folder.claim(shard) if first else None  # one process per shard of a folder (DDP: its global rank 0)
     try:

@@ -160,6 +160,14 @@ class Store:
             self._open(info, write, outputs)
 
     def _open(self, info: dict, write: bool, outputs) -> None:
+        old = self.check(info)
+        if write:  # the folder's seed set grows: a run with fewer seeds keeps the earlier runs' images
+            grown = sorted(set(parse_seed_ranges(old["seeds"]) if old else []) | set(parse_seed_ranges(info["seeds"])))
+            outputs.write_json(self.run_dir / CONFIG, {**info, "seeds": outputs.seed_ranges(grown)})
+
+    def check(self, info: dict) -> dict | None:
+        """Refuse, touching nothing, a folder whose images were made from another checkpoint or with other settings,
+        or that holds images no run recorded; -> the folder's sampling.json (None for a new folder)."""
         old = self.read_config()
         changed = checkpoint_change(info, old) if old is not None else None
         if changed:
@@ -174,9 +182,7 @@ class Store:
             # images nothing recorded (a user's folder): never ours to overwrite or delete
             raise UsageError(f"{self.samples} holds images that no hiresrun sample run recorded; sample into a new "
                              f"folder (hydra.run.dir=<folder>) or move them away")
-        if write:  # the folder's seed set grows: a run with fewer seeds keeps the earlier runs' images
-            grown = sorted(set(parse_seed_ranges(old["seeds"]) if old else []) | set(parse_seed_ranges(info["seeds"])))
-            outputs.write_json(self.run_dir / CONFIG, {**info, "seeds": outputs.seed_ranges(grown)})
+        return old
 
     def claim(self, shard: tuple[int, int]):
         """Hold this folder's lock for one shard of work for as long as the process runs (an OS lock, gone with the
