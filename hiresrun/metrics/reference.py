@@ -137,14 +137,33 @@ class Cache:
         folder = real.folder or folder_for(self.cache_dir, real, n)
         path = folder / f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.npz"
         if path.is_file():
-            with np.load(path) as z:
-                if str(z["__key__"]) == text:
-                    self.hits += 1
-                    return {k: z[k] for k in z.files if not k.startswith("__")}, str(z["__sha256__"])
+            cached = self._read(path, text)
+            if cached is not None:
+                self.hits += 1
+                return cached
         self.misses += 1
         arrays = compute()
         digest = arrays_sha256(arrays)
         self._write(folder, path, real, n, {**arrays, "__key__": np.array(text), "__sha256__": np.array(digest)})
+        return arrays, digest
+
+    @staticmethod
+    def _read(path: Path, text: str) -> tuple[dict[str, np.ndarray], str] | None:
+        """The cached arrays and the sha256 recomputed from them (the stored one is only a check: a file whose arrays
+        no longer hash to it was changed after it was written, and is rebuilt); None when it cannot be used."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if str(z["__key__"]) != text:
+                    return None
+                arrays, stored = {k: z[k] for k in z.files if not k.startswith("__")}, str(z["__sha256__"])
+        except (OSError, ValueError, KeyError, EOFError) as e:  # torn or not an npz
+            print(f"hiresrun: warning: {path} is unreadable ({type(e).__name__}); recomputing it", flush=True)
+            return None
+        digest = arrays_sha256(arrays)
+        if digest != stored:
+            print(f"hiresrun: warning: {path} holds arrays that do not hash to its recorded sha256 (changed after it "
+                  f"was written); recomputing it", flush=True)
+            return None
         return arrays, digest
 
     @staticmethod

