@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from hiresrun.errors import UsageError
+from hiresrun.models import library_class
 
 SHIPPED = Path(__file__).parent / "assets" / "prompts"  # prompt sets shipped for tests and smoke runs
 TEXT_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
@@ -120,8 +121,6 @@ class TextEncoder:
 
     @classmethod
     def load(cls, root: Path, unet, vae, scheduler_config: dict) -> TextEncoder:
-        import importlib
-
         import diffusers
 
         index = json.loads((root / "model_index.json").read_text())
@@ -134,7 +133,7 @@ class TextEncoder:
             library, class_name = (index.get(name) or [None, None])[:2]
             if library is None:
                 continue
-            loader = getattr(importlib.import_module(library), class_name)
+            loader = library_class(library, class_name, f"model.path={root}: model_index.json's {name}")
             part = loader.from_pretrained(root / name)
             parts[name] = part.eval().requires_grad_(False) if name.startswith("text_encoder") else part
         scheduler = diffusers.DDIMScheduler.from_config(scheduler_config)

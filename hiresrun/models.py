@@ -7,6 +7,7 @@ UNet folder with `scheduler_config.json` beside it), a name under `hiresrun/asse
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -294,10 +295,31 @@ def _scheduler_config(root: Path) -> dict:
     return dict(DEFAULT_SCHEDULER)
 
 
-def _unet_class(config: dict) -> type:
-    import diffusers
+LIBRARIES = ("diffusers", "transformers")  # the only modules a model folder may name classes from
 
-    return getattr(diffusers, config.get("_class_name", "UNet2DModel"))
+
+def library_class(library, class_name, where: str) -> type:
+    """The class a model folder's `model_index.json` (or config `_class_name`) names, taken from diffusers or
+    transformers only: a folder naming any other module would run that module's code on import."""
+    if library not in LIBRARIES:
+        raise UsageError(f"{where} names the module {library!r}; hiresrun loads classes from diffusers and "
+                         f"transformers only (a model folder may not choose code to run)")
+    found = getattr(importlib.import_module(library), str(class_name), None)
+    if not isinstance(found, type) or not hasattr(found, "from_pretrained"):
+        raise UsageError(f"{where} names {library}.{class_name}, which is not a {library} model or tokenizer class; "
+                         f"repair the folder or re-export it with save_pretrained")
+    return found
+
+
+def _unet_class(config: dict, where: str = "the denoiser's config.json") -> type:
+    """The diffusers model class a config's `_class_name` names (diffusers only, and a model class)."""
+    from diffusers import ModelMixin
+
+    cls = library_class("diffusers", config.get("_class_name", "UNet2DModel"), f"{where} (_class_name)")
+    if not issubclass(cls, ModelMixin):
+        raise UsageError(f"{where} names {cls.__name__} as its _class_name, which is not a diffusers model; repair "
+                         f"the folder")
+    return cls
 
 
 def describe(path: str, revision: str | None = None, vae: str | None = None) -> tuple[str | None, str | None]:
@@ -391,7 +413,7 @@ def load_model(path: str, revision: str | None = None, init: str = "pretrained",
     if not (unet_dir / "config.json").is_file():
         raise UsageError(f"model.path={path}: no diffusers UNet or transformer config.json in {root}, {root}/unet "
                          f"or {root}/transformer; point model.path at a folder written by save_pretrained")
-    cls = _unet_class(_read_json(unet_dir / "config.json"))
+    cls = _unet_class(_read_json(unet_dir / "config.json"), f"model.path={path}: {unet_dir / 'config.json'}")
     if init == "scratch":
         unet, digest = cls.from_config(cls.load_config(unet_dir)), "scratch"
     else:

@@ -96,3 +96,36 @@ def test_a_broken_config_json_is_named_in_one_line(tmp_path):
     (tmp_path / "m" / "unet" / "config.json").write_text('{"_class_name": "UNet2DModel",')
     with pytest.raises(UsageError, match=r"m/unet/config.json: not valid JSON .*; repair or re-export"):
         load_model(str(tmp_path / "m"))
+
+
+def test_a_model_folder_may_name_classes_from_diffusers_and_transformers_only(tiny_sd_dir, tmp_path, monkeypatch):
+    """model_index.json chooses the module each part's class comes from: a folder naming a module of its own would run
+    that module's code whenever the folder is importable (PYTHONPATH=., a notebook there). Refused in one line before
+    anything is imported; a `_class_name` outside diffusers' models likewise."""
+    import json
+    import shutil
+    import sys
+
+    from hiresrun.errors import UsageError
+    from hiresrun.models import load_model
+
+    folder = tmp_path / "evil"
+    shutil.copytree(tiny_sd_dir, folder)
+    marker = tmp_path / "ran"
+    (tmp_path / "evilmod.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\nclass Encoder:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    index = json.loads((folder / "model_index.json").read_text())
+    index["text_encoder"] = ["evilmod", "Encoder"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(UsageError, match=r"model_index.json's text_encoder names the module 'evilmod'; hiresrun "
+                                         r"loads classes from diffusers and transformers only"):
+        load_model(str(folder))
+    assert not marker.exists() and "evilmod" not in sys.modules
+    index["text_encoder"] = ["transformers", "load_tf_weights_in_bert"]  # a function, not a model class
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(UsageError, match="which is not a transformers model or tokenizer class"):
+        load_model(str(folder))
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    (folder / "unet" / "config.json").write_text(json.dumps({**config, "_class_name": "DDPMScheduler"}))
+    with pytest.raises(UsageError, match="names DDPMScheduler as its _class_name, which is not a diffusers model"):
+        load_model(str(folder))
