@@ -21,12 +21,19 @@ from hiresrun.errors import UsageError
 
 def parse_seeds(seeds, num_samples: int) -> list[int]:
     """`null` -> 0..num_samples-1; `[3,7,11]`; `"0-999"` (inclusive); `"0-9,20-29"`; a single int."""
+    def seed(s) -> int:  # a whole number, as typed: no bool, fraction or text
+        integral = isinstance(s, int) and not isinstance(s, bool) or isinstance(s, float) and s.is_integer()
+        if not integral:
+            raise UsageError(f"sample.seeds={seeds}: seeds are whole numbers; write a list [3,7,11] or ranges like "
+                             f"0-999")
+        return int(s)
+
     if seeds is None:
         out = list(range(int(num_samples)))
-    elif isinstance(seeds, int):
-        out = [seeds]
+    elif isinstance(seeds, (int, float)):
+        out = [seed(seeds)]
     elif isinstance(seeds, (list, tuple, ListConfig)):
-        out = [int(s) for s in seeds]
+        out = [seed(s) for s in seeds]
     else:
         out = []
         for part in str(seeds).split(","):
@@ -37,8 +44,8 @@ def parse_seeds(seeds, num_samples: int) -> list[int]:
     if not out or min(out) < 0 or len(set(out)) != len(out):
         raise UsageError(f"sample.seeds={seeds}: seeds must be non-negative, distinct and at least one")
     if max(out) >= sampling.TRAINING_SEEDS:
-        raise UsageError(f"sample.seeds={seeds}: seeds must lie below 2^31 (torch's generator reads 32 bits, and "
-                         f"2^31 .. 2^32 - 1 are reserved for training draws, e.g. Self-Cascade's generated pivots)")
+        raise UsageError(f"sample.seeds={str(seeds)[:60]}: seeds must lie below 2^31 (torch's generator reads 32 "
+                         f"bits; 2^31 .. 2^32 - 1 are reserved for training draws)")
     return out
 
 
@@ -222,6 +229,10 @@ def seed_loader(seeds: list[int], batch_size: int) -> DataLoader:
 def sampler_scheduler(cfg: DictConfig, base, method=None):
     """The sampler's step rule on the schedule the net was trained with: the base's, or the method's own (simple)."""
     config = method.scheduler_config(base) if method is not None else base.scheduler_config
+    trained = int(config.get("num_train_timesteps") or 0)
+    if base.parametrization != "edm" and trained and int(cfg.sampler.num_steps) > trained:
+        raise UsageError(f"sampler.num_steps={cfg.sampler.num_steps}: the model's schedule has {trained} training "
+                         f"timesteps; sample with at most {trained} steps")
     scheduler = instantiate(cfg.sampler.scheduler)(config)
     edm_sampler = type(scheduler).__name__.startswith("EDM")
     if base.parametrization == "edm" and not edm_sampler:

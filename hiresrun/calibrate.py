@@ -12,6 +12,7 @@ The file's key names what the delta is valid for; `accelerator.calibration=<file
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -55,7 +56,9 @@ def load(path: str, setting: dict | None, rule: dict) -> float:
     try:
         record = json.loads(p.read_text())
         saved, delta = record["key"], float(record["delta"])
-    except (ValueError, KeyError, TypeError):
+        if not isinstance(saved, dict) or not math.isfinite(delta) or delta < 0:
+            raise ValueError
+    except (ValueError, KeyError, TypeError, IndexError):
         raise UsageError(f"accelerator.calibration={path}: not a `hiresrun calibrate` file (no key and delta); "
                          f"pass the calibration.json it printed") from None
     if setting is None:
@@ -109,7 +112,14 @@ def meets(point: dict, target: tuple[str, float]) -> bool:
 def calibrate(cfg: DictConfig) -> dict:
     """Full-step outputs of the calibration seeds, then the delta grid in ascending order until the target is
     missed; writes calibration.json (key, delta, the curve) to the run folder and prints its path."""
-    from hiresrun.build import build_accelerator, build_conditioner, choice, parse_seeds, sampler_scheduler, sampling_net
+    from hiresrun.build import (
+        build_accelerator,
+        build_conditioner,
+        choice,
+        parse_seeds,
+        sampler_scheduler,
+        sampling_net,
+    )
     from hiresrun.lit import LitModule
     from hiresrun.metrics.lpips import LPIPS
 

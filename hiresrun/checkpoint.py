@@ -25,6 +25,15 @@ def load(path: str | Path, key: str = "ckpt_path") -> dict:
     """The checkpoint at `path` as a dict of tensors and plain values (on the CPU); `key` names the config key the
     path came from, for the one-line refusal."""
     try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise UsageError(f"{key}={path}: cannot read it ({e.strerror}); give a .ckpt written by `hiresrun train`") \
+            from None
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch's zip format, or a legacy pickle
+        raise UsageError(f"{key}={path}: not a checkpoint (a torch file starts as a zip archive or a pickle); give a "
+                         f".ckpt written by `hiresrun train`")
+    try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # a global outside torch's allowlist: refused before it is called
         found = re.search(r"(?:GLOBAL|global:?)\s+([\w.]+)", str(e))

@@ -153,6 +153,23 @@ def _missing_option(e, overrides: list[str]) -> str:
     return text.strip().splitlines()[0]
 
 
+def check_grammar(args: list[str]) -> None:
+    """Each `key=value` must parse in Hydra's override grammar; a value it cannot read unquoted (a non-ASCII path,
+    say) is one line showing the quoted form, not the lexer's four."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    for i, arg in enumerate(args):
+        if "=" not in arg or arg.startswith("-") or (i and args[i - 1] in VALUED):
+            continue
+        try:
+            parser.parse_overrides([arg])
+        except OverrideParseException:
+            key, _, value = arg.partition("=")
+            fail(f"{arg}: Hydra's override grammar cannot read this value unquoted; quote it: {key}='{value}'", 2)
+
+
 def plain_overrides(args: list[str]) -> list[str] | None:
     """The overrides when the command line is a plain run (no sweep or Hydra flag), else None."""
     if any(a.startswith("-") for a in args):
@@ -227,6 +244,9 @@ def _quiet_known_warnings() -> None:
 
 def main() -> None:
     _quiet_known_warnings()
+    import logging  # a full disk fails every log write: the one error line says so, not a traceback per record
+
+    logging.raiseExceptions = False
     if sys.argv[1:2] == ["report"]:  # not a Hydra task: it reads a finished sweep (hiresrun/report.py)
         from hiresrun.report import main as report
 
@@ -237,6 +257,7 @@ def main() -> None:
     if "-sc" in sys.argv or "--shell-completion" in sys.argv:
         _completion_without_verb()
     args = normalise(sys.argv[1:])
+    check_grammar(args)
     overrides = plain_overrides(args)
     if overrides is not None:
         given = [a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +49,10 @@ def read_prompts(path: str) -> list[Prompt]:
     if kind not in (".txt", ".jsonl", ".csv"):
         raise UsageError(f"prompts={path}: unknown format {kind or '(no suffix)'}; use .txt, .jsonl or .csv")
     rows: list[Prompt] = []
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"prompts={path}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
     if kind == ".txt":
         rows = [Prompt(line.strip()) for line in text.splitlines() if line.strip()]
     elif kind == ".jsonl":
@@ -57,12 +61,11 @@ def read_prompts(path: str) -> list[Prompt]:
         for n, row in read_jsonl(p, f"prompts={path}", '{"prompt": "a cat", "seed": 3}'):
             rows.append(_row(row, path, f"line {n}"))
     else:
-        reader = csv.DictReader(text.splitlines())
-        if not reader.fieldnames or "prompt" not in reader.fieldnames:
-            raise UsageError(f"prompts={path}: the CSV header has no `prompt` column (found "
-                             f"{reader.fieldnames}); write a header line `prompt,seed`")
-        for n, row in enumerate(reader, 2):
-            rows.append(_row({k: v for k, v in row.items() if v not in (None, "")}, path, f"line {n}"))
+        try:
+            rows = _csv_rows(text, path)
+        except csv.Error as e:  # a field over csv's limit, a stray quote
+            raise UsageError(f"prompts={path}: not a readable CSV file ({e}); check its quoting, or use .jsonl") \
+                from None
     if not rows:
         raise UsageError(f"prompts={path}: the file holds no prompts; write at least one")
     seeded = [r.seed is not None for r in rows]
@@ -73,18 +76,27 @@ def read_prompts(path: str) -> list[Prompt]:
     return rows
 
 
+def _csv_rows(text: str, path: str) -> list[Prompt]:
+    reader = csv.DictReader(text.splitlines())
+    if not reader.fieldnames or "prompt" not in reader.fieldnames:
+        raise UsageError(f"prompts={path}: the CSV header has no `prompt` column (found "
+                         f"{reader.fieldnames}); write a header line `prompt,seed`")
+    return [_row({k: v for k, v in row.items() if v not in (None, "")}, path, f"line {n}")
+            for n, row in enumerate(reader, 2)]
+
+
 def _row(row, path: str, where: str) -> Prompt:
     if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
         raise UsageError(f"prompts={path}: {where} has no string `prompt`; write e.g. "
                          f'{{"prompt": "a photo of a cat", "seed": 0}}')
     seed = row.get("seed")
     if seed is not None:
-        try:
+        given = seed
+        if isinstance(seed, str) and re.fullmatch(r"\s*\d+\s*", seed):  # CSV fields are text
             seed = int(seed)
-        except (TypeError, ValueError):
-            seed = -1
-        if seed < 0:
-            raise UsageError(f"prompts={path}: {where} has seed={row.get('seed')!r}; seeds are integers >= 0")
+        whole = isinstance(seed, int) and not isinstance(seed, bool)
+        if not whole or not 0 <= seed < 2 ** 31:
+            raise UsageError(f"prompts={path}: {where} has seed={given!r}; seeds are whole numbers in 0 .. 2^31 - 1")
     return Prompt(row["prompt"], seed)
 
 

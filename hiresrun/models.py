@@ -51,6 +51,7 @@ class BaseModel:
     label_dropout: float = 0.0           # training: share of labels replaced by null_class (class guidance)
     parametrization: str = "standard"    # standard (eps/v/x0 on the scheduler's VP grid) | edm (EDM's F, sigma)
     default_prompts: str | None = None   # text models: prompts used when neither prompts= nor sample.prompt is set
+    trained_on: str | None = None        # the data the weights learned (mnist, laion, imagenet); None: not stated
 
     @property
     def downsample_factor(self) -> int:
@@ -345,6 +346,20 @@ def describe(path: str, revision: str | None = None, vae: str | None = None) -> 
     return unet, "latent" if latent else "pixel"
 
 
+def native_resolution(path: str, revision: str | None = None, vae: str | None = None) -> int | None:
+    """The model's native image side from its config files alone (the denoiser's sample_size times the VAE's
+    downsampling): what `data.resolution` defaults to when the model file states none; None when unknown."""
+    root = _resolve(path) or _hub_root(path, revision)
+    config = denoiser_dir(root) / "config.json" if root is not None else None
+    if config is None or not config.is_file():
+        return None
+    size = _read_json(config).get("sample_size")
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    vae_config = (Path(vae) if vae else root / "vae") / "config.json"
+    factor = 2 ** (len(_read_json(vae_config).get("block_out_channels", [0])) - 1) if vae_config.is_file() else 1
+    return int(size) * factor if isinstance(size, int) else None
+
+
 def _hub_root(path: str, revision: str | None) -> Path | None:
     """The hub model's snapshot folder in the local Hugging Face cache, or None (nothing is downloaded)."""
     from huggingface_hub import snapshot_download
@@ -375,6 +390,8 @@ def _fetch(path: str, revision: str | None) -> Path:
 
     from huggingface_hub import snapshot_download
 
+    if path.startswith(("/", "./", "../", "~")) or path.count("/") > 1:  # a path, never a hub id (owner/name)
+        raise UsageError(f"model.path={path}: no such folder; give a local diffusers folder or a hub id (owner/name)")
     cached = _hub_root(path, revision)
     if cached is not None:
         return cached
@@ -395,10 +412,12 @@ def load_model(path: str, revision: str | None = None, init: str = "pretrained",
                vae_scale: float | None = None, conditioning: str = "auto",
                vae_tile_above: int | None = None, null_class: int | None = None, parametrization: str = "standard",
                sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0,
-               prompts: str | None = None) -> BaseModel:
+               prompts: str | None = None, resolution: int | None = None,
+               trained_on: str | None = None) -> BaseModel:
     """Load the base model. `init=scratch` builds the same architecture with fresh weights (pretrain).
     `conditioning=auto`: text when the folder is a text-to-image pipeline, class when the UNet has a class
-    embedding, else none."""
+    embedding, else none. `resolution`: the native size a model file states (data.resolution's default), refused
+    when the weights say otherwise; `trained_on`: the data the weights learned (recorded; run.py checks metrics)."""
     if init not in ("pretrained", "scratch"):
         raise UsageError(f"model.init={init}: choose pretrained or scratch")
     if parametrization not in ("standard", "edm"):
@@ -408,6 +427,9 @@ def load_model(path: str, revision: str | None = None, init: str = "pretrained",
                          f"0 < sigma_min < sigma_max and sigma_data > 0 (EDM: 0.002, 80, 0.5)")
     if conditioning not in ("auto", "none", "class", "text"):
         raise UsageError(f"model.conditioning={conditioning}: choose auto, none, class or text")
+    if vae_tile_above is not None and vae_tile_above < 1:
+        raise UsageError(f"model.vae_tile_above={vae_tile_above}: give an image side in px (tiles above it), or null "
+                         f"for no tiling")
     root = _resolve(path) or _fetch(path, revision)
     unet_dir = denoiser_dir(root)
     if not (unet_dir / "config.json").is_file():
@@ -424,8 +446,12 @@ def load_model(path: str, revision: str | None = None, init: str = "pretrained",
     shift = getattr(config, "shift_factor", None) or 0.0
     channels = autoencoder.config.in_channels if autoencoder is not None else unet.config.in_channels
     size = unet.config.sample_size
-    resolution = (size if isinstance(size, int) else size[0]) * (1 if autoencoder is None else
-                                                                  2 ** (len(autoencoder.config.block_out_channels) - 1))
+    native = (size if isinstance(size, int) else size[0]) * (1 if autoencoder is None else
+                                                              2 ** (len(autoencoder.config.block_out_channels) - 1))
+    if resolution is not None and int(resolution) != native:
+        raise UsageError(f"model.resolution={resolution}, but the weights at {path} are {native} px; set "
+                         f"model.resolution={native} (or null: read from the weights)")
+    resolution = native
     is_text = bool(text_model(str(root)))
     if conditioning == "auto":
         conditioning = "text" if is_text else "class" if _class_rows(unet) else "none"
@@ -448,7 +474,7 @@ def load_model(path: str, revision: str | None = None, init: str = "pretrained",
     base = BaseModel(unet=unet, scheduler_config=schedule, resolution=resolution,
                      channels=channels, weights_hash=digest, source=str(root), vae=autoencoder,
                      vae_scale=scale, conditioning=conditioning, text=text, vae_shift=float(shift),
-                     vae_tile_above=vae_tile_above, parametrization=parametrization)
+                     vae_tile_above=vae_tile_above, parametrization=parametrization, trained_on=trained_on)
     if prompts is not None:
         if text is None:
             raise UsageError(f"model.prompts={prompts}: {path} takes no text; drop it")

@@ -8,7 +8,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
@@ -16,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+
+from hiresrun.errors import DataError, UsageError
 
 PACKAGES = ("hiresrun", "torch", "torchvision", "diffusers", "lightning", "hydra-core", "omegaconf",
             "torchmetrics", "clean-fid", "wandb", "numpy")
@@ -62,13 +63,25 @@ def strict(obj):
     return obj
 
 
+def atomic(path: Path, write) -> None:
+    """`write(tmp)` into a hidden temporary file beside `path`, then rename: a reader (or a kill) never sees half a
+    file. A failed write (a full disk, read-only storage) removes the temporary file and ends in one line."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")  # a name no reader globs (not *.png, *.json)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"could not write {path}: {e.strerror or e}; free space in {path.parent} or put the run on a "
+                        f"writable disk (hydra.run.dir=<folder>); the same command then resumes") from None
+
+
 def write_json(path: Path, obj: dict) -> None:
-    """Temp file in the same folder + rename: a reader never sees half a file. Strict JSON (see `strict`)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(strict(obj), f, indent=2, sort_keys=True, default=str, allow_nan=False)
-        f.write("\n")
-    os.replace(f.name, path)
+    """Atomic (see `atomic`), strict JSON (see `strict`)."""
+    text = json.dumps(strict(obj), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n"
+    atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def write_metrics(run_dir: Path, task: str, numbers: dict) -> dict:
@@ -100,20 +113,15 @@ def read_jsonl(path: Path, name: str, example: str) -> list[tuple[int, object]]:
 
 
 def write_text(path: Path, text: str) -> None:
-    """A text file, atomically (temp file + rename) like every other write here."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        f.write(text)
-    os.replace(f.name, path)
+    """A text file, atomically like every other write here."""
+    atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def save_png(image: Tensor, path: Path) -> None:
     """uint8 (C, H, W) -> PNG, written atomically."""
     a = image.permute(1, 2, 0).numpy()
     im = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
-    tmp = path.with_name(f".{path.name}.partial")  # a name no reader globs (not *.png): a kill leaves no "image"
-    im.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    atomic(path, lambda tmp: im.save(tmp, format="PNG"))
 
 
 def grid(images: Tensor, pad: int = 1) -> Tensor:
@@ -162,9 +170,12 @@ def save_samples(seeds: Tensor, images: Tensor, folder: Path) -> None:
 def load_image(path: Path) -> Tensor:
     """One image file as uint8 (C, H, W): greyscale (L, 1, I;16) one channel, anything else RGB. The one reader of
     images from disk (samples, reference runs, `eval.gen` folders)."""
-    with Image.open(path) as im:
-        im = im if im.mode in ("L", "RGB") else im.convert("L" if im.mode in ("I;16", "1") else "RGB")
-        a = torch.from_numpy(np.asarray(im).copy())
+    try:
+        with Image.open(path) as im:
+            im = im if im.mode in ("L", "RGB") else im.convert("L" if im.mode in ("I;16", "1") else "RGB")
+            a = torch.from_numpy(np.asarray(im).copy())
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for truncated or foreign files
+        raise UsageError(f"{path}: not a readable image ({type(e).__name__}); replace or remove the file") from None
     return a[None] if a.ndim == 2 else a.permute(2, 0, 1)
 
 
@@ -225,6 +236,4 @@ def write_block(path: Path, name: str, text: str) -> None:
     if doc.count(start) != 1 or doc.count(end) != 1 or doc.index(start) > doc.index(end):
         raise ValueError(f"{path}: needs one '{start}' ... '{end}' pair to write the {name} table into")
     head, rest = doc.split(start)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:  # atomic, as above
-        f.write(f"{head}{start}\n{text.strip()}\n{end}{rest.split(end, 1)[1]}")
-    os.replace(f.name, path)
+    write_text(path, f"{head}{start}\n{text.strip()}\n{end}{rest.split(end, 1)[1]}")

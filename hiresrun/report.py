@@ -13,6 +13,7 @@ import argparse
 import json
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -37,7 +38,26 @@ def fmt(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
 
 # -- loading ----------------------------------------------------------------------------------------------
 def _yaml(path: Path, default):
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=False) if path.is_file() else default
+    """A YAML file of a job as plain containers, `default` when absent; one line naming it when it does not parse."""
+    if not path.is_file():
+        return default
+    try:
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as e:  # yaml's and OmegaConf's parse errors have no common base
+        raise UsageError(f"report: {path} does not parse ({type(e).__name__}); repair or remove it") from None
+
+
+def _json(path: Path) -> dict:
+    """A job's metrics.json / status.json, {} when absent; one line naming it when it does not parse."""
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+        raise UsageError(f"report: {path} is not readable JSON ({type(e).__name__}); repair or remove it") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"report: {path} holds no JSON object; repair or remove it")
+    return value
 
 
 def job_folders(sweep: Path) -> list[Path]:
@@ -70,10 +90,10 @@ def failure_reason(folder: Path) -> str:
 def load_job(folder: Path, name: str) -> dict:
     """One run: its status, the names the table shows, its metrics, config and overrides."""
     hydra = folder / ".hydra"
-    metrics = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else {}
+    metrics = _json(folder / "metrics.json")
     config = _yaml(hydra / "config.yaml", {})
     choices = _yaml(hydra / "hydra.yaml", {}).get("hydra", {}).get("runtime", {}).get("choices", {})
-    status = json.loads((folder / "status.json").read_text()) if (folder / "status.json").is_file() else {}
+    status = _json(folder / "status.json")
     if status.get("status", "ok") != "ok":
         state, reason = status["status"], status.get("reason", "")
     elif metrics:
@@ -304,7 +324,13 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         raise UsageError(f"report: no job folders in {args.sweeps[0]}; pass a multirun folder (hydra.sweep.dir)")
     out = args.out or args.sweeps[0]
-    out.mkdir(parents=True, exist_ok=True)
+    try:  # writable before any plot is drawn
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise UsageError(f"report: cannot write into {out} ({e.strerror or e}); pass --out <a writable folder>") \
+            from None
     text = report(runs, pick_quality(runs, args.quality), out, ", ".join(map(str, args.sweeps)))
     (out / "report.md").write_text(text)
     print(text)

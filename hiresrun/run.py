@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from hiresrun import checkpoint, outputs, sampling, store, support
+from hiresrun import checkpoint, outputs, sampling, store, support, validate
 from hiresrun.build import (
     build_accelerator,
     build_conditioner,
@@ -43,8 +43,8 @@ def sample(cfg: DictConfig) -> dict | None:
     base, method, net, ckpt = sampling_net(cfg)
     conditioner = build_conditioner(cfg, base)
     from_file = conditioner.prompts.seeds if conditioner.prompts is not None else None
-    seeds = from_file if from_file and cfg.sample.seeds is None else parse_seeds(cfg.sample.seeds,
-                                                                                  cfg.sample.num_samples)
+    seeds = parse_seeds(from_file if from_file and cfg.sample.seeds is None else cfg.sample.seeds,
+                        cfg.sample.num_samples)  # a prompt file's seeds obey the same rules
     calibration_overlap(cfg, seeds)
     for line in conditioner.check_lengths(seeds):
         print(line)
@@ -53,8 +53,10 @@ def sample(cfg: DictConfig) -> dict | None:
         raise UsageError(f"sample.shard={cfg.sample.shard}: {len(plan)} batches of sample.batch_size="
                          f"{cfg.sample.batch_size} cannot make {shard[1]} shards; use at most {len(plan)} shards or a "
                          f"smaller sample.batch_size")
-    lit = LitModule(net, method, sampler_scheduler(cfg, base, method), cfg.sampler.num_steps,
-                    build_accelerator(cfg), conditioner=conditioner)
+    accelerator = build_accelerator(cfg)
+    accelerator.check(net, method.loop_steps(int(cfg.sampler.num_steps)))
+    lit = LitModule(net, method, sampler_scheduler(cfg, base, method), cfg.sampler.num_steps, accelerator,
+                    conditioner=conditioner)
     folder = store.Store(run_dir)  # everything that can refuse the run has run: now the folder is written
     info = {"identity": store.identity(cfg, base.weights_hash, ckpt), "checkpoint": ckpt,
             **sampling_record(cfg, base, conditioner, seeds)}
@@ -375,7 +377,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
     has_target = "_target_" in (cfg.get("metrics") or {})
     metrics = instantiate(cfg.metrics) if has_target else Metrics(cache_dir=cfg.paths.cache_dir)
-    real = cfg.eval.ref or instantiate(cfg.data)
+    real = cfg.eval.ref or (instantiate(cfg.data) if cfg.eval.mode == "ref" else None)
     if cfg.eval.mode == "ref":
         result = metrics.reference_statistics(real, int(cfg.data.resolution), int(cfg.data.get("channels", 1)))
         print(f"hiresrun: reference features of {result['real']} ({result['n_reference']} images, "
@@ -385,6 +387,7 @@ def evaluate(cfg: DictConfig) -> dict:
             raise UsageError("`hiresrun eval` needs eval.gen=<folder of generated images> (or eval.mode=ref to "
                              "cache the real set's features)")
         images, seeds = load_folder(cfg.eval.gen)
+        real = real or instantiate(cfg.data, resolution=int(images.shape[-1]))  # the real set at the images' size
         result = {"gen": str(cfg.eval.gen), "num_samples": len(images),
                   "resolution": int(images.shape[-1]), **metrics.evaluate(images, real, cfg.get("reference"), seeds)}
         shown = [f"{k} {result[k]:.4g}" for k in ("fid", "kid", "patch_fid", "swd", "digit_acc", "lpips_to_ref")
@@ -421,51 +424,11 @@ def refuse(cfg: DictConfig, error: Unsupported) -> None:
     print(f"hiresrun: refused: {error}")
 
 
-PRECISIONS = ("64", "64-true", "32", "32-true", "16", "16-mixed", "16-true", "bf16", "bf16-mixed", "bf16-true",
-              "transformer-engine", "transformer-engine-float16")
-
-
-def check_values(cfg: DictConfig) -> None:
-    """Values torch or Lightning would fail on late (or, worse, accept): one line each, before anything is built or
-    written. What a constructor checks itself (method.*, accelerator.*) it says in its own line."""
-    import math
-
-    def number(key: str):
-        return OmegaConf.select(cfg, key, throw_on_missing=False)
-
-    for group, key, choice_ in (("model", "path", "model=diffusers"), ("data", "root", "data=folder")):
-        if group in cfg and key in cfg[group].keys() and OmegaConf.is_missing(cfg[group], key):
-            raise UsageError(f"{group}.{key} is required with {choice_}: pass {group}.{key}=<folder>")
-    steps = number("sampler.num_steps")
-    if isinstance(steps, int) and steps < 1:
-        raise UsageError(f"sampler.num_steps={steps}: must be at least 1 (e.g. sampler.num_steps=50)")
-    for key in ("data.batch_size", "sample.batch_size", "train.checkpoint_every"):
-        value = number(key)
-        if isinstance(value, int) and value < 1:
-            raise UsageError(f"{key}={value}: must be at least 1")
-    if cfg.get("sample") and cfg.sample.get("seeds") is None and int(cfg.sample.num_samples) < 1:
-        raise UsageError(f"sample.num_samples={cfg.sample.num_samples}: must be at least 1, or give the images "
-                         f"explicitly with sample.seeds=0-99")
-    lr = number("optimizer.lr")
-    if cfg.task in ("train", "pretrain") and lr is not None and not (isinstance(lr, (int, float)) and
-                                                                     math.isfinite(lr) and lr > 0):
-        raise UsageError(f"optimizer.lr={lr}: must be a positive finite number (e.g. optimizer.lr=2e-4)")
-    trainer = cfg.get("trainer") or {}
-    devices = trainer.get("devices")
-    if isinstance(devices, int) and (devices == 0 or devices < -1):
-        raise UsageError(f"trainer.devices={devices}: give a count >= 1, -1 (all) or a list of device indices")
-    precision = trainer.get("precision")
-    if precision is not None and str(precision) not in PRECISIONS:
-        raise UsageError(f"trainer.precision={precision}: choose one of {', '.join(PRECISIONS[:10])}")
-    if str(trainer.get("accelerator")) in ("gpu", "cuda") and not __import__("torch").cuda.is_available():
-        raise UsageError("trainer.accelerator=gpu but no CUDA device is visible; use trainer=cpu (or run on a GPU "
-                         "machine)")
-
-
 def run(cfg: DictConfig):
     if cfg.task not in TASKS:
         raise UsageError(f"task={cfg.task}: choose one of {', '.join(TASKS)}")
-    check_values(cfg)
+    validate.default_resolution(cfg)
+    validate.check_values(cfg)
     OmegaConf.resolve(cfg)
     if cfg.task in ("sample", "train", "calibrate"):  # before anything loads (hiresrun/support.py)
         try:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from hiresrun.errors import UsageError
+from hiresrun.errors import DataError, UsageError
 
 CONFIG = "sampling.json"
 RECORDS = "records"
@@ -64,8 +64,13 @@ def parse_shard(value) -> tuple[int, int]:
         task, count = os.environ.get("SLURM_ARRAY_TASK_ID"), os.environ.get("SLURM_ARRAY_TASK_COUNT")
         if task is None or count is None:
             return 0, 1
-        base = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))  # arrays may start at 1 (--array=1-8)
-        return int(task) - base, int(count)
+        base = os.environ.get("SLURM_ARRAY_TASK_MIN", "0")  # arrays may start at 1 (--array=1-8)
+        if not all(re.fullmatch(r"\d+", v) for v in (task, count, base)) or not 0 <= int(task) - int(base) < \
+                int(count):
+            raise UsageError(f"sample.shard=auto: SLURM_ARRAY_TASK_ID={task} (min {base}) is not one of the "
+                             f"SLURM_ARRAY_TASK_COUNT={count} tasks; submit with --array=0-<N-1> or give "
+                             f"sample.shard=K/N")
+        return int(task) - int(base), int(count)
     m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(value))
     if not m or int(m[2]) < 1 or int(m[1]) >= int(m[2]):
         raise UsageError(f"sample.shard={value}: write K/N with 0 <= K < N (e.g. sample.shard=0/4 for the first of "
@@ -257,18 +262,21 @@ class Writer:
         """-> each PNG's sha256."""
         from hiresrun.outputs import save_png
 
-        self.store.samples.mkdir(parents=True, exist_ok=True)
-        self.store.records.mkdir(parents=True, exist_ok=True)
         hashes = []
         for s, im in zip(seeds, images):
             path = self.store.samples / png_name(s)
             save_png(im, path)
             hashes.append(sha256(path))
         line = json.dumps({"seeds": [int(s) for s in seeds], "sha256": hashes, **facts}, allow_nan=False)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:  # a torn last line is skipped on reading (`read_records`): the batch is redone
+            raise DataError(f"could not write {self.path}: {e.strerror or e}; free space in {self.path.parent} or "
+                            f"put the run on a writable disk; the same command then resumes") from None
         return hashes
 
 

@@ -85,14 +85,15 @@ def test_train_without_a_method(tiny_model_dir, tmp_path):
     assert proc.returncode == 2 and "+method=" in one_error_line(proc)
 
 
-def test_runtime_failure_is_exit_1_and_full_error_shows_traceback(tmp_path):
+def test_a_broken_model_config_is_one_line_and_full_error_shows_traceback(tmp_path):
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{ not json")
     proc = cli("sample", "model=diffusers", f"model.path={tmp_path}/broken", "logger=none", cwd=tmp_path)
-    assert proc.returncode == 1 and one_error_line(proc)
+    assert proc.returncode == 2 and one_error_line(proc)  # read before any work: the folder given is broken
+    assert "config.json: not valid JSON" in proc.stderr
     proc = cli("sample", "model=diffusers", f"model.path={tmp_path}/broken", "logger=none", cwd=tmp_path,
                env={"HYDRA_FULL_ERROR": "1"})
-    assert proc.returncode == 1 and "Traceback" in proc.stderr
+    assert proc.returncode == 2 and "Traceback" in proc.stderr
 
 
 def test_multirun_sweeps_plus_method(tiny_model_dir, tmp_path):

@@ -43,6 +43,8 @@ def test_option_composes_and_instantiates(group, option, tiny_model_dir, tiny_sd
                                          ("data", "folder"): [f"data.root={tmp_path}"]}.get((group, option), [])
     if group == "model":
         overrides.append("model.init=scratch")  # the architecture is enough; weights are tested elsewhere
+        if option in ("sd15", "sd21", "sdxl", "dit"):
+            overrides.append("model.resolution=null")  # the preset's native size is not the tiny folder's
     cfg = compose(overrides, tmp_path / "run")
     node = cfg[group]
     if group == "trainer" and option == "gpu":
@@ -64,6 +66,43 @@ def test_option_composes_and_instantiates(group, option, tiny_model_dir, tiny_sd
     if group == "sampler":
         built.set_timesteps(node.num_steps)
         assert len(built.timesteps) >= node.num_steps
+
+
+NATIVE = {"sd15": 512, "sd21": 512, "sdxl": 1024, "dit": 256, "tiny-sd-mnist": 16, "tiny-mnist": 16}
+
+
+def test_every_model_file_states_its_native_size_and_data_resolution_defaults_to_it(tmp_path):
+    from conftest import cli
+    from omegaconf import OmegaConf
+
+    assert {f.stem for f in (CONF / "model").glob("*.yaml")} == set(NATIVE) | {"diffusers"}
+    for model, native in NATIVE.items():
+        proc = cli("sample", f"model={model}", "--cfg", "job", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        cfg = OmegaConf.create(proc.stdout)
+        assert cfg.model.resolution == cfg.data.resolution == native, model
+        assert cfg.method.resolution == native  # methods target the same size unless told otherwise
+
+
+def test_a_model_default_size_is_checked_and_a_real_image_model_is_not_scored_against_mnist(tiny_sdxl_dir,
+                                                                                          tiny_model_dir, tmp_path):
+    from conftest import cli
+    from hydra.errors import InstantiationException
+
+    proc = cli("sample", "model=sdxl", "sample.prompt=cat", "metrics=default", cwd=tmp_path,
+               env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2 and not list((tmp_path / "outputs").glob("sample/*/*"))  # no run folder left
+    (line,) = proc.stderr.strip().splitlines()
+    assert line == ("hiresrun: error: metrics= would score a model trained on laion against MNIST digits; give its "
+                    "real images: data=folder data.root=<folder of images>")
+    with pytest.raises(InstantiationException, match=r"model.resolution=1024, but the weights at .* are 16 px; set "
+                                         r"model.resolution=16"):
+        run.run(compose(["model=sdxl", f"model.path={tiny_sdxl_dir}", "sample.prompt=cat", "logger=none"],
+                        tmp_path / "x"))
+    # model=diffusers states no size: the folder's own (8 px UNet sample_size, no VAE) is the default target
+    cfg = compose(["model=diffusers", f"model.path={tiny_model_dir}", "logger=none", "sample.num_samples=1",
+                   "sampler.num_steps=2"], tmp_path / "d")
+    assert cfg.data.resolution is None and run.run(cfg)["resolution"] == 8
 
 
 @pytest.mark.gpu

@@ -98,9 +98,9 @@ def test_fullscale_text_settings_run_end_to_end_on_the_tiny_folders(name, family
     folder = tiny_sdxl_dir if family == "sdxl" else tiny_sd_dir
     data = captioned_folder(tmp_path / "data")
     (tmp_path / "prompts.txt").write_text("a cat\na dog\n")
-    scale = ["model.path=" + str(folder), f"data.root={data}", "data.resolution=32", "trainer=cpu",
-             "trainer.precision=32-true", "trainer.accelerator=cpu", "trainer.devices=1", "sampler.num_steps=4",
-             "metrics=none", *FAST[:2]]
+    scale = ["model.path=" + str(folder), "model.resolution=null", f"data.root={data}", "data.resolution=32",
+             "trainer=cpu", "trainer.precision=32-true", "trainer.accelerator=cpu", "trainer.devices=1",
+             "sampler.num_steps=4", "metrics=none", *FAST[:2]]
     ckpt = []
     if name.startswith("selfcascade"):
         train_cfg = compose([f"experiment=fullscale/{name}", "task=train", "trainer.max_steps=2", "data.batch_size=2",

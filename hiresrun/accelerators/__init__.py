@@ -132,6 +132,10 @@ class Accelerator:
     def wrap(self, model_fn: ModelFn, step=None) -> ModelFn:  # step: sampling.Step, the loop's schedule context
         return model_fn
 
+    def check(self, net: nn.Module, loops: list[int]) -> None:
+        """Refuse, before any image is made, a setting this net or these loops (the steps of each sampling loop the
+        method runs, `Method.loop_steps`) cannot take; what `attach` / `wrap` would only find mid-run."""
+
     # What an accelerator records per image, for the batch records of a sample run (hiresrun/store.py):
     # `mark()` before a batch, `per_image(mark, seeds)` after it -> {str(seed): facts} or None;
     # `summary(per_image)` -> (a file's content, flat metrics) over every image of the run, or None.
@@ -170,6 +174,10 @@ class Chain(Accelerator):
         for a in reversed(list(self.members.values())):
             model_fn = a.wrap(model_fn, step)
         return model_fn
+
+    def check(self, net: nn.Module, loops: list[int]) -> None:
+        for a in self.members.values():
+            a.check(net, loops)
 
     def mark(self):
         return {name: a.mark() for name, a in self.members.items()}

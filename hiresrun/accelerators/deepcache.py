@@ -127,6 +127,10 @@ class DeepCache(Accelerator):
                              f"choose 1..{len(unet.down_blocks) - 1} so that something deep is cached")
         return unet
 
+    def check(self, net: nn.Module, loops: list[int]) -> None:
+        if self.interval > 1:
+            self.unet(net)  # a UNet, with deep blocks beyond `branch`
+
     def attach(self, net: nn.Module) -> list:
         self.state = {"cache": {}, "partial": False}
         if self.interval == 1:

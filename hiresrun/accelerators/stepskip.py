@@ -33,6 +33,8 @@ class StepSkip(Accelerator):
         if bits is not None and (not bits or any(b not in (0, 1) for b in bits)):
             raise UsageError(f"accelerator.mask={mask}: give one 1 (compute) or 0 (reuse) per sampler step, e.g. "
                              f"accelerator.mask=[1,1,0,1,0]")
+        if bits is not None and bits[0] != 1:  # nothing to reuse before the first computed output
+            raise UsageError(f"accelerator.mask={mask}: the first step is always computed; start the mask with 1")
         self.every, self.mask = int(every), bits
 
     def schedule(self, num_steps: int) -> list[bool]:
@@ -43,6 +45,10 @@ class StepSkip(Accelerator):
             raise UsageError(f"accelerator.mask has {len(self.mask)} entries but the sampling loop makes {num_steps} "
                              f"steps; give one per step (sampler.num_steps, or the truncated loop of the method)")
         return [True] + [bool(b) for b in self.mask[1:]]
+
+    def check(self, net, loops: list[int]) -> None:
+        for num_steps in loops:
+            self.schedule(num_steps)
 
     def wrap(self, model_fn: ModelFn, step=None) -> ModelFn:
         if step is None or (self.mask is None and self.every == 1):

@@ -28,6 +28,7 @@ class Method:
     `sample(net, gens, loop)`: images in [-1, 1] at the target resolution, one per generator; `loop` is a
         `sampling.Loop`: `sampling.sample` with scheduler, steps, generators, accelerator wrapping and the per-image
         `cond` bound; `loop.at(resolution)` is the loop of a pass at another size (its conditioning rebuilt).
+    `loop_steps(num_steps)`: the steps of each sampling loop `sample` runs (Self-Cascade's pivot and stage loops).
     `scheduler_config(base)`: the schedule the net samples on (simple diffusion trains its own).
     `precompute(base, data, run_dir)`: a stage that only computes and caches; True ends `hiresrun train` there.
     Manual optimisation is opted into by defining both `training_step(lit, batch)` and `optimizers(net, factory)`
@@ -56,6 +57,11 @@ class Method:
 
     def sample(self, net: nn.Module, gens: list[torch.Generator], loop) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__}.sample")
+
+    def loop_steps(self, num_steps: int) -> list[int]:
+        """The steps of each sampling loop `sample` runs with an N-step sampler (accelerators check their settings
+        against them before any image is made): one loop of N steps."""
+        return [num_steps]
 
     def scheduler_config(self, base: BaseModel) -> dict:
         return base.scheduler_config

@@ -228,6 +228,13 @@ class SelfCascade(NoneMethod):
             x = self._stage(net, s, x, up, sampling.noise(gens, shape(s), unet.device), stage_loop, start)
         return self.base.decode(x)
 
+    def loop_steps(self, num_steps: int) -> list[int]:
+        """The pivot's N steps, then each stage's last N - start (none at strength 0; one loop at strength 1)."""
+        start = num_steps - int(num_steps * self.strength)
+        if start == 0:
+            return [num_steps]
+        return [num_steps] + ([num_steps - start] * self.stages if start < num_steps else [])
+
     def _stage(self, net, s: int, pivot: Tensor, up: Tensor, eps: Tensor, loop, start: int) -> Tensor:
         unet = self._unet(net)
         if not isinstance(net, CascadeNet):

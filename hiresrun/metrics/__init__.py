@@ -69,6 +69,13 @@ class Metrics:
                  clip_model: str | None = "openai/clip-vit-large-patch14"):  # text runs: clip_score's CLIP
                                                           # (local folder or HF cache only); null = no clip_score
         self.fid, self.kid, self.patch_fid, self.swd, self.digits = fid, kid, patch_fid, swd, digits
+        for key, value, least in (("num_reference", num_reference, 2), ("kid_subsets", kid_subsets, 1),
+                                  ("kid_subset_size", kid_subset_size, 2), ("patch_size", patch_size, 1),
+                                  ("patches_per_image", patches_per_image, 1), ("batch_size", batch_size, 1)):
+            if value is not None and value < least:  # FID/KID need two images a set; the rest one of each
+                raise UsageError(f"metrics.{key}={value}: must be at least {least}")
+        if not 0 <= digit_threshold <= 1:
+            raise UsageError(f"metrics.digit_threshold={digit_threshold}: a probability, in [0, 1]")
         self.num_reference, self.kid_subsets, self.kid_subset_size = num_reference, kid_subsets, kid_subset_size
         self.patch_size, self.patches_per_image, self.seed = patch_size, patches_per_image, seed
         self.digit_threshold, self.digit_classifier, self.lpips_net = digit_threshold, digit_classifier, lpips_net

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from hiresrun.errors import DataError
+from hiresrun.outputs import atomic
 
 FOLDER = "features"
 
@@ -32,7 +34,7 @@ class FeatureCache:
 
     def __init__(self, folders: Sequence[Path], seeds: Sequence[int], hashes: Sequence[str]):
         self.folders, self.seeds, self.hashes = [Path(f) for f in folders], list(seeds), list(hashes)
-        self.computed, self.reused = 0, 0
+        self.computed, self.reused, self.unsaved = 0, 0, 0  # unsaved: rows a read-only folder could not keep
 
     def path(self, i: int, tag: str) -> Path:
         return self.folders[i] / FOLDER / tag / f"{self.seeds[i]:06d}-{self.hashes[i][:16]}.npy"
@@ -53,7 +55,10 @@ class FeatureCache:
             new = np.asarray(compute(missing), np.float32).reshape(len(missing), *shape)
             for i, row in zip(missing, new):
                 found[i] = row
-                save(self.path(i, tag), row)
+                try:
+                    save(self.path(i, tag), row)
+                except DataError:  # a folder on read-only storage (shards merged from an archive): a cache only
+                    self.unsaved += 1
         self.computed += len(missing)
         self.reused += len(self.seeds) - len(missing)
         if not found:
@@ -66,12 +71,12 @@ class FeatureCache:
 
 
 def save(path: Path, row: np.ndarray) -> None:
-    """Atomic: a temporary name no reader globs, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "wb") as f:
-        np.save(f, row, allow_pickle=False)
-    os.replace(tmp, path)
+    """Atomic (outputs.atomic): a temporary name no reader globs, then rename."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, row, allow_pickle=False)
+
+    atomic(path, write)
 
 
 class BatchFeatures:

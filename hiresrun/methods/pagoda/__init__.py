@@ -258,6 +258,9 @@ class PaGoDA(Method):
         return heun(lambda x, s: self.view.denoise(teacher, x, s, cond), noise, sigmas)
 
     # -- sampling: one evaluation -------------------------------------------------------------------------------
+    def loop_steps(self, num_steps: int) -> list[int]:
+        return []  # one generator evaluation, no sampling loop
+
     @torch.no_grad()
     def sample(self, net: PagodaNet, gens: list[torch.Generator], loop) -> Tensor:
         """x = G(sigma_max eps) at the grown resolution, NFE 1; `loop` only lends its counting wrapper."""

@@ -1,0 +1,146 @@
+"""A composed config checked before anything is built or written: every value torch, Lightning or a constructor
+would fail on late, or, worse, accept (a NaN skip scale, a fractional step count), refused in one line naming the
+key and the fix (ARCHITECTURE.md, "Errors").
+
+Two kinds of checks: the typed knobs of every object a config builds (`model`, `method`, each accelerator of a list,
+`metrics`, `data`), read from the annotations of its `_target_`'s signature (the signature is the schema, STYLE.md 3):
+a float knob takes a finite number, an integer knob a whole number; and the fixed keys of the primary config
+(counts, seeds, step numbers, the trainer). What a constructor checks about its own values it says in its own line.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from hiresrun.errors import UsageError
+
+PRECISIONS = ("64", "64-true", "32", "32-true", "16", "16-mixed", "16-true", "bf16", "bf16-mixed", "bf16-true",
+              "transformer-engine", "transformer-engine-float16")
+COUNTS = {  # key -> smallest value (whole numbers)
+    "sampler.num_steps": 1, "data.batch_size": 1, "sample.batch_size": 1, "train.checkpoint_every": 1,
+    "sample.num_samples": 1, "data.resolution": 1, "seed": 0, "sample.progress_every": 0, "trainer.max_steps": -1,
+    "train.grid_every": 0, "train.grid_seeds": 1,
+}
+HINTS = {"sampler.num_steps": " (e.g. sampler.num_steps=50)",
+         "sample.num_samples": ", or give the images explicitly with sample.seeds=0-99",
+         "trainer.max_steps": " (-1: no limit)"}
+
+
+def whole(key: str, value, least: int | None = None) -> int:
+    """`value` as an int when it is a whole number (not a bool, a fraction, NaN or text), at least `least`."""
+    ok = isinstance(value, int) and not isinstance(value, bool) or \
+        isinstance(value, float) and math.isfinite(value) and value.is_integer()
+    if not ok:
+        raise UsageError(f"{key}={value}: must be a whole number{HINTS.get(key, '')}")
+    if least is not None and int(value) < least:
+        raise UsageError(f"{key}={value}: must be at least {least}{HINTS.get(key, '')}")
+    return int(value)
+
+
+def finite(key: str, value) -> float:
+    """`value` as a float when it is a finite number (not a bool, NaN, infinity or text)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UsageError(f"{key}={value}: must be a finite number")
+    return float(value)
+
+
+def typed_knobs(prefix: str, node: DictConfig) -> None:
+    """Each key of `node` that its `_target_`'s signature annotates as float or int takes a finite or whole number
+    (a `float | None` knob may be null; a list-typed knob is the constructor's to check)."""
+    from hydra.utils import get_method
+
+    try:
+        params = inspect.signature(get_method(str(node._target_))).parameters
+    except (ImportError, ValueError, TypeError, AttributeError):
+        return  # an unknown target is refused where it is built, naming it
+    for key, param in params.items():
+        if key not in node or not isinstance(param.annotation, str):
+            continue
+        kinds = set(re.findall(r"[A-Za-z_]+", param.annotation))
+        value = OmegaConf.select(node, key, throw_on_missing=False)
+        if value is None or isinstance(value, (list, dict, ListConfig, DictConfig)) or "str" in kinds:
+            continue
+        if isinstance(value, bool) and "bool" in kinds:
+            continue
+        if "float" in kinds:
+            finite(f"{prefix}.{key}", value)
+        elif "int" in kinds:
+            whole(f"{prefix}.{key}", value)
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Values torch or Lightning would fail on late (or, worse, accept): one line each, before anything is built or
+    written. What a constructor checks itself (method.*, accelerator.*) it says in its own line."""
+
+    def select(key: str):
+        return OmegaConf.select(cfg, key, throw_on_missing=False)
+
+    for group, key, choice_ in (("model", "path", "model=diffusers"), ("data", "root", "data=folder")):
+        if group in cfg and key in cfg[group].keys() and OmegaConf.is_missing(cfg[group], key):
+            raise UsageError(f"{group}.{key} is required with {choice_}: pass {group}.{key}=<folder>")
+    for key, least in COUNTS.items():
+        value = select(key)
+        if value is not None and not (key == "sample.num_samples" and select("sample.seeds") is not None):
+            whole(key, value, least)
+    if cfg.get("sample") and cfg.task in ("sample", "calibrate"):
+        from hiresrun.build import parse_seeds
+
+        parse_seeds(cfg.sample.get("seeds"), int(cfg.sample.num_samples))
+    lr = select("optimizer.lr")
+    if cfg.task in ("train", "pretrain") and lr is not None and not (
+            isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0):
+        raise UsageError(f"optimizer.lr={lr}: must be a positive finite number (e.g. optimizer.lr=2e-4)")
+    for key in ("sample.guidance_scale", "sample.guidance_rescale"):
+        if select(key) is not None:
+            finite(key, select(key))
+    trainer = cfg.get("trainer") or {}
+    devices = trainer.get("devices")
+    if isinstance(devices, int) and (devices == 0 or devices < -1):
+        raise UsageError(f"trainer.devices={devices}: give a count >= 1, -1 (all) or a list of device indices")
+    precision = trainer.get("precision")
+    if precision is not None and str(precision) not in PRECISIONS:
+        raise UsageError(f"trainer.precision={precision}: choose one of {', '.join(PRECISIONS[:10])}")
+    if str(trainer.get("accelerator")) in ("gpu", "cuda") and not __import__("torch").cuda.is_available():
+        raise UsageError("trainer.accelerator=gpu but no CUDA device is visible; use trainer=cpu (or run on a GPU "
+                         "machine)")
+    for group in ("model", "method", "metrics", "data"):
+        if "_target_" in (cfg.get(group) or {}):
+            typed_knobs(group, cfg[group])
+    if "_target_" in (cfg.get("metrics") or {}) and cfg.task in ("sample", "merge", "eval"):
+        from hydra.utils import instantiate
+
+        instantiate(cfg.metrics)  # its own value checks; nothing heavy is built until scoring
+    if "_target_" in (cfg.get("accelerator") or {}):
+        from hiresrun.build import accelerator_parts
+
+        for part in accelerator_parts(cfg.accelerator).values():
+            typed_knobs("accelerator", part)
+    reference = cfg.get("reference")
+    if reference and cfg.task in ("sample", "merge", "eval") and not Path(str(reference)).expanduser().is_dir():
+        raise UsageError(f"reference={reference}: no such folder; give the run folder of a `hiresrun sample` run "
+                         f"with the same seeds")
+
+
+def default_resolution(cfg: DictConfig) -> None:
+    """`data.resolution` unset (the model file states no native size): the model's own, read from its config files;
+    and a model whose weights learned other data is not scored against the embedded MNIST."""
+    if "data" not in cfg or "model" not in cfg:
+        return
+    if OmegaConf.select(cfg, "data.resolution") is None and cfg.task in ("sample", "train", "calibrate"):
+        from hiresrun.models import native_resolution
+
+        native = native_resolution(str(cfg.model.path), cfg.model.get("revision"), cfg.model.get("vae"))
+        if native is None:
+            raise UsageError(f"data.resolution is not set and model.path={cfg.model.path} states no native size "
+                             f"(no local config); set data.resolution=<image side in px>")
+        cfg.data.resolution = native
+    trained_on = cfg.model.get("trained_on")
+    mnist = str(cfg.data.get("_target_", "")).endswith("MnistDataModule")
+    if mnist and trained_on not in (None, "mnist") and "_target_" in (cfg.get("metrics") or {}):
+        raise UsageError(f"metrics= would score a model trained on {trained_on} against MNIST digits; give its real "
+                         f"images: data=folder data.root=<folder of images>")
