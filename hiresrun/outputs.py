@@ -156,13 +156,7 @@ def side_by_side(grids: list[tuple[str, Path]], path: Path, top: int = 18, pad: 
 
 
 def save_samples(seeds: Tensor, images: Tensor, folder: Path) -> None:
-    """samples/<seed>.png for each seed; images of other seeds left by an earlier run into the same folder are
-    removed, so the folder holds exactly the seeds this run's metrics.json names."""
-    folder.mkdir(parents=True, exist_ok=True)
-    names = {f"{s:06d}.png" for s in seeds.tolist()}
-    for stale in folder.glob("*.png"):
-        if stale.name not in names:
-            stale.unlink()
+    """<folder>/<seed:06d>.png for each seed, as sample runs name them; other files there are left alone."""
     for s, im in zip(seeds.tolist(), images):
         save_png(im, folder / f"{s:06d}.png")
 

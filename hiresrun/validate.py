@@ -21,9 +21,9 @@ from hiresrun.errors import UsageError
 
 PRECISIONS = ("64", "64-true", "32", "32-true", "16", "16-mixed", "16-true", "bf16", "bf16-mixed", "bf16-true",
               "transformer-engine", "transformer-engine-float16")
-COUNTS = {  # key -> smallest value (whole numbers)
+COUNTS = {  # key -> smallest value (whole numbers; None: the model checks the size, naming its own step)
     "sampler.num_steps": 1, "data.batch_size": 1, "sample.batch_size": 1, "train.checkpoint_every": 1,
-    "sample.num_samples": 1, "data.resolution": 1, "seed": 0, "sample.progress_every": 0, "trainer.max_steps": -1,
+    "sample.num_samples": 1, "data.resolution": None, "seed": 0, "sample.progress_every": 0, "trainer.max_steps": -1,
     "train.grid_every": 0, "train.grid_seeds": 1,
 }
 HINTS = {"sampler.num_steps": " (e.g. sampler.num_steps=50)",

@@ -85,11 +85,60 @@ CASES = [
     (["accelerator=[stepskip,adaptive]"], r"stepskip and adaptive both decide which steps call the model"),
     (["accelerator=[adaptive,deepcache]"], r"adaptive calls the model on sub-batches .* set "
                                            r"accelerator.decision_scope=batch"),
+    # values that used to be refused only after images were written, or to pass silently, or as a raw exception
+    (["sample.seeds=true"], r"sample.seeds=True: seeds are whole numbers"),
+    (["sample.seeds=[a,b]"], r"seeds are whole numbers; write a list"),
+    (["sample.seeds=[1.5,2]"], r"seeds are whole numbers; write a list"),
+    (["sample.seeds=1e23"], r"seeds must lie below 2\^31"),
+    (["sample.num_samples=abc"], r"sample.num_samples=abc: must be a whole number"),
+    (["sample.num_samples=2.5"], r"sample.num_samples=2.5: must be a whole number"),
+    (["sample.batch_size=1.5"], r"sample.batch_size=1.5: must be a whole number"),
+    (["data.resolution=abc"], r"data.resolution=abc: must be a whole number"),
+    (["seed=abc"], r"seed=abc: must be a whole number"),
+    (["sampler.num_steps=1.5"], r"sampler.num_steps=1.5: must be a whole number"),
+    (["sampler.num_steps=5000"], r"sampler.num_steps=5000: the model's schedule has 1000 training timesteps"),
+    ([*TRAIN, "trainer.max_steps=-5"], r"trainer.max_steps=-5: must be at least -1"),
+    (["accelerator=skiptuning", "accelerator.rho=nan"], r"accelerator.rho=nan: must be a finite number"),
+    (["accelerator=adaptive", "accelerator.delta=nan"], r"accelerator.delta=nan: must be a finite number"),
+    (["accelerator=adaptive", "accelerator.delta=inf"], r"accelerator.delta=inf: must be a finite number"),
+    (["accelerator=deepcache", "accelerator.interval=1.5"], r"accelerator.interval=1.5: must be a whole number"),
+    (["accelerator=deepcache", "accelerator.interval=2", "accelerator.branch=99"], r"accelerator.branch=99: this "
+                                                                                    r"UNet has 2 down blocks"),
+    (["accelerator=stepskip", "accelerator.mask=[1,0,1,0]"], r"accelerator.mask has 4 entries but the sampling "
+                                                             r"loop makes 2 steps"),
+    (["accelerator=stepskip", "accelerator.mask=[0,0]"], r"the first step is always computed; start the mask "
+                                                         r"with 1"),
+    (["model.vae_tile_above=-1"], r"model.vae_tile_above=-1: give an image side in px"),
+    (["sample.guidance_scale=nan"], r"sample.guidance_scale=nan: must be a finite number"),
+    (["reference={tmp}/missing"], r"reference=<tmp>/missing: no such folder"),
+    (["metrics=default", "metrics.num_reference=0"], r"metrics.num_reference=0: must be at least 2"),
+    (["metrics=default", "metrics.kid_subsets=nan"], r"metrics.kid_subsets=nan: must be a whole number"),
+    (["model.path=/no/such/model/folder"], r"model.path=/no/such/model/folder: no such folder"),
+    (["method=finetune", "ckpt_path={imgs}/0.png"], r"ckpt_path=<images>/0.png: not a checkpoint"),
+    (["model.path=tiny-sd-mnist", "model.resolution=null", "prompts={tmp}/latin1.txt"], r"not UTF-8 text"),
+    (["model.path=tiny-sd-mnist", "model.resolution=null", "prompts={tmp}/long.csv"], r"not a readable CSV file "
+                                                                                      r"\(field larger than field "
+                                                                                      r"limit"),
+    (["model.path=tiny-sd-mnist", "model.resolution=null", "prompts={tmp}/big-seed.jsonl"], r"line 1 has "
+                                                                                            r"seed=1099511627776; seeds "
+                                                                                            r"are whole numbers"),
+    (["model.path=tiny-sd-mnist", "model.resolution=null", "prompts={tmp}/bool-seed.jsonl"], r"line 1 has seed=True"),
+    (["accelerator=adaptive", "accelerator.calibration={tmp}/bad-calibration.json"], r"not a `hiresrun calibrate` "
+                                                                                     r"file"),
     (["cli:", "sampler.num_step=10"], r"sampler.num_step is not a key of sampler; did you mean sampler.num_steps\?"),
     (["cli:", "sample.num_sample=3"], r"sample.num_sample is not a key of sample; did you mean sample.num_samples"),
     (["cli:", "sampler=banana"], r"sampler=banana is not an option; choose from: .*ddim"),
     (["cli:", "hydra.run.dir=/proc/hiresrun-bad-input"], r"cannot write the run folder /proc/hiresrun-bad-input"),
+    (["cli:", "hydra.run.dir={tmp}/\u00e9t\u00e9"], r"Hydra's override grammar cannot read this value unquoted; "
+                                                    r"quote it: hydra.run.dir='"),
 ]
+FILES = {  # {tmp}/<name>: the bad files the cases above name
+    "latin1.txt": "caf\u00e9 au lait\n".encode("latin-1"),
+    "long.csv": ("prompt,seed\n" + "x" * 140_000 + ",1\n").encode(),
+    "big-seed.jsonl": b'{"prompt": "a digit", "seed": 1099511627776}\n',
+    "bool-seed.jsonl": b'{"prompt": "a digit", "seed": true}\n',
+    "bad-calibration.json": b'{"key": [1, 2], "delta": "soon"}\n',
+}
 SEEN: dict[int, tuple[str, int, str]] = {}  # case index -> (the input as typed, exit code, the line)
 
 
@@ -106,21 +155,25 @@ def imgs(tmp_path_factory) -> Path:
 def observe(i: int, model_dir: Path, imgs: Path, tmp_path: Path, capsys) -> tuple[str, int, str]:
     """Run case i the way the command line would; return (input, exit code, the one line)."""
     overrides, _ = CASES[i]
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    for name, data in FILES.items():
+        (tmp_path / name).write_bytes(data)
     fill = lambda o: o.replace("{imgs}", str(imgs)).replace("{tmp}", str(tmp_path))
     task = "train" if "task=train" in overrides else "sample"
     shown = " ".join(o.replace("{imgs}", "<images>").replace("{tmp}", "<tmp>") for o in overrides
                      if o not in ("cli:", "task=train"))
     typed = f"hiresrun {task} {shown.replace('method=', '+method=', 1) if 'method=' in shown else shown}"
     if overrides[0] == "cli:":
-        from hiresrun.cli import validate
+        from hiresrun.cli import check_grammar, validate
 
         args = [fill(o) for o in overrides[1:]]
         given = [a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")]
         with pytest.raises(SystemExit) as exit_:
+            check_grammar(args)
             validate([a for a in args if not a.startswith("hydra.")], given[0] if given else None)
         lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
         assert len(lines) == 1, lines
-        return typed, int(exit_.value.code), lines[0].removeprefix("hiresrun: error: ")
+        return typed, int(exit_.value.code), lines[0].removeprefix("hiresrun: error: ").replace(str(tmp_path), "<tmp>")
     run_dir = tmp_path / "run"
     cfg = compose(tiny_overrides(model_dir) + [fill(o) for o in overrides], run_dir)
     with pytest.raises((UsageError, InstantiationException)) as err:

@@ -323,3 +323,16 @@ def test_one_psnr_definition_for_sample_calibrate_and_bench():
     ref = peak_signal_noise_ratio(x.double() / 255, y.double() / 255, data_range=1.0, dim=(1, 2, 3), reduction="none")
     assert torch.allclose(lp.psnr(x, y), ref) and lp.fidelity(x, y, same)["psnr_to_ref"] == pytest.approx(
         calibrate.fidelity(x, y)["psnr_to_ref"])
+
+
+def test_a_corrupt_image_under_eval_gen_is_one_line_naming_it(tmp_path):
+    from conftest import compose
+
+    from hiresrun import run
+
+    gen = tmp_path / "gen"
+    save_samples(torch.tensor([0, 1]), torch.zeros(2, 1, 8, 8, dtype=torch.uint8), gen)
+    bad = sorted(gen.glob("*.png"))[1]
+    bad.write_bytes(bad.read_bytes()[:20])  # truncated
+    with pytest.raises(UsageError, match=rf"{bad}: not a readable image \(\w+\); replace or remove the file"):
+        run.run(compose(["task=eval", f"eval.gen={gen}", "logger=none"], tmp_path / "eval"))

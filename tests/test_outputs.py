@@ -43,7 +43,7 @@ def test_peak_memory_on_cpu_is_the_high_water_mark_since_the_last_reset():
     assert before > 10 and during >= before + 250 and after < during - 200  # the 256 MiB block, touched
 
 
-def test_samples_hold_exactly_this_runs_seeds_and_temp_names_are_not_images(tmp_path):
+def test_saving_samples_deletes_nothing_and_temp_names_are_not_images(tmp_path):
     import torch
 
     from hiresrun.outputs import load_images, save_samples
@@ -51,6 +51,6 @@ def test_samples_hold_exactly_this_runs_seeds_and_temp_names_are_not_images(tmp_
     images = torch.zeros(3, 1, 4, 4, dtype=torch.uint8)
     save_samples(torch.tensor([0, 1, 2]), images, tmp_path / "samples")
     (tmp_path / "samples" / ".000009.png.partial").write_bytes(b"half")  # what a kill mid-write leaves
-    save_samples(torch.tensor([0, 1]), images[:2], tmp_path / "samples")  # a rerun with fewer seeds
-    assert sorted(p.name for p in (tmp_path / "samples").glob("*.png")) == ["000000.png", "000001.png"]
-    assert load_images(tmp_path / "samples").shape == (2, 1, 4, 4)
+    save_samples(torch.tensor([0, 1]), images[:2], tmp_path / "samples")  # fewer seeds: the third image stays
+    assert sorted(p.name for p in (tmp_path / "samples").glob("*.png")) == ["000000.png", "000001.png", "000002.png"]
+    assert load_images(tmp_path / "samples").shape == (3, 1, 4, 4)

@@ -133,3 +133,20 @@ def test_a_job_without_metrics_or_error_says_so(tmp_path):
     reasons = [r["reason"] for r in report.load_sweep(tmp_path)]
     assert reasons == ["no metrics.json and no error in the log (still running, or killed); it ends: [2026-11-30][x] "
                        "step 3", "no metrics.json and no log (crashed before logging, or still running)"]
+
+
+def test_a_malformed_or_unwritable_sweep_is_one_line(sweep, tmp_path):
+    import shutil
+
+    from hiresrun.errors import UsageError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(sweep, broken)
+    first = sorted(p for p in broken.iterdir() if (p / "metrics.json").is_file())[0]
+    (first / "metrics.json").write_text("{not json")
+    with pytest.raises(UsageError, match=r"metrics.json is not readable JSON \(JSONDecodeError\); repair or remove"):
+        report.main([str(broken)])
+    with pytest.raises(UsageError, match=r"report: cannot write into /proc/hiresrun-report .*pass --out"):
+        report.main([str(sweep), "--out", "/proc/hiresrun-report"])
+    proc = cli("report", str(broken), cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr

@@ -154,6 +154,48 @@ def test_shard_auto_reads_the_slurm_array(monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "8")
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")  # --array=1-8
     assert store.parse_shard("auto") == (7, 8)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "0")
+    with pytest.raises(store.UsageError, match=r"SLURM_ARRAY_TASK_ID=8 \(min 0\) is not one of the "
+                                               r"SLURM_ARRAY_TASK_COUNT=8 tasks"):
+        store.parse_shard("auto")
+
+
+def test_a_full_disk_while_sampling_is_one_line_and_leaves_no_partial_file(tiny_model_dir, tmp_path, monkeypatch):
+    from conftest import compose, tiny_overrides
+    from PIL import Image
+
+    from hiresrun import run
+    from hiresrun.errors import DataError
+
+    def full(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"half a png")  # what a full disk leaves behind
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    with pytest.raises(DataError) as e:
+        run.run(compose(tiny_overrides(tiny_model_dir) + ["sample.num_samples=2"], tmp_path / "run"))
+    line = str(e.value)
+    assert "\n" not in line and line.startswith(f"could not write {tmp_path / 'run' / 'samples' / '000000.png'}: No "
+                                                f"space left on device; free space")
+    assert not [p for p in (tmp_path / "run").rglob("*") if p.name.endswith(".partial")]
+    assert not list((tmp_path / "run").rglob("*.png"))
+
+
+def test_features_that_a_read_only_shard_cannot_keep_are_still_scored(tmp_path, monkeypatch):
+    """`hiresrun merge` of shards on read-only storage: the per-image feature cache is a cache; rows it cannot write
+    are used, counted as unsaved, and leave no temporary file."""
+    import numpy as np
+
+    from hiresrun.metrics import generated
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    cache = generated.FeatureCache([tmp_path] * 3, [0, 1, 2], ["a" * 64, "b" * 64, "c" * 64])
+    monkeypatch.setattr(generated.np, "save", read_only)
+    rows = cache.rows("inception", {"k": 1}, (2,), lambda idx: np.arange(2 * len(idx), dtype=np.float32))
+    assert rows.tolist() == [[0, 1], [2, 3], [4, 5]] and (cache.computed, cache.unsaved) == (3, 3)
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
 
 
 def test_shards_take_interleaved_whole_batches_that_cover_the_run_once():
