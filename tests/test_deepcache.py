@@ -110,3 +110,76 @@ def test_each_sampling_loop_starts_with_a_full_step(tiny_model_dir, tmp_path):
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     # pivot loop: 10 steps, full at 0, 3, 6, 9; 2x loop from the middle: 5 steps, full at its 0 and 3
     assert m["nfe_per_image"] == 15 and m["partial_per_image"] == 6 + 3
+
+
+@pytest.fixture(scope="module")
+def three_level_sd(tmp_path_factory, tiny_sd_dir):
+    """A tiny SD folder whose UNet has SD's shape in small: three levels of two layers each, cross-attention in the
+    first two, so every official branch id names a different cut."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
+    config = {**pipe.unet.config, "block_out_channels": [8, 16, 16], "layers_per_block": 2,
+              "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+              "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]}
+    torch.manual_seed(0)
+    pipe.unet = UNet2DConditionModel.from_config(config)
+    folder = tmp_path_factory.mktemp("sd3") / "sd"
+    pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("branch_id", [0, 1, 2, 5])
+def test_branch_id_is_the_official_helpers_cut_image_for_image(branch_id, three_level_sd, tmp_path):
+    """hiresrun's DeepCache with accelerator.branch_id=k equals the DeepCache package's own DeepCacheSDHelper
+    (cache_branch_id=k, uniform 1:3) on diffusers' StableDiffusionPipeline, same prompts, seeds and DDIM steps,
+    under guidance, within 1/255."""
+    from conftest import compose
+    from DeepCache import DeepCacheSDHelper
+    from diffusers import StableDiffusionPipeline
+
+    from hiresrun import run
+    from hiresrun.outputs import load_images
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na red dog\n")
+    cfg = compose(["model=diffusers", f"model.path={three_level_sd}", "sampler.num_steps=10", "sample.num_samples=2",
+                   f"prompts={prompts}", "sample.guidance_scale=7.5", "accelerator=deepcache", "accelerator.interval=3",
+                   f"accelerator.branch_id={branch_id}", "logger=none", "trainer.enable_progress_bar=false"],
+                  tmp_path / "run")
+    metrics = run.run(cfg)
+    ours = load_images(tmp_path / "run" / "samples")
+    pipe = StableDiffusionPipeline.from_pretrained(three_level_sd, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=3, cache_branch_id=branch_id)
+    helper.enable()
+    latents = sampling.noise(sampling.generators([0, 1]), (4, 8, 8))
+    ref = pipe(["a cat", "a red dog"], latents=latents, num_inference_steps=10, guidance_scale=7.5, height=16,
+               width=16, output_type="np").images
+    helper.disable()
+    ref = torch.from_numpy(ref).permute(0, 3, 1, 2) * 255
+    assert ours.shape == ref.shape == (2, 3, 16, 16)
+    assert (ours.float() - ref).abs().max() <= 1.0
+    assert metrics["partial_per_image"] == 6 and metrics["cost_per_image"] < 10  # steps 0, 3, 6, 9 are full
+
+
+def test_branch_id_caches_the_official_modules():
+    """Id 0 leaves only conv_in, the outermost up block's last resnet / attention and conv_out to recompute; id 3
+    (block 1, layer 0) keeps down block 0 and the second up block's last layer; an id past the UNet is refused."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16, 16),
+                                layers_per_block=2, cross_attention_dim=16, attention_head_dim=2, norm_num_groups=8,
+                                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    keys = lambda i: {k for k, _ in DeepCache(branch_id=i).cached(unet)}  # noqa: E731
+    computed_up = lambda i: {f"up2.{n}.{j}" for n in ("resnets", "attentions") for j in range(3)} - keys(i)  # noqa
+    assert {"down0", "down1", "down2", "mid", "up0", "up1"} <= keys(0) and "up2" not in keys(0)
+    assert computed_up(0) == {"up2.resnets.2", "up2.attentions.2"}
+    assert "down0" not in keys(3) and "down0.resnets.0" not in keys(3) and "down1" in keys(3)
+    assert "up1.resnets.2" not in keys(3) and "up1.resnets.1" in keys(3) and "up1" not in keys(3)
+    assert {"down0.resnets.1", "down0.attentions.1", "down0.downsamplers.0"} <= keys(1) and "down0" not in keys(1)
+    with pytest.raises(UsageError, match="accelerator.branch_id=9: this UNet has 3 down blocks, so ids 0..8"):
+        DeepCache(branch_id=9).unet(unet)

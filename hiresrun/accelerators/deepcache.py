@@ -14,12 +14,14 @@ each block's `forward` attribute on a diffusers *pipeline* and finds the step as
 hiresrun runs its own loop (no pipeline object), Heun repeats timesteps (the index is ambiguous), Self-Cascade's
 truncated 2x loop and its tuned low-resolution pass need a cache per loop and per input size, the hooks must come off
 after every sampling call, and partial calls must be costed; its non-uniform schedule lives only in its forked
-pipelines. Its layer-level cut (`cache_layer_id`) is the one thing it has that this class does not.
+pipelines. Its layer-level cut is here too: `branch_id` takes its `cache_branch_id` and caches the same modules
+(`DeepCache.cached`; tests/test_deepcache.py compares images with its `DeepCacheSDHelper` on diffusers' pipeline).
 
 The seam that skips compute is diffusers' own hook registry (`diffusers.hooks.HookRegistry`, `ModelHook.new_forward`),
-not torch hooks (which cannot skip a forward) and not a fork of the blocks. Block granularity: `branch` counts whole
-down/up blocks (the official code picks a layer inside a block; on diffusers' 2-4 level UNets a block is the
-natural unit). Cost accounting: the first full and the first partial call of a sampling call are counted with
+not torch hooks (which cannot skip a forward) and not a fork of the blocks. Two cuts: `branch` counts whole down/up
+blocks (on diffusers' 2-4 level UNets a block is the natural unit); `branch_id` is the official id, which can cut
+inside a block (id 0, the paper's headline setting, recomputes only conv_in, the outermost up block's last layer
+and conv_out). Cost accounting: the first full and the first partial call of a sampling call are counted with
 torch's FLOP counter, and each image's record carries its full and partial calls and the partial call's FLOP share,
 so `metrics.json` reports `cost_per_image` in full-evaluation units beside `nfe_per_image` (which counts calls).
 """
@@ -104,7 +106,9 @@ class DeepCache(Accelerator):
                  branch: int = 1,              # shallow down/up blocks recomputed at partial steps (>= 1)
                  schedule: str = "uniform",    # uniform | quadratic (the paper's non-uniform 1:N)
                  center: int = 15,             # quadratic: the step the full steps crowd around
-                 power: float = 1.4):          # quadratic: the exponent (lowered by 0.02 until the count fits)
+                 power: float = 1.4,           # quadratic: the exponent (lowered by 0.02 until the count fits)
+                 branch_id: int | None = None):  # the official cache_branch_id (block id // 3, layer id % 3): a cut
+                                                 # inside a block; replaces `branch` (the paper's tables use 0)
         if schedule not in ("uniform", "quadratic"):
             raise UsageError(f"accelerator.schedule={schedule}: choose uniform or quadratic")
         if int(interval) < 1:
@@ -112,7 +116,11 @@ class DeepCache(Accelerator):
         if int(branch) < 1:
             raise UsageError(f"accelerator.branch={branch}: at least the outermost down/up block pair is recomputed "
                              f"(branch >= 1)")
+        if branch_id is not None and int(branch_id) < 0:
+            raise UsageError(f"accelerator.branch_id={branch_id}: the official ids count from 0 (block id // 3, "
+                             f"layer id % 3)")
         self.interval, self.branch, self.schedule = int(interval), int(branch), schedule
+        self.branch_id = None if branch_id is None else int(branch_id)
         self.center, self.power = int(center), float(power)
         self.state: dict | None = None
         self.records: list[dict] = []
@@ -122,10 +130,44 @@ class DeepCache(Accelerator):
         if not hasattr(unet, "up_blocks") or not hasattr(unet, "down_blocks"):
             raise UsageError(f"accelerator=deepcache needs a UNet (down_blocks / up_blocks); got "
                              f"{type(unet).__name__}")
-        if self.branch >= len(unet.down_blocks):
+        if self.branch_id is not None and self.branch_id // 3 >= len(unet.down_blocks):
+            raise UsageError(f"accelerator.branch_id={self.branch_id}: this UNet has {len(unet.down_blocks)} down "
+                             f"blocks, so ids 0..{3 * len(unet.down_blocks) - 1} (block id // 3, layer id % 3)")
+        if self.branch_id is None and self.branch >= len(unet.down_blocks):
             raise UsageError(f"accelerator.branch={self.branch}: this UNet has {len(unet.down_blocks)} down blocks; "
                              f"choose 1..{len(unet.down_blocks) - 1} so that something deep is cached")
         return unet
+
+    def cached(self, unet: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The modules that return their last full step's output at a partial step. `branch`: whole down blocks
+        from `branch` on, the mid block, and the up blocks but the last `branch`. `branch_id` (b = id // 3, l = id % 3):
+        the official helper's rule, module by module: in down block i its layer-j resnet and attention, its
+        downsampler (layer = its resnet count) and the block itself (layer 0) when i > b, or i = b and layer >= l; the
+        mid block; in the up block r-th from the output, its resnet and attention j-th from the block's end (layer
+        j), its upsampler and the block itself (layer 0) when r > b, or r = b and layer > l."""
+        n, mid = len(unet.up_blocks), [("mid", unet.mid_block)] if unet.mid_block is not None else []
+        if self.branch_id is None:
+            return [(f"down{i}", b) for i, b in enumerate(unet.down_blocks) if i >= self.branch] + mid + \
+                [(f"up{i}", b) for i, b in enumerate(unet.up_blocks) if i < n - self.branch]
+        b, layer_id = divmod(self.branch_id, 3)
+        listed = lambda blk, name: list(getattr(blk, name, None) or [])  # noqa: E731
+        out = []
+        for i, blk in enumerate(unet.down_blocks):
+            layers = [(f"down{i}.{name}.{j}", m, j) for name in ("attentions", "resnets")
+                      for j, m in enumerate(listed(blk, name))]
+            layers += [(f"down{i}.downsamplers.{j}", m, len(blk.resnets))
+                       for j, m in enumerate(listed(blk, "downsamplers"))]
+            layers += [(f"down{i}", blk, 0)]
+            out += [(key, m) for key, m, layer in layers if i > b or (i == b and layer >= layer_id)]
+        out += mid
+        for k, blk in enumerate(unet.up_blocks):
+            r, count = n - k - 1, len(blk.resnets)
+            layers = [(f"up{k}.{name}.{j}", m, count - j - 1) for name in ("attentions", "resnets")
+                      for j, m in enumerate(listed(blk, name))]
+            layers += [(f"up{k}.upsamplers.{j}", m, 0) for j, m in enumerate(listed(blk, "upsamplers"))]
+            layers += [(f"up{k}", blk, 0)]
+            out += [(key, m) for key, m, layer in layers if r > b or (r == b and layer > layer_id)]
+        return out
 
     def check(self, net: nn.Module, loops: list[int]) -> None:
         if self.interval > 1:
@@ -135,15 +177,10 @@ class DeepCache(Accelerator):
         self.state = {"cache": {}, "partial": False}
         if self.interval == 1:
             return []  # neutral: nothing cached, nothing hooked
-        unet = self.unet(net)
-        n = len(unet.up_blocks)
-        deep = [("down", i, b) for i, b in enumerate(unet.down_blocks) if i >= self.branch]
-        deep += [("mid", 0, unet.mid_block)] if unet.mid_block is not None else []
-        deep += [("up", i, b) for i, b in enumerate(unet.up_blocks) if i < n - self.branch]
         handles = []
-        for kind, i, block in deep:
-            HookRegistry.check_if_exists_or_initialize(block).register_hook(_Cached(self.state, f"{kind}{i}"), HOOK)
-            handles.append(_Handle(block))
+        for key, module in self.cached(self.unet(net)):
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(_Cached(self.state, key), HOOK)
+            handles.append(_Handle(module))
         return handles
 
     def wrap(self, model_fn: ModelFn, step=None) -> ModelFn:
