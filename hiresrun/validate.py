@@ -129,8 +129,8 @@ def check_values(cfg: DictConfig) -> None:
 def default_resolution(cfg: DictConfig) -> None:
     """`data.resolution` unset (the model file states no native size): the model's own, read from its config files;
     and a model whose weights learned other data is not scored against the embedded MNIST."""
-    if "data" not in cfg or "model" not in cfg:
-        return
+    if "data" not in cfg or "model" not in cfg or OmegaConf.is_missing(cfg.model, "path"):
+        return  # check_values names a missing model.path
     if OmegaConf.select(cfg, "data.resolution") is None and cfg.task in ("sample", "train", "calibrate"):
         from hiresrun.models import native_resolution
 

@@ -19,6 +19,7 @@ from hiresrun.errors import UsageError
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bad-input.md"
 TRAIN = ["task=train", "method=finetune"]
+TEXT = ["model.path=tiny-sd-mnist", "model.resolution=null"]  # the embedded text model, for prompt files
 # (overrides after the tiny model's fast settings, a regular expression the line must match). `{imgs}`: a folder of
 # six 16 px greyscale images; `{tmp}`: the test's folder. `cli:` cases go through the command line's composition.
 CASES = [
@@ -115,14 +116,10 @@ CASES = [
     (["metrics=default", "metrics.kid_subsets=nan"], r"metrics.kid_subsets=nan: must be a whole number"),
     (["model.path=/no/such/model/folder"], r"model.path=/no/such/model/folder: no such folder"),
     (["method=finetune", "ckpt_path={imgs}/0.png"], r"ckpt_path=<images>/0.png: not a checkpoint"),
-    (["model.path=tiny-sd-mnist", "model.resolution=null", "prompts={tmp}/latin1.txt"], r"not UTF-8 text"),
-    (["model.path=tiny-sd-mnist", "model.resolution=null", "prompts={tmp}/long.csv"], r"not a readable CSV file "
-                                                                                      r"\(field larger than field "
-                                                                                      r"limit"),
-    (["model.path=tiny-sd-mnist", "model.resolution=null", "prompts={tmp}/big-seed.jsonl"], r"line 1 has "
-                                                                                            r"seed=1099511627776; seeds "
-                                                                                            r"are whole numbers"),
-    (["model.path=tiny-sd-mnist", "model.resolution=null", "prompts={tmp}/bool-seed.jsonl"], r"line 1 has seed=True"),
+    ([*TEXT, "prompts={tmp}/latin1.txt"], r"not UTF-8 text"),
+    ([*TEXT, "prompts={tmp}/long.csv"], r"not a readable CSV file \(field larger than field limit"),
+    ([*TEXT, "prompts={tmp}/big-seed.jsonl"], r"line 1 has seed=1099511627776; seeds are whole numbers"),
+    ([*TEXT, "prompts={tmp}/bool-seed.jsonl"], r"line 1 has seed=True"),
     (["accelerator=adaptive", "accelerator.calibration={tmp}/bad-calibration.json"], r"not a `hiresrun calibrate` "
                                                                                      r"file"),
     (["cli:", "sampler.num_step=10"], r"sampler.num_step is not a key of sampler; did you mean sampler.num_steps\?"),

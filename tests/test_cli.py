@@ -93,7 +93,7 @@ def test_a_broken_model_config_is_one_line_and_full_error_shows_traceback(tmp_pa
     assert "config.json: not valid JSON" in proc.stderr
     proc = cli("sample", "model=diffusers", f"model.path={tmp_path}/broken", "logger=none", cwd=tmp_path,
                env={"HYDRA_FULL_ERROR": "1"})
-    assert proc.returncode == 2 and "Traceback" in proc.stderr
+    assert proc.returncode != 0 and "Traceback" in proc.stderr  # the exception itself, as Python ends on it
 
 
 def test_multirun_sweeps_plus_method(tiny_model_dir, tmp_path):

@@ -54,7 +54,7 @@ def test_every_option_is_documented_and_its_file_names_its_class():
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("accelerator", ACCELERATORS)
 def test_pair_is_built_or_refused_with_one_line(method, accelerator, tmp_path):
-    cfg = compose([f"method={method}", f"accelerator={accelerator}"], tmp_path / "r")  # embedded model, 32 px
+    cfg = compose([f"method={method}", f"accelerator={accelerator}", "data.resolution=32"], tmp_path / "r")  # 16 -> 32
     expected = expected_refusal(method, accelerator)
     if expected:
         with pytest.raises(Unsupported) as refused:

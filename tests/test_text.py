@@ -121,7 +121,7 @@ def test_one_prompt_for_every_image_and_the_default_guidance(tiny_sd_dir, tmp_pa
 @pytest.mark.parametrize("extra,match", [
     (["prompts=/no/such/file.txt"], "prompts=/no/such/file.txt: no such file"),
     (["sample.prompt=x", "sample.guidance_scale=0.5"], "sample.guidance_scale=0.5: must be a number >= 1"),
-    (["sample.prompt=x", "sample.guidance_scale=nan"], "sample.guidance_scale=nan: must be a number >= 1"),
+    (["sample.prompt=x", "sample.guidance_scale=nan"], "sample.guidance_scale=nan: must be a finite number"),
     (["sample.prompt=x", "sample.guidance_rescale=2"], "guidance_rescale=2"),
     ([], "is a text-to-image model and no prompt is given; pass prompts="),
     (["sample.prompt=x", "sample.original_size=[32,32]"], "SDXL micro-conditioning, but .* is not an SDXL model"),
