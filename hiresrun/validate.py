@@ -59,9 +59,10 @@ def typed_knobs(prefix: str, node: DictConfig) -> None:
     except (ImportError, ValueError, TypeError, AttributeError):
         return  # an unknown target is refused where it is built, naming it
     for key, param in params.items():
-        if key not in node or not isinstance(param.annotation, str):
+        if key not in node or param.annotation is inspect.Parameter.empty:
             continue
-        kinds = set(re.findall(r"[A-Za-z_]+", param.annotation))
+        annotation = param.annotation if isinstance(param.annotation, str) else str(param.annotation)
+        kinds = set(re.findall(r"[A-Za-z_]+", annotation))
         value = OmegaConf.select(node, key, throw_on_missing=False)
         if value is None or isinstance(value, (list, dict, ListConfig, DictConfig)) or "str" in kinds:
             continue
@@ -95,7 +96,8 @@ def check_values(cfg: DictConfig) -> None:
     if cfg.task in ("train", "pretrain") and lr is not None and not (
             isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0):
         raise UsageError(f"optimizer.lr={lr}: must be a positive finite number (e.g. optimizer.lr=2e-4)")
-    for key in ("sample.guidance_scale", "sample.guidance_rescale"):
+    for key in ("sample.guidance_scale", "sample.guidance_rescale", "train.ema_decay", "train.caption_dropout",
+                "train.label_dropout"):
         if select(key) is not None:
             finite(key, select(key))
     trainer = cfg.get("trainer") or {}
@@ -108,7 +110,7 @@ def check_values(cfg: DictConfig) -> None:
     if str(trainer.get("accelerator")) in ("gpu", "cuda") and not __import__("torch").cuda.is_available():
         raise UsageError("trainer.accelerator=gpu but no CUDA device is visible; use trainer=cpu (or run on a GPU "
                          "machine)")
-    for group in ("model", "method", "metrics", "data"):
+    for group in ("model", "method", "metrics", "data", "optimizer"):
         if "_target_" in (cfg.get(group) or {}):
             typed_knobs(group, cfg[group])
     if "_target_" in (cfg.get("metrics") or {}) and cfg.task in ("sample", "merge", "eval"):
