@@ -344,7 +344,7 @@ def test_nothing_a_run_did_not_make_is_deleted(tiny_model_dir, tmp_path):
 def test_a_signal_while_sampling_finishes_the_batch_says_how_to_resume_and_the_rerun_completes(
         signum, code, tiny_model_dir, tmp_path):
     exe = Path(sys.executable).with_name("hiresrun")
-    args = [str(exe), *common(tiny_model_dir, "sampler.num_steps=20", "sample.num_samples=40", "sample.batch_size=2",
+    args = [str(exe), *common(tiny_model_dir, "sampler.num_steps=8", "sample.num_samples=40", "sample.batch_size=2",
                               "hydra.run.dir=run")]
     env = {**os.environ, "HIRESRUN_OUTPUTS": str(tmp_path / "outputs"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
