@@ -126,13 +126,14 @@ class SampleInterrupt(Interrupt):
         self.on_train_start(trainer, pl_module)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        # Each rank decides on its own signal (a job scheduler signals every task, Ctrl-C the whole process group):
+        # ranks may hold different numbers of batches, so a collective here could wait forever.
         self.made += len(batch) * trainer.world_size
-        signum = self.stop(trainer)
-        if signum is None:
+        if self.signum is None:
             return
-        if trainer.world_size > 1:  # every rank's batch is on disk before the line is printed
-            trainer.strategy.barrier("hiresrun-interrupted")
-        done = f"with {min(self.done_before + self.made, self.total):,} of {self.total:,} images on disk"
+        signum = self.signum
+        done = f"with about {min(self.done_before + self.made, self.total):,} of {self.total:,} images on disk" \
+            if trainer.world_size > 1 else f"with {self.done_before + self.made:,} of {self.total:,} images on disk"
         self.hand_over(trainer, signum, done)
         raise Interrupted(f"interrupted by {signal.Signals(signum).name} {done} in {self.path}; resume with the same "
                           f"command plus hydra.run.dir={self.path}", signum)
