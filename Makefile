@@ -42,5 +42,5 @@ bench: install  ## framework overhead: Lightning vs bare PyTorch, our sampling l
 reproduce: install  ## every study in experiments/, training included, one after another (hours on 2 cores)
 	OMP_NUM_THREADS=1 $(PY) experiments/reproduce.py
 
-clean:  ## remove run outputs (outputs/, multirun/)
-	rm -rf outputs multirun
+clean:  ## remove run outputs and caches (outputs/, multirun/, sweeps/, .cache/); study runs under runs/ stay
+	rm -rf outputs multirun sweeps .cache
