@@ -2,7 +2,7 @@
 `calibrate.families`, every listed training-free setting's cost against its fidelity, the Pareto front, and the
 cheapest setting that keeps the target (`front`).
 
-Fidelity is measured as in the paper's protocol (spec §7): each image against the full-step output of the same
+Fidelity is measured as in the paper's protocol: each image against the full-step output of the same
 seed, model, method, sampler and step count. Search: an ascending grid of delta (`calibrate.deltas`), stopped at
 the first value that misses the target; the answer is the last value that met it, or 0 (the full run). fidelity(
 delta) is only roughly monotone, so stopping at the first miss never returns a delta beyond a dip below the target.
@@ -78,7 +78,7 @@ def _short(value) -> str:
     return text if len(text) <= 100 else text[:97] + "..."
 
 
-# -- fidelity to the full-step outputs (spec §7) ----------------------------------------------------------
+# -- fidelity to the full-step outputs ----------------------------------------------------------
 def fidelity(images: Tensor, reference: Tensor, lpips=None) -> dict:
     """Mean PSNR and SSIM (the definitions of hiresrun/metrics/lpips.py, as in sample runs) and, given an LPIPS
     module, LPIPS of `images` to `reference`."""

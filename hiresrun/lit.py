@@ -1,8 +1,8 @@
 """The one LightningModule: `training_step` -> method.loss, validation/test -> the sampling loop.
 
 Validation draws a fixed-seed grid every `grid_every` steps (with EMA weights: Lightning's weight-averaging
-callback swaps them in for validation). Test is `hiresrun sample`: seeds arrive as a dataloader, so
-DDP splits them across ranks; rank 0 gathers every image.
+callback swaps them in for validation). Test is `hiresrun sample`: batches of seeds arrive as a dataloader dealt to the
+ranks (store.Batches), and each rank writes its own images and records (store.Writer); rank 0 scores from disk.
 """
 
 from __future__ import annotations

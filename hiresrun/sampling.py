@@ -83,7 +83,7 @@ def sample(model_fn: ModelFn, x: Tensor, scheduler, num_steps: int, start_step: 
     elif renoise is not None and len(timesteps):
         x = scheduler.add_noise(x, renoise, timesteps[:1])
     # The accelerator sees the scheduler's own latent x_t: Euler-type samplers rescale the model input
-    # (x_t / sqrt(sigma^2 + 1)), and a step-level accelerator must measure x_t, not that (AdaptiveDiffusion spec §9).
+    # (x_t / sqrt(sigma^2 + 1)), and a step-level accelerator must measure x_t, not that.
     edm = type(scheduler).__name__.startswith("EDM")
     step = Step(timesteps=timesteps, order=int(getattr(scheduler, "order", 1)),
                 sigma_max=float(scheduler.config.sigma_max) if edm else None)

@@ -1,4 +1,4 @@
-"""The constructor signature is the config schema (STYLE.md 3): for every option of the `method` and
+"""The constructor signature is the config schema: for every option of the `method` and
 `accelerator` groups, Hydra's ConfigStore gets `schema/<group>/<option>`, the keyword arguments of the option's
 `_target_` with their defaults, read from the signature. Each YAML file extends its schema (`defaults:
 [/schema/<group>/<option>@_here_, _self_]`) and writes only `_target_`, interpolations and the values it

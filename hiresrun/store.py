@@ -1,5 +1,5 @@
 """A sample run's images on disk, written batch by batch by the process that made them, so that a run resumes,
-shards and merges (ARCHITECTURE.md, "Sampling at cluster scale").
+shards and merges (docs/ARCHITECTURE.md, "Contracts": run folders lose nothing).
 
 A sample run folder holds
     sampling.json                the identity of the images (every setting that changes a pixel), the full seed list,

@@ -1,11 +1,12 @@
 """A composed config checked before anything is built or written: every value torch, Lightning or a constructor
 would fail on late, or, worse, accept (a NaN skip scale, a fractional step count), refused in one line naming the
-key and the fix (ARCHITECTURE.md, "Errors").
+key and the fix (docs/ARCHITECTURE.md, "Errors").
 
 Two kinds of checks: the typed knobs of every object a config builds (`model`, `method`, each accelerator of a list,
-`metrics`, `data`), read from the annotations of its `_target_`'s signature (the signature is the schema, STYLE.md 3):
-a float knob takes a finite number, an integer knob a whole number; and the fixed keys of the primary config
-(counts, seeds, step numbers, the trainer). What a constructor checks about its own values it says in its own line.
+`metrics`, `data`, `optimizer`), read from the annotations of its `_target_`'s signature (the signature is the
+schema, hiresrun/schema.py): a float knob takes a finite number, an integer knob a whole number; and the fixed keys
+of the primary config (counts, seeds, step numbers, the trainer). What a constructor checks about its own values it
+says in its own line.
 """
 
 from __future__ import annotations

@@ -191,7 +191,7 @@ def test_study_presets_run_with_only_speed_knobs_changed(study, tmp_path):
 
 @pytest.mark.parametrize("group", ["method", "accelerator"])
 def test_yaml_writes_only_what_differs_from_the_constructor_and_says_why(group):
-    """One source per default (STYLE.md 3): a method's or accelerator's YAML holds `_target_`, interpolations and
+    """One source per default: a method's or accelerator's YAML holds `_target_`, interpolations and
     deliberate changes (each with a comment on its line), never a copy of a constructor default, never a key the
     constructor does not take; the composed config still holds every keyword, at the constructor's value."""
     from omegaconf import OmegaConf

@@ -41,7 +41,7 @@ def expected_refusal(method: str, accelerator: str) -> str | None:
 
 
 def test_every_option_is_documented_and_its_file_names_its_class():
-    """Derived from the tree (STYLE.md 1): each method / accelerator option is the file conf/<group>/<name>.yaml,
+    """Derived from the tree: each method / accelerator option is the file conf/<group>/<name>.yaml,
     its class is named in it, and the README shows how to pick it."""
     readme = (CONF.parent / "README.md").read_text()
     for group, names in (("method", METHODS), ("accelerator", ACCELERATORS)):

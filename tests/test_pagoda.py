@@ -59,7 +59,7 @@ def ddim_decode(unet, view, z, steps):
 
 def test_ve_view_numbers_and_karras_grid():
     view = VEView(SCHED)
-    assert view.t(80.0) == pytest.approx(991.0, abs=0.1)  # spec §9: sigma_max = 80 falls at t ~ 991
+    assert view.t(80.0) == pytest.approx(991.0, abs=0.1)  # sigma_max = 80 falls at t ~ 991
     assert view.sigma(999) == pytest.approx(2.03e4, rel=0.01)
     assert c_in(80.0, sigma_data=0.5) == pytest.approx(1 / 6400.25 ** 0.5, rel=1e-12)
     s = karras_sigmas()
@@ -226,7 +226,7 @@ def test_freezing_rule_on_the_embedded_layout_and_grow_errors(tmp_path):
     unet = UNet2DModel.from_config(UNet2DModel.load_config(ASSETS / "tiny-mnist" / "unet"))
     gen = Generator(unet, SCHED, levels=1)
     assert len(up_path_units(unet)) == 6
-    freeze_for_growing(gen, 0.4375)  # spec §9: up_blocks[1].resnets[1] (+ its upsampler) and up_blocks[2]
+    freeze_for_growing(gen, 0.4375)  # up_blocks[1].resnets[1] (+ its upsampler) and up_blocks[2]
     blocks = {"".join(n.split(".")[2:5]) for n, p in gen.named_parameters()
               if p.requires_grad and n.startswith("unet.up_blocks")}
     assert blocks == {"1resnets1", "1upsamplers0", "2resnets0", "2resnets1"}

@@ -7,7 +7,7 @@ specs/adaptive-diffusion.md. Step level only: `wrap(model_fn)`; all sampling sta
 
 The latents z_k are the x the loop hands to the wrapped model_fn: the scheduler's own latent, unscaled
 (the loop calls `scheduler.scale_model_input` inside model_fn), as the official code measures it for every
-sampler, Euler-type ones included (spec §9).
+sampler, Euler-type ones included.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from hiresrun.errors import UsageError
 from hiresrun.models import ModelFn, rows
 from hiresrun.support import Support
 
-OFFICIAL_CAP_AFTER = 4  # the official cap acts only once more than 4 decisions exist (spec §4, "cap quirk")
+OFFICIAL_CAP_AFTER = 4  # the official cap acts only once more than 4 decisions exist
 
 
 def magnitude(z: Tensor, prev: Tensor, per_sample: bool) -> Tensor:
@@ -30,7 +30,7 @@ def magnitude(z: Tensor, prev: Tensor, per_sample: bool) -> Tensor:
 
 
 def official_reuse(m: list[Tensor], delta: float) -> Tensor:
-    """Official rule (spec §3.4): reuse iff |(m_k + m_{k-2}) / 2 - m_{k-1}| <= delta m_{k-1}; m oldest first."""
+    """Official rule: reuse iff |(m_k + m_{k-2}) / 2 - m_{k-1}| <= delta m_{k-1}; m oldest first."""
     m2, m1, m0 = m
     return ((m0 + m2) / 2 - m1).abs() <= delta * m1
 
@@ -179,7 +179,7 @@ class _Steps:
         if j % self.order:
             return self.compute
         k = j // self.order
-        if k >= 1:  # the step-0 input is the initial noise, which the estimator never uses (spec §3)
+        if k >= 1:  # the step-0 input is the initial noise, which the estimator never uses
             self.push(x)
         self.compute = self.decide(k, x)
         return self.compute
@@ -191,7 +191,7 @@ class _Steps:
         self.latents = (self.latents + [z])[-(4 if self.acc.estimator == "vector3" else 1):]
 
     def decide(self, k: int, x: Tensor) -> Tensor:
-        """Step k's decision: warm-up computes; then the cap (checked first), then the skip rule (spec §3.4)."""
+        """Step k's decision: warm-up computes; then the cap (checked first), then the skip rule."""
         acc, B = self.acc, x.shape[0]
         if k < acc.warmup or acc.delta == 0:
             return torch.ones(B, dtype=torch.bool, device=x.device)

@@ -24,7 +24,7 @@ from hiresrun.support import ANY_UNET, Support
 T = 1000  # discrete steps of the sampling schedule; net timestep i <-> continuous t = (i + 1) / T
 
 
-# -- schedules (spec §1): pure functions of continuous t in [0, 1] --------------------------------------------
+# -- schedules: pure functions of continuous t in [0, 1] --------------------------------------------
 def logsnr_cosine(t: Tensor, logsnr_min: float = -15.0, logsnr_max: float = 15.0, shift: float = 0.0,
                   clamp_range: bool = False) -> Tensor:
     """lambda(t) = -2 ln tan(t_min + t (t_max - t_min)) + shift, the cosine schedule in log-SNR, clamped to
@@ -73,7 +73,7 @@ def x0_from_v(z: Tensor, v: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
     return alpha * z - sigma * v
 
 
-# -- discretisation for diffusers schedulers (spec §5) --------------------------------------------------------
+# -- discretisation for diffusers schedulers --------------------------------------------------------
 def trained_betas(logsnr_fn, num_steps: int = T) -> Tensor:
     """alpha_bar_i = sigmoid(lambda((i + 1) / T)), beta_i = 1 - alpha_bar_i / alpha_bar_{i-1} (alpha_bar_{-1} = 1),
     in float64; the same grid convention as diffusers' squaredcos_cap_v2."""
@@ -89,7 +89,7 @@ def scheduler_config(base_config: dict, schedule: dict) -> dict:
             "prediction_type": schedule["prediction_type"]}
 
 
-# -- loss (spec §2-3) --------------------------------------------------------------------------------------------
+# -- loss --------------------------------------------------------------------------------------------
 def multiscale_mse(eps_hat: Tensor, eps: Tensor, scales: list[int], per_scale_norm: str = "inv_s") -> Tensor:
     """Per-sample sum_s w_s mean((D_s[eps] - D_s[eps_hat])^2) / sum_s w_s, D_s average pooling to s x s (linear,
     so D_s[eps] - D_s[eps_hat] = D_s[eps - eps_hat]). inv_s: w_s = 1/s, lower scales weigh more; uniform: w_s = 1
@@ -101,8 +101,8 @@ def multiscale_mse(eps_hat: Tensor, eps: Tensor, scales: list[int], per_scale_no
 
 
 def place_dropout(unet: nn.Module, p: float, max_res: int, grid: int) -> list[int]:
-    """Dropout p in the ResNet blocks whose feature maps are at most max_res on a side, 0 elsewhere (spec §4.2:
-    diffusers' `dropout` argument is global). Returns the sides that got dropout."""
+    """Dropout p in the ResNet blocks whose feature maps are at most max_res on a side, 0 elsewhere (diffusers'
+    `dropout` argument is global). Returns the sides that got dropout."""
     n, on = len(unet.down_blocks), set()
     levels = [(b, grid >> j) for j, b in enumerate(unet.down_blocks)] + [(unet.mid_block, grid >> (n - 1))]
     levels += [(b, grid >> (n - 1 - k)) for k, b in enumerate(unet.up_blocks)]
@@ -113,7 +113,7 @@ def place_dropout(unet: nn.Module, p: float, max_res: int, grid: int) -> list[in
     return sorted(on)
 
 
-# -- input/output downsampling (spec §4.3) ----------------------------------------------------------------------
+# -- input/output downsampling ----------------------------------------------------------------------
 class Patch(nn.Module):
     """k x k patching: pixel-unshuffle in (C -> C k^2 channels at 1/k size), pixel-shuffle out."""
 
@@ -292,7 +292,7 @@ class Simple(NoneMethod):
         return [d >> k for k in range(int(math.log2(d)) + 1) if (d >> k) >= low and d % (d >> k) == 0]
 
     def loss(self, net: SimpleNet, batch: dict) -> dict[str, Tensor]:
-        """eps-MSE with eps_hat = sigma z + alpha v_hat (spec §2) at t ~ U(0, 1]; the net sees timestep T t - 1,
+        """eps-MSE with eps_hat = sigma z + alpha v_hat at t ~ U(0, 1]; the net sees timestep T t - 1,
         the discrete step whose alpha_bar the sampler uses (`trained_betas`)."""
         x0 = self.base.encode(batch["image"])
         t = 1 - torch.rand(x0.shape[0], device=x0.device)

@@ -1,4 +1,4 @@
-"""The real images metrics compare against, and the cache of their features (STYLE.md 13).
+"""The real images metrics compare against, and the cache of their features.
 
 Each feature kind (Inception, patch crops, SWD descriptors, digit features) is one .npz under
 <cache_dir>/reference/<real set>-<res>px-n<n>/, named by the hash of its key (dataset, resolution,

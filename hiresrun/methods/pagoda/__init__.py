@@ -161,7 +161,7 @@ class PaGoDA(Method):
 
     # -- training -------------------------------------------------------------------------------------------
     def training_step(self, lit, batch: dict) -> dict[str, Tensor]:
-        """Manual optimisation: even steps update G, odd steps D (spec §5; steps count both)."""
+        """Manual optimisation: even steps update G, odd steps D (as the official code; steps count both)."""
         g_opt, d_opt = lit.optimizers()
         if lit.global_step % 2 == 0:
             out, opt, key = self.loss(lit.net, batch), g_opt, "loss"

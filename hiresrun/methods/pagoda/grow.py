@@ -1,4 +1,4 @@
-"""Progressive growing's initialisation (spec §6): every parameter of the previous stage's generator whose name and
+"""Progressive growing's initialisation: every parameter of the previous stage's generator whose name and
 shape match is copied. Checkpoints hold only what trained, so a grown stage's frozen part comes from its own
 `method.previous`, followed back to stage=base."""
 

@@ -1,5 +1,5 @@
 """PaGoDA's networks: the one-step generator (a copy of the base UNet at sigma_max, grown by appended upsampling
-levels), its freezing rule, and a small conv discriminator with DiffAugment (spec §4, §6, §9)."""
+levels), its freezing rule, and a small conv discriminator with DiffAugment."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hiresrun.methods.pagoda.ode import view_of
 
 
 def grow_level(C: int, E: int, groups: int) -> nn.ModuleList:
-    """One new resolution (spec §6): ResBlock(up=True) + 2 ResBlocks at width C, diffusers `ResnetBlock2D`;
+    """One new resolution: ResBlock(up=True) + 2 ResBlocks at width C, diffusers `ResnetBlock2D`;
     output convs zero-initialised (ADM's zero_module), so a new level starts as nearest 2x upsampling."""
     from diffusers.models.resnet import ResnetBlock2D
 
@@ -24,7 +24,7 @@ def grow_level(C: int, E: int, groups: int) -> nn.ModuleList:
 
 
 class Generator(nn.Module):
-    """G(z) = UNet(c_in(sigma_max) z, t(sigma_max)) (spec §4), grown by `levels` doublings applied to the output of
+    """G(z) = UNet(c_in(sigma_max) z, t(sigma_max)), grown by `levels` doublings applied to the output of
     the last up block (before conv_norm_out, which is reused). g_output=x0 returns the base's own denoised image
     D(z; sigma_max) (VP: up(z) - sigma_max eps_hat; EDM: c_skip up(z) + c_out F); raw returns the network output,
     image-like only for x0-predicting and EDM bases (for EDM, F ~ D / sigma_data at sigma_max: the official choice).
@@ -69,7 +69,7 @@ def up_path_units(unet: nn.Module) -> list[list[nn.Module]]:
 
 
 def freeze_for_growing(gen: Generator, activate_frac: float) -> None:
-    """progressive=True (spec §6): only the last round(activate_frac * units) decoder units (ADM activate_from=9
+    """progressive=True: only the last round(activate_frac * units) decoder units (ADM activate_from=9
     of 16 = 7/16), the new levels and the out layers (conv_norm_out, conv_out) train."""
     gen.requires_grad_(False)
     units = up_path_units(gen.unet)
