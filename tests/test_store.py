@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import cli
 
 from hiresrun import store
 from hiresrun.outputs import load_images
@@ -23,6 +22,31 @@ FAST = ["model=diffusers", "data.resolution=16", "logger=none", "trainer.enable_
 
 def common(model_dir: Path, *extra: str) -> list[str]:
     return ["sample", *FAST, f"model.path={model_dir}", *extra]
+
+
+def here(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`cli(*args)` run in this process (what the command line composes, minus the start-up of a new Python): the
+    verb, `+group=`, `gen=` and `hydra.run.dir=` forms; a refusal is exit 2 with its one line on stderr."""
+    import contextlib
+    import io
+
+    from conftest import compose
+
+    from hiresrun import run
+    from hiresrun.errors import DataError, UsageError
+
+    verb, rest = args[0], [a.lstrip("+") for a in args[1:]]
+    run_dir = next((cwd / a.split("=", 1)[1] for a in rest if a.startswith("hydra.run.dir=")), cwd / "outputs" / "x")
+    relative = lambda v: v if v.startswith(("/", "[")) else str(cwd / v)  # noqa: E731  (the command's cwd)
+    rest = [f"merge.gen={relative(a[4:])}" if a.startswith("gen=") else a for a in rest
+            if not a.startswith("hydra.run.dir=")]
+    out, code, err = io.StringIO(), 0, ""
+    try:
+        with contextlib.redirect_stdout(out):
+            run.run(compose([*rest, f"task={verb}"], run_dir))
+    except (UsageError, DataError) as e:
+        code, err = e.exit_code, f"hiresrun: error: {e}\n"
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err)
 
 
 def images_bytes(folder: Path) -> dict[str, bytes]:
@@ -37,7 +61,7 @@ def record_lines(folder: Path) -> list[dict]:
 def test_kill_9_then_the_same_command_resumes_to_the_uninterrupted_bytes(tiny_model_dir, tmp_path):
     args = common(tiny_model_dir, "sampler.num_steps=40", "sample.num_samples=12", "sample.batch_size=1",
                   "+accelerator=adaptive")
-    whole = cli(*args, "hydra.run.dir=whole", cwd=tmp_path)
+    whole = here(*args, "hydra.run.dir=whole", cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr
     exe = Path(sys.executable).with_name("hiresrun")
     proc = subprocess.Popen([str(exe), *args, "hydra.run.dir=cut"], cwd=tmp_path, stdout=subprocess.DEVNULL,
@@ -49,7 +73,7 @@ def test_kill_9_then_the_same_command_resumes_to_the_uninterrupted_bytes(tiny_mo
     proc.wait()
     before = {json.dumps(r["seeds"]) for r in record_lines(tmp_path / "cut")}
     assert 4 <= len(before) < 12 and not (tmp_path / "cut" / "metrics.json").exists()
-    again = cli(*args, "hydra.run.dir=cut", cwd=tmp_path)
+    again = here(*args, "hydra.run.dir=cut", cwd=tmp_path)  # the same command, in this process
     assert again.returncode == 0, again.stderr
     assert f"{len(before)} of 12 images are on disk, {12 - len(before)} to go" in again.stdout
     assert images_bytes(tmp_path / "cut") == images_bytes(tmp_path / "whole")
@@ -64,13 +88,13 @@ def test_kill_9_then_the_same_command_resumes_to_the_uninterrupted_bytes(tiny_mo
 def test_a_rerun_of_a_finished_run_generates_nothing_and_a_corrupt_image_is_redone(tiny_model_dir, tmp_path):
     args = common(tiny_model_dir, "sampler.num_steps=2", "sample.num_samples=6", "sample.batch_size=2",
                   "hydra.run.dir=run")
-    assert cli(*args, cwd=tmp_path).returncode == 0
+    assert here(*args, cwd=tmp_path).returncode == 0
     first = images_bytes(tmp_path / "run")
-    again = cli(*args, cwd=tmp_path)
+    again = here(*args, cwd=tmp_path)
     assert again.returncode == 0 and "6 of 6 images are on disk, 0 to go" in again.stdout
     assert len(record_lines(tmp_path / "run")) == 3
     (tmp_path / "run" / "samples" / "000003.png").write_bytes(b"not a png")  # same name, wrong bytes
-    third = cli(*args, cwd=tmp_path)
+    third = here(*args, cwd=tmp_path)
     assert "4 of 6 images are on disk, 2 to go" in third.stdout  # the batch holding seed 3 (seeds 2, 3) is redone
     assert images_bytes(tmp_path / "run") == first and len(record_lines(tmp_path / "run")) == 4
 
@@ -80,15 +104,15 @@ def test_three_shards_merged_equal_one_run_images_and_fid(shared, tiny_model_dir
     args = common(tiny_model_dir, "sampler.num_steps=2", "sample.num_samples=7", "sample.batch_size=2",
                   "metrics=default", "metrics.patch_fid=false", "metrics.num_reference=6",
                   "metrics.kid_subset_size=3")
-    one = cli(*args, "hydra.run.dir=one", cwd=tmp_path)
+    one = here(*args, "hydra.run.dir=one", cwd=tmp_path)
     assert one.returncode == 0, one.stderr
     dirs = ["shared"] * 3 if shared else [f"s{k}" for k in range(3)]
     for k in range(3):
-        proc = cli(*args, f"sample.shard={k}/3", f"hydra.run.dir={dirs[k]}", cwd=tmp_path)
+        proc = here(*args, f"sample.shard={k}/3", f"hydra.run.dir={dirs[k]}", cwd=tmp_path)
         assert proc.returncode == 0 and f"shard {k}/3" in proc.stdout, proc.stderr
         assert "fid" not in json.loads((tmp_path / dirs[k] / "metrics.json").read_text())
     gen = dirs[0] if shared else "[" + ",".join(str(tmp_path / d) for d in dirs) + "]"
-    merged = cli("merge", f"gen={gen}", "hydra.run.dir=merged", cwd=tmp_path)
+    merged = here("merge", f"gen={gen}", "hydra.run.dir=merged", cwd=tmp_path)
     assert merged.returncode == 0, merged.stderr
     assert len(images_bytes(tmp_path / "one")) == 7
     union = {} if not shared else images_bytes(tmp_path / "shared")
@@ -104,26 +128,26 @@ def test_three_shards_merged_equal_one_run_images_and_fid(shared, tiny_model_dir
 def test_merge_refuses_missing_overlapping_or_mismatched_shards(tiny_model_dir, tmp_path):
     args = common(tiny_model_dir, "sampler.num_steps=2", "sample.num_samples=6", "sample.batch_size=2")
     for k in (0, 1):
-        assert cli(*args, f"sample.shard={k}/3", f"hydra.run.dir=s{k}", cwd=tmp_path).returncode == 0
-    missing = cli("merge", f"gen=[{tmp_path / 's0'},{tmp_path / 's1'}]", cwd=tmp_path)
+        assert here(*args, f"sample.shard={k}/3", f"hydra.run.dir=s{k}", cwd=tmp_path).returncode == 0
+    missing = here("merge", f"gen=[{tmp_path / 's0'},{tmp_path / 's1'}]", cwd=tmp_path)
     assert missing.returncode == 2 and "2 of 6 seeds have no finished image" in missing.stderr
     assert "4-5" in missing.stderr
-    assert cli(*args, "hydra.run.dir=all", cwd=tmp_path).returncode == 0
-    overlap = cli("merge", f"gen=[{tmp_path / 'all'},{tmp_path / 's0'}]", cwd=tmp_path)
+    assert here(*args, "hydra.run.dir=all", cwd=tmp_path).returncode == 0
+    overlap = here("merge", f"gen=[{tmp_path / 'all'},{tmp_path / 's0'}]", cwd=tmp_path)
     assert overlap.returncode == 2 and "seeds 0-1 are in both" in overlap.stderr
-    assert cli(*args, "sampler.num_steps=3", "sample.shard=2/3", "hydra.run.dir=s2", cwd=tmp_path).returncode == 0
-    other = cli("merge", f"gen=[{tmp_path / 's0'},{tmp_path / 's1'},{tmp_path / 's2'}]", cwd=tmp_path)
+    assert here(*args, "sampler.num_steps=3", "sample.shard=2/3", "hydra.run.dir=s2", cwd=tmp_path).returncode == 0
+    other = here("merge", f"gen=[{tmp_path / 's0'},{tmp_path / 's1'},{tmp_path / 's2'}]", cwd=tmp_path)
     assert other.returncode == 2 and "sampler.num_steps 2 -> 3" in other.stderr
     (tmp_path / "empty").mkdir()
-    nothing = cli("merge", f"gen={tmp_path / 'empty'}", cwd=tmp_path)
+    nothing = here("merge", f"gen={tmp_path / 'empty'}", cwd=tmp_path)
     assert nothing.returncode == 2 and "no sampling.json" in nothing.stderr
 
 
 def test_resuming_into_a_folder_of_other_settings_is_refused_and_nothing_changes(tiny_model_dir, tmp_path):
     args = common(tiny_model_dir, "sample.num_samples=3", "hydra.run.dir=run")
-    assert cli(*args, "sampler.num_steps=2", cwd=tmp_path).returncode == 0
+    assert here(*args, "sampler.num_steps=2", cwd=tmp_path).returncode == 0
     before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file() and p.suffix != ".log"}
-    proc = cli(*args, "sampler.num_steps=3", cwd=tmp_path)
+    proc = here(*args, "sampler.num_steps=3", cwd=tmp_path)
     assert proc.returncode == 2
     line = proc.stderr.strip().splitlines()[-1]
     assert "holds images sampled with other settings (sampler.num_steps 2 -> 3)" in line, line
@@ -131,7 +155,7 @@ def test_resuming_into_a_folder_of_other_settings_is_refused_and_nothing_changes
     assert {p: b for p, b in after.items() if ".hydra" not in str(p)} == \
            {p: b for p, b in before.items() if ".hydra" not in str(p)}
     # what does not change an image may change: more seeds, another batch of ranks
-    more = cli(*args, "sampler.num_steps=2", "sample.num_samples=5", cwd=tmp_path)
+    more = here(*args, "sampler.num_steps=2", "sample.num_samples=5", cwd=tmp_path)
     assert more.returncode == 0 and len(images_bytes(tmp_path / "run")) == 5
 
 
@@ -140,7 +164,7 @@ def test_resuming_into_a_folder_of_other_settings_is_refused_and_nothing_changes
                                           ("half", "sample.shard=half: write K/N"),
                                           ("0/9", "4 batches of sample.batch_size=1 cannot make 9 shards")])
 def test_bad_shards_are_one_line(value, line, tiny_model_dir, tmp_path):
-    proc = cli(*common(tiny_model_dir, "sample.num_samples=4", "sample.batch_size=1", f"sample.shard={value}",
+    proc = here(*common(tiny_model_dir, "sample.num_samples=4", "sample.batch_size=1", f"sample.shard={value}",
                        "hydra.run.dir=run"), cwd=tmp_path)
     assert proc.returncode == 2 and line in proc.stderr, proc.stderr
     assert not (tmp_path / "run").exists()
@@ -222,7 +246,7 @@ def test_progress_lines_count_pace_and_time_left(capsys):
 
 
 def test_sampling_prints_progress_lines_into_a_log(tiny_model_dir, tmp_path):
-    proc = cli(*common(tiny_model_dir, "sampler.num_steps=1", "sample.num_samples=6", "sample.batch_size=2",
+    proc = here(*common(tiny_model_dir, "sampler.num_steps=1", "sample.num_samples=6", "sample.batch_size=2",
                        "sample.progress_every=2", "hydra.run.dir=run"), cwd=tmp_path)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("hiresrun: sampling ")]
     assert [x.split(" images")[0] for x in lines] == [f"hiresrun: sampling {k}/6" for k in (2, 4, 6)]
@@ -232,14 +256,14 @@ def test_sampling_prints_progress_lines_into_a_log(tiny_model_dir, tmp_path):
 def test_inception_rows_are_cached_per_image_while_sampling_and_reused_by_resume_and_merge(tiny_model_dir, tmp_path):
     args = common(tiny_model_dir, "sampler.num_steps=2", "sample.num_samples=6", "sample.batch_size=2",
                   "metrics=default", "metrics.num_reference=6", "metrics.kid_subset_size=3", "metrics.swd=false")
-    assert cli(*args, "sample.shard=0/2", "hydra.run.dir=s0", cwd=tmp_path).returncode == 0
-    assert cli(*args, "sample.shard=1/2", "hydra.run.dir=s1", cwd=tmp_path).returncode == 0
+    assert here(*args, "sample.shard=0/2", "hydra.run.dir=s0", cwd=tmp_path).returncode == 0
+    assert here(*args, "sample.shard=1/2", "hydra.run.dir=s1", cwd=tmp_path).returncode == 0
     for shard, seeds in (("s0", [0, 1, 4, 5]), ("s1", [2, 3])):  # batches (0,1), (4,5) and (2,3)
         kinds = sorted((tmp_path / shard / "features").iterdir())
         assert [k.name.split("-")[0] for k in kinds] == ["inception", "patch"]
         for k in kinds:  # one file per image, named by seed and the PNG's hash from the batch record
             assert sorted(int(p.name[:6]) for p in k.glob("*.npy")) == seeds
-    merged = cli("merge", f"gen=[{tmp_path / 's0'},{tmp_path / 's1'}]", "hydra.run.dir=merged", cwd=tmp_path)
+    merged = here("merge", f"gen=[{tmp_path / 's0'},{tmp_path / 's1'}]", "hydra.run.dir=merged", cwd=tmp_path)
     assert merged.returncode == 0, merged.stderr
     m = json.loads((tmp_path / "merged" / "metrics.json").read_text())
     assert "12 row sets reused, 0 computed" in m["protocol"]["generated_features"]  # 6 images x (whole, crops)
@@ -257,7 +281,7 @@ def test_inception_rows_are_cached_per_image_while_sampling_and_reused_by_resume
     for victim in [*(tmp_path / "s0" / "features").glob("inception-*/00000[01]-*.npy")]:
         victim.unlink()
     (next((tmp_path / "s1" / "features").glob("patch-*/000002-*.npy"))).write_bytes(b"torn")  # a half-written file
-    again = cli("merge", f"gen=[{tmp_path / 's0'},{tmp_path / 's1'}]", "hydra.run.dir=again", cwd=tmp_path)
+    again = here("merge", f"gen=[{tmp_path / 's0'},{tmp_path / 's1'}]", "hydra.run.dir=again", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     m2 = json.loads((tmp_path / "again" / "metrics.json").read_text())
     assert "9 row sets reused, 3 computed" in m2["protocol"]["generated_features"]
