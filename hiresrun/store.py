@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from hiresrun.build import parse_seeds
 from hiresrun.errors import DataError, UsageError
 
 CONFIG = "sampling.json"
@@ -76,16 +77,6 @@ def parse_shard(value) -> tuple[int, int]:
         raise UsageError(f"sample.shard={value}: write K/N with 0 <= K < N (e.g. sample.shard=0/4 for the first of "
                          f"four shards), or sample.shard=auto inside a SLURM array job")
     return int(m[1]), int(m[2])
-
-
-def parse_seed_ranges(text: str) -> list[int]:
-    """`outputs.seed_ranges` read back: "0-3,7" -> [0, 1, 2, 3, 7]."""
-    out = []
-    for part in str(text).split(","):
-        if part.strip():
-            a, _, b = part.partition("-")
-            out += list(range(int(a), int(b or a) + 1))
-    return out
 
 
 def batches(seeds: list[int], batch_size: int) -> list[list[int]]:
@@ -167,7 +158,7 @@ class Store:
     def _open(self, info: dict, write: bool, outputs) -> None:
         old = self.check(info)
         if write:  # the folder's seed set grows: a run with fewer seeds keeps the earlier runs' images
-            grown = sorted(set(parse_seed_ranges(old["seeds"]) if old else []) | set(parse_seed_ranges(info["seeds"])))
+            grown = sorted(set(parse_seeds(old["seeds"], 0) if old else []) | set(parse_seeds(info["seeds"], 0)))
             outputs.write_json(self.run_dir / CONFIG, {**info, "seeds": outputs.seed_ranges(grown)})
 
     def check(self, info: dict) -> dict | None:

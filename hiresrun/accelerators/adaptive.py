@@ -2,8 +2,8 @@
 
 Ye et al., "Training-Free Adaptive Diffusion with Bounded Difference Approximation Strategy", NeurIPS 2024
 (arXiv 2410.09873). The default is the skip rule of the official code (`estimate_skipping` in sparse_pipeline.py),
-which differs from the paper's text; the paper's vector third difference is `estimator=vector3`. Spec:
-specs/adaptive-diffusion.md. Step level only: `wrap(model_fn)`; all sampling state lives in the call's closure.
+which differs from the paper's text; the paper's vector third difference is `estimator=vector3`. Step level only:
+`wrap(model_fn)`; all sampling state lives in the call's closure.
 
 The latents z_k are the x the loop hands to the wrapped model_fn: the scheduler's own latent, unscaled
 (the loop calls `scheduler.scale_model_input` inside model_fn), as the official code measures it for every

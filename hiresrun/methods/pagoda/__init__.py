@@ -1,4 +1,4 @@
-"""method=pagoda: PaGoDA (Kim et al., NeurIPS 2024, arXiv 2405.14822); spec ../shared/specs/pagoda.md.
+"""method=pagoda: PaGoDA (Kim et al., NeurIPS 2024, arXiv 2405.14822); defaults as the official code, docs/pagoda.md.
 
 Three stages of `hiresrun train`: `encode` integrates the frozen base's PF-ODE data -> noise on the base-resolution
 view of every training image and caches the latents; `base` trains a one-step generator G (a copy of the base at
