@@ -10,7 +10,7 @@ loss, per-step seeds and AdamW step on the same batches. Rounds alternate betwee
 initial weights, so load from other processes falls on both alike; a step's time is the interval between
 consecutive step ends (data loading and every hook included); median after warm-up. The two must give the same
 losses. Sampling: the base at 16x16 (DDIMPipeline samples at the UNet's own size), DDIM, seeds 0..batch-1; our
-side is `LitModule.generate` (the loop `hiresrun sample` runs per batch: per-seed noise, NFE counter, accelerator
+side is `sampling.Sampler.generate` (the loop `hiresrun sample` runs per batch: per-seed noise, NFE counter, accelerator
 hooks, uint8); the three take turns call by call (rotating order) and must produce the same images. Peak
 memory: each variant in a process of its own, the resident set's growth over the state after set-up (CUDA:
 max_memory_allocated). Wall and process CPU seconds are both reported. Results: bench/results/overhead.json.
@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 from hiresrun import outputs, sampling
-from hiresrun.lit import LitModule, to_uint8
+from hiresrun.lit import LitModule
+from hiresrun.sampling import Sampler, to_uint8
 
 OUT = Path(__file__).parent / "results" / "overhead.json"
 GOALS = {"training": 1.05, "sampling": 1.03}
@@ -86,7 +87,7 @@ def context(args) -> dict:
     return {"cfg": cfg, "net": net, "method": method, "data": data, "initial": {k: v.clone() for k, v in
                                                                               net.state_dict().items()},
             "optimizer": instantiate(cfg.optimizer), "sample_base": sample_base, "pipe": pipe,
-            "lit": LitModule(sample_net, none, sampler_scheduler(cfg, sample_base), args.steps),
+            "sampler": Sampler(sample_net, none, sampler_scheduler(cfg, sample_base), args.steps),
             "seeds": list(range(args.sample_batch)), "args": args}
 
 
@@ -109,7 +110,7 @@ def train_lightning(ctx: dict, steps: int) -> tuple[list[float], list[float]]:
             self.losses.append(out["loss"].item())
 
     ctx["net"].load_state_dict(ctx["initial"])
-    lit = LitModule(ctx["net"], ctx["method"], None, 1, optimizer=ctx["optimizer"], seed=ctx["cfg"].seed)
+    lit = LitModule(ctx["net"], ctx["method"], optimizer=ctx["optimizer"], seed=ctx["cfg"].seed)
     timer = StepEnds()
     trainer = build_trainer(ctx["cfg"], False, [timer], max_steps=steps, enable_checkpointing=False)
     trainer.fit(lit, train_dataloaders=ctx["data"].train_dataloader())
@@ -153,7 +154,7 @@ def compare_training(ctx: dict) -> dict:
 
 # -- sampling ---------------------------------------------------------------------------------------------
 def sample_hiresrun(ctx: dict):
-    return ctx["lit"].generate(ctx["seeds"])["images"]
+    return ctx["sampler"].generate(ctx["seeds"])["images"]
 
 
 def sample_loop(ctx: dict):

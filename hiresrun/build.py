@@ -1,6 +1,6 @@
 """The pieces every verb builds from a config, in data-flow order (ARCHITECTURE.md): seeds, the logger and
 trainer, the conditioning, the sampler's scheduler, the net to sample with its trained weights. `run.py` (the verbs)
-and `calibrate.py` both build from here, so neither imports the other.
+and `tune.py` (`hiresrun calibrate`) both build from here, so neither imports the other.
 """
 
 from __future__ import annotations
@@ -102,8 +102,8 @@ def accelerator_parts(node: DictConfig) -> dict[str, DictConfig]:
         return {str(node.get("_target_", "none")).rsplit(".", 1)[-1]: node}
     from hiresrun.support import chain_refusal
 
-    reason = chain_refusal(list(targets), [get_class(t).supports for t in targets.values()]) if len(targets) > 1 \
-        else None
+    reason = chain_refusal(list(targets), [get_class(t).declared(node) for t in targets.values()]) \
+        if len(targets) > 1 else None
     if reason:  # before the knobs are shared out: two members of one level may well take the same knob
         from hiresrun.errors import Unsupported
 
@@ -264,3 +264,15 @@ def sampling_net(cfg: DictConfig):
         checkpoint.unchanged(ckpt)
         ckpt = {"from": str(cfg.ckpt_path), "path": ckpt["path"], "sha256": ckpt["sha256"]}
     return base, method, net, ckpt
+
+
+def build_sampler(cfg: DictConfig):
+    """(sampling.Sampler, checkpoint identity) for a config: the net with its trained weights, the method, the
+    sampler's scheduler and steps, the accelerator (its settings checked against the net and the method's loops) and
+    the conditioning; what `hiresrun sample` runs and `hiresrun.load` returns. The net stays on the CPU."""
+    base, method, net, ckpt = sampling_net(cfg)
+    conditioner = build_conditioner(cfg, base)
+    accelerator = build_accelerator(cfg)
+    accelerator.check(net, method.loop_steps(int(cfg.sampler.num_steps)))
+    return sampling.Sampler(net, method, sampler_scheduler(cfg, base, method), int(cfg.sampler.num_steps),
+                            accelerator, conditioner), ckpt

@@ -18,12 +18,13 @@ from omegaconf import DictConfig
 
 from hiresrun.errors import DataError, UsageError
 
+# The Hydra verbs: run.TASKS's names (tests/test_cli.py checks they agree), written out so that composing or refusing
+# a command line imports nothing heavy (run.py imports torch).
+VERBS = ("pretrain", "train", "sample", "eval", "calibrate", "merge")
+
 
 def verbs() -> tuple[str, ...]:
-    """The Hydra verbs: the task table's names (run.TASKS), so a verb added there is a verb here."""
-    from hiresrun.run import TASKS
-
-    return tuple(TASKS)
+    return VERBS
 
 
 # `+method=x` is the documented form; the defaults list already holds method/accelerator, so Hydra
@@ -43,14 +44,18 @@ def normalise(argv: list[str]) -> list[str]:
     if not args[0].startswith("-") and "=" not in args[0]:
         verb = args.pop(0)
         if verb not in verbs():
-            fail(f"unknown verb '{verb}'; use one of: {', '.join(verbs() + ('report',))} (hiresrun --help)", 2)
-        if verb == "eval":  # clean-fid-like short forms: gen=, ref=, task=ref
-            args = [eval_short_form(a) for a in args]
-        if verb == "merge":
-            args = [f"merge.{a}" if a.startswith("gen=") else a for a in args]
-        args.append(f"task={verb}")
-    args = [a[1:] if any(a.startswith(f"+{g}=") for g in ADDABLE) else a for a in args]
-    return flags_first(args)
+            raise UsageError(f"unknown verb '{verb}'; use one of: {', '.join(verbs() + ('report',))} (hiresrun --help)")
+        args = verb_forms(verb, args) + [f"task={verb}"]
+    return flags_first([a[1:] if any(a.startswith(f"+{g}=") for g in ADDABLE) else a for a in args])
+
+
+def verb_forms(verb: str, args: list[str]) -> list[str]:
+    """A verb's short forms spelled out: eval's `gen=`, `ref=`, `task=ref`; merge's `gen=`."""
+    if verb == "eval":  # clean-fid-like short forms
+        return [eval_short_form(a) for a in args]
+    if verb == "merge":
+        return [f"merge.{a}" if a.startswith("gen=") else a for a in args]
+    return list(args)
 
 
 VALUED = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd",
@@ -82,25 +87,35 @@ def flags_first(args: list[str]) -> list[str]:
 
 
 def validate(overrides: list[str], run_dir: str | None = None) -> None:
-    """Compose once before Hydra runs, to turn composition errors into one line with exit 2."""
-    from hydra import compose, initialize_config_module
+    """Compose once before Hydra runs, to turn composition errors into one line (UsageError, exit 2)."""
+    from hydra import initialize_config_module
+
+    with initialize_config_module("hiresrun.conf", version_base="1.3"):
+        cfg = compose(overrides)
+    check_run_dir(run_dir or str(cfg.hydra.run.dir))
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """The config these overrides make, with Hydra's node (inside an initialised config module); a composition error
+    is a UsageError whose message is the one line: an unknown key with the keys there, an option not in its group."""
+    from hydra import compose as hydra_compose
     from hydra.errors import HydraException, MissingConfigException
 
     try:
-        with initialize_config_module("hiresrun.conf", version_base="1.3"):
-            cfg = compose("config", overrides=overrides, return_hydra_config=True)
+        return hydra_compose("config", overrides=overrides, return_hydra_config=True)
     except MissingConfigException as e:
-        fail(_missing_option(e, overrides), 2)
+        raise UsageError(_missing_option(e, overrides)) from None
     except (HydraException, ValueError) as e:
-        fail(_unknown_key(e, overrides) or str(e).strip().splitlines()[0], 2)
-    _check_run_dir(run_dir or str(cfg.hydra.run.dir))
+        raise UsageError(_unknown_key(e, overrides) or str(e).strip().splitlines()[0]) from None
 
 
 def _unknown_key(e: Exception, overrides: list[str]) -> str | None:
     """`sampler.num_step=10` -> one line naming the keys that exist there, closest first."""
     import difflib
 
-    from hydra import compose, initialize_config_module
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
 
     m = re.search(r"Could not override '([^']+)'", str(e))
     if not m:
@@ -109,8 +124,11 @@ def _unknown_key(e: Exception, overrides: list[str]) -> str | None:
     parent, _, leaf = key.rpartition(".")
     rest = [o for o in overrides if o.lstrip("+~").partition("=")[0] != key]
     try:
-        with initialize_config_module("hiresrun.conf", version_base="1.3"):
-            node = compose("config", overrides=rest)
+        if GlobalHydra.instance().is_initialized():  # called from `compose`, inside the config module
+            node = hydra_compose("config", overrides=rest)
+        else:
+            with initialize_config_module("hiresrun.conf", version_base="1.3"):
+                node = hydra_compose("config", overrides=rest)
         for part in parent.split(".") if parent else []:
             node = node[part]
         keys = sorted(str(k) for k in node.keys())
@@ -124,7 +142,7 @@ def _unknown_key(e: Exception, overrides: list[str]) -> str | None:
             f"(+{key}=... adds a new key)")
 
 
-def _check_run_dir(run_dir: str) -> None:
+def check_run_dir(run_dir: str) -> None:
     """The run folder must be creatable and writable before any work starts (one line, exit 2, not a traceback)."""
     import tempfile
 
@@ -135,8 +153,8 @@ def _check_run_dir(run_dir: str) -> None:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
-        fail(f"cannot write the run folder {run_dir}: {e.strerror or e}; pick a writable place with "
-             f"hydra.run.dir=<folder> or HIRESRUN_OUTPUTS=<folder>", 2)
+        raise UsageError(f"cannot write the run folder {run_dir}: {e.strerror or e}; pick a writable place with "
+                         f"hydra.run.dir=<folder> or HIRESRUN_OUTPUTS=<folder>") from None
     finally:
         for d in made:  # leave nothing behind: Hydra makes the folder itself when the run starts
             with contextlib.suppress(OSError):
@@ -167,7 +185,8 @@ def check_grammar(args: list[str]) -> None:
             parser.parse_overrides([arg])
         except OverrideParseException:
             key, _, value = arg.partition("=")
-            fail(f"{arg}: Hydra's override grammar cannot read this value unquoted; quote it: {key}='{value}'", 2)
+            raise UsageError(f"{arg}: Hydra's override grammar cannot read this value unquoted; quote it: "
+                             f"{key}='{value}'") from None
 
 
 def plain_overrides(args: list[str]) -> list[str] | None:
@@ -256,12 +275,15 @@ def main() -> None:
             fail(str(e), 2)
     if "-sc" in sys.argv or "--shell-completion" in sys.argv:
         _completion_without_verb()
-    args = normalise(sys.argv[1:])
-    check_grammar(args)
-    overrides = plain_overrides(args)
-    if overrides is not None:
-        given = [a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")]
-        validate(overrides, given[-1] if given else None)
+    try:
+        args = normalise(sys.argv[1:])
+        check_grammar(args)
+        overrides = plain_overrides(args)
+        if overrides is not None:
+            given = [a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")]
+            validate(overrides, given[-1] if given else None)
+    except UsageError as e:
+        fail(str(e), 2)
     sys.argv = [sys.argv[0], *args]
     _entry()
 

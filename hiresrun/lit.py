@@ -1,15 +1,15 @@
-"""The one LightningModule: `training_step` -> method.loss, validation/test -> the sampling loop.
+"""The one LightningModule: `training_step` -> method.loss; validation and test call the sampler (sampling.Sampler).
 
 Validation draws a fixed-seed grid every `grid_every` steps (with EMA weights: Lightning's weight-averaging
-callback swaps them in for validation). Test is `hiresrun sample`: batches of seeds arrive as a dataloader dealt to the
-ranks (store.Batches), and each rank writes its own images and records (store.Writer); rank 0 scores from disk.
+callback swaps them in for validation). Test is `hiresrun sample` on several devices: batches of seeds arrive as a
+dataloader dealt to the ranks (store.Batches), and each rank's sampler writes its own images and records
+(store.Writer); rank 0 scores from disk. On one device `hiresrun sample` calls the sampler without a Trainer.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -21,13 +21,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import Tensor, nn
 
 from hiresrun import sampling
-from hiresrun.accelerators import Accelerator, hooks_removed_after
 from hiresrun.errors import DataError
-
-
-def to_uint8(x: Tensor) -> Tensor:
-    """[-1, 1] -> uint8 [0, 255], rounded as diffusers' pipelines do."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+from hiresrun.signals import Interrupted, SampleSignals, Signals
 
 
 def ema_avg_fn(decay: float):
@@ -54,89 +49,53 @@ class FinalCheckpoint(L.Callback):
             trainer.save_checkpoint(self.path)
 
 
-class Interrupted(DataError):
-    """Training stopped by SIGINT or SIGTERM after a checkpoint of the last finished step; exit 128 + signal."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum
-
-
 class Interrupt(L.Callback):
     """SIGINT (Ctrl-C) or SIGTERM (what SLURM sends before a requeue or at the time limit) during training: the
     current step finishes, `last.ckpt` is written there (so a resume is exact), one line says where and how to
-    resume, and the command exits 130 / 143. A second Ctrl-C stops at once. Under DDP the ranks agree each step
-    (any rank's signal stops all). Listed after the EMA callback, so the checkpoint holds the step's EMA weights."""
+    resume, and the command exits 130 / 143 (hiresrun/signals.py). Under DDP the ranks agree each step (any rank's
+    signal stops all). Listed after the EMA callback, so the checkpoint holds the step's EMA weights."""
 
     def __init__(self, path: Path):
-        self.path, self.signum, self._previous = Path(path), None, {}
+        self.path, self.signals = Path(path), Signals()
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):  # USR2: submitit's "requeue me" (--signal=USR2@t)
-            self._previous[s] = signal.getsignal(s)
-            signal.signal(s, self._note)
-
-    def _note(self, signum, frame) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
+        self.signals.install()
 
     def stop(self, trainer) -> int | None:
-        """The signal to stop on after this step or batch (every rank agrees under DDP), else None."""
-        stop = self.signum is not None
+        """The signal to stop on after this step (every rank agrees under DDP), else None."""
+        stop = self.signals.signum is not None
         if trainer.world_size > 1:
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
-        return (self.signum or signal.SIGTERM) if stop else None
-
-    def hand_over(self, trainer, signum: int, done: str) -> None:
-        """SIGUSR2 under submitit: say what is safe on disk, then let submitit requeue the job (it exits)."""
-        previous = self._previous.get(signum)
-        if signum == signal.SIGUSR2 and callable(previous) and trainer.is_global_zero:
-            print(f"hiresrun: SIGUSR2 {done}; handing over to the job scheduler's requeue (the requeued job resumes "
-                  f"from it)", flush=True)
-            previous(signum, None)  # submitit: requeue this job, then exit
+        return (self.signals.signum or signal.SIGTERM) if stop else None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         signum = self.stop(trainer)
         if signum is None:
             return
         trainer.save_checkpoint(self.path)
-        self.hand_over(trainer, signum, f"after step {trainer.global_step}: saved {self.path}")
+        self.signals.hand_over(signum, f"after step {trainer.global_step}: saved {self.path}", trainer.is_global_zero)
         raise Interrupted(f"interrupted by {signal.Signals(signum).name} after step {trainer.global_step}: saved "
                           f"{self.path}; resume with the same command plus ckpt_path={self.path.parents[1]}", signum)
 
     def teardown(self, trainer, pl_module, stage) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-        self._previous = {}
+        self.signals.restore()
 
 
-class SampleInterrupt(Interrupt):
-    """SIGINT / SIGTERM / SIGUSR2 during sampling: the batch in flight finishes and is written (images, then its
-    record), so the folder resumes; one line says how many images are on disk and how to resume (the same command
-    into the same folder), and the command exits 130 / 143."""
+class SampleInterrupt(L.Callback):
+    """`hiresrun sample` on several devices: SIGINT / SIGTERM / SIGUSR2 let the batch in flight finish and be
+    written (images, then its record), then stop with the count on disk and how to resume (signals.SampleSignals)."""
 
     def __init__(self, run_dir: Path, done_before: int, total: int):
-        super().__init__(Path(run_dir))
-        self.made, self.done_before, self.total = 0, done_before, total
+        self.signals = SampleSignals(run_dir, done_before, total)
 
     def on_test_start(self, trainer, pl_module) -> None:
-        self.on_train_start(trainer, pl_module)
+        self.signals.install()
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        # Each rank decides on its own signal (a job scheduler signals every task, Ctrl-C the whole process group):
-        # ranks may hold different numbers of batches, so a collective here could wait forever.
-        self.made += len(batch) * trainer.world_size
-        if self.signum is None:
-            return
-        signum = self.signum
-        done = f"with about {min(self.done_before + self.made, self.total):,} of {self.total:,} images on disk" \
-            if trainer.world_size > 1 else f"with {self.done_before + self.made:,} of {self.total:,} images on disk"
-        self.hand_over(trainer, signum, done)
-        raise Interrupted(f"interrupted by {signal.Signals(signum).name} {done} in {self.path}; resume with the same "
-                          f"command plus hydra.run.dir={self.path}", signum)
+        self.signals.after_batch(len(batch), trainer.world_size, trainer.is_global_zero)
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        self.signals.restore()
 
 
 class TrainClock(L.Callback):
@@ -206,30 +165,25 @@ def fill_frozen(checkpoint: dict, full: dict) -> None:
 
 
 class LitModule(L.LightningModule):
-    """Trains `net` with `method.loss`; samples with `method.sample` under the accelerator."""
+    """Trains `net` with `method.loss` (or the method's own `training_step`); its validation grids and, for several
+    devices, `hiresrun sample`'s batches are the sampler's (sampling.Sampler, which holds the same `net`)."""
 
-    def __init__(self, net: nn.Module, method, scheduler, num_steps: int, accelerator: Accelerator | None = None,
-                 optimizer=None, seed: int = 0, grid_dir: str | None = None, val_metric=None, conditioner=None):
+    def __init__(self, net: nn.Module, method, sampler: sampling.Sampler | None = None, optimizer=None, seed: int = 0,
+                 grid_dir: str | None = None, val_metric=None):
         super().__init__()
-        self.conditioner = conditioner  # seeds -> cond (conditioning.Conditioner); None: the base's own labels
         self.val_metric = val_metric  # images -> {"val/fid_proxy": ..., "val/fid_proxy_n": ...} (metrics.FidProxy)
-        self.net, self.method, self.scheduler, self.num_steps = net, method, scheduler, num_steps
-        self.accelerator_ = accelerator or Accelerator()
+        self.net, self.method = net, method
+        if sampler is not None and sampler.net is not net:
+            raise ValueError("LitModule: the sampler must sample the module it trains (sampler.net is net)")
+        self.sampler = sampler
         self.optimizer, self.seed, self.grid_dir = optimizer, seed, grid_dir
         self._outputs: list[dict] = []
         self.results: dict | None = None
-        # Sampling to disk (hiresrun sample): each batch's images and record go to `writer` (store.Writer) as soon
-        # as they exist, `facts(seeds)` adds per-image facts (prompt, label), `progress(n)` is told each batch,
-        # `featurize(seeds, images, hashes, device)` caches the batch's Inception rows (metrics/generated.py).
-        self.writer = self.facts = self.progress = self.featurize = None
-        # A method with its own `training_step(lit, batch)` steps its optimisers itself (PaGoDA's G and D).
-        self.automatic_optimization = not hasattr(method, "training_step")
+        self.automatic_optimization = not method.manual_optimization  # PaGoDA steps G and D itself
 
     # -- training ---------------------------------------------------------------------------------------
     def configure_optimizers(self):
-        if hasattr(self.method, "optimizers"):  # several optimisers, built by the method from the configured class
-            return self.method.optimizers(self.net, self.optimizer)
-        return self.optimizer([p for p in self.net.parameters() if p.requires_grad])
+        return self.method.optimizers(self.net, self.optimizer)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # Every random draw of a step (t, eps, dropout) comes from a seed fixed by (seed, step, rank), so a
@@ -241,8 +195,6 @@ class LitModule(L.LightningModule):
         out = self.method.loss(self.net, batch) if auto else self.method.training_step(self, batch)
         bad = [k for k, v in out.items() if not torch.isfinite(v.detach()).all()]  # loss, or PaGoDA's loss_g/loss_d
         if bad:  # diverged: stop before a NaN step is saved
-            from hiresrun.errors import DataError
-
             raise DataError(f"train: the loss is {float(out[bad[0]].detach().float().mean())} ({bad[0]}) at step "
                             f"{self.global_step}: training diverged; lower optimizer.lr; checkpoints/last.ckpt keeps "
                             f"the last periodic (finite) state")
@@ -256,35 +208,15 @@ class LitModule(L.LightningModule):
         for key in ("state_dict", "current_model_state"):
             if key in checkpoint:
                 checkpoint[key] = {k: v for k, v in checkpoint[key].items() if k not in frozen}
-        base = getattr(self.method, "base", None)
-        checkpoint["base"] = {"weights_sha256": getattr(base, "weights_hash", None),
-                              "source": getattr(base, "source", None)}
+        base = self.method.base
+        checkpoint["base"] = {"weights_sha256": base.weights_hash, "source": base.source}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         fill_frozen(checkpoint, self.state_dict())
 
     # -- sampling ---------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(self, seeds: list[int]) -> dict:
-        """Images for `seeds` (uint8), with the image evaluations and wall seconds they cost."""
-        counter, gens = sampling.Counter(), sampling.generators(seeds)
-        wrap = lambda f, step: self.accelerator_.wrap(counter(f), step)
-        if self.conditioner is None:
-            from hiresrun.conditioning import Conditioner
-
-            self.conditioner = Conditioner(self.method.base)
-        cond = self.conditioner(seeds, gens, self.device)  # drawn before any noise: labels depend on the seed only
-        loop = sampling.Loop(self.scheduler, self.num_steps, gens, wrap, cond, self.conditioner.at)
-        start = time.perf_counter()
-        with hooks_removed_after(self.accelerator_.attach(self.net)):
-            x = self.method.sample(self.net, gens, loop)
-        seconds = time.perf_counter() - start
-        return {"seeds": torch.tensor(seeds), "images": to_uint8(x).cpu(),
-                "evals": torch.tensor(counter.evals), "passes": torch.tensor(counter.passes),
-                "seconds": torch.tensor(seconds, dtype=torch.float64)}
-
     def validation_step(self, seeds: Tensor, batch_idx: int) -> None:
-        self._outputs.append(self.generate(seeds.tolist()))
+        self._outputs.append(self.sampler.generate(seeds.tolist()))
 
     def on_validation_epoch_end(self) -> None:
         gathered = self._gather()
@@ -299,28 +231,13 @@ class LitModule(L.LightningModule):
             self.logger.log_metrics(self.val_metric(gathered["images"]), step=self.global_step)
 
     def test_step(self, seeds: Tensor, batch_idx: int) -> None:
-        seeds = seeds.tolist()
-        mark = self.accelerator_.mark()
-        out = self.generate(seeds)
-        if self.writer is None:  # kept in memory, gathered at the end
+        """One batch of `hiresrun sample` on several devices: written by the sampler's sink on this rank."""
+        out = self.sampler.batch(seeds.tolist(), self.global_rank, self.trainer.world_size)
+        if self.sampler.sink.writer is None:  # kept in memory, gathered at the end
             self._outputs.append(out)
-            return
-        from hiresrun.outputs import peak_memory_mb
-
-        facts = {"evals": int(out["evals"]), "passes": int(out["passes"]), "seconds": float(out["seconds"]),
-                 "rank": self.global_rank, "world_size": self.trainer.world_size, "device": str(self.device),
-                 "peak_memory_mb": peak_memory_mb(self.device), **(self.facts(seeds) if self.facts else {})}
-        per_image = self.accelerator_.per_image(mark, seeds)
-        if per_image is not None:
-            facts["accelerator"] = per_image
-        hashes = self.writer.write(seeds, out["images"], facts)
-        if self.featurize is not None:
-            self.featurize(seeds, out["images"], hashes, self.device)
-        if self.progress is not None:
-            self.progress(len(seeds))
 
     def on_test_epoch_end(self) -> None:
-        if self.writer is None:
+        if self.sampler.sink.writer is None:
             self.results = self._gather()
         elif self.trainer.world_size > 1:  # every rank's records are on disk before rank 0 reads them
             self.trainer.strategy.barrier("hiresrun-samples-written")

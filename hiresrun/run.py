@@ -19,16 +19,15 @@ from hiresrun.build import (
     build_accelerator,
     build_conditioner,
     build_logger,
+    build_sampler,
     build_trainer,
     calibration_overlap,
     choice,
     parse_seeds,
     sampler_scheduler,
-    sampling_net,
     seed_loader,
 )
 from hiresrun.errors import Unsupported, UsageError
-from hiresrun.lit import EMA, FinalCheckpoint, Interrupt, LitModule, SampleInterrupt, TrainClock
 from hiresrun.models import count_params, save_pipeline
 
 
@@ -40,8 +39,8 @@ def sample(cfg: DictConfig) -> dict | None:
     if cfg.sample.batch_size < 1:
         raise UsageError(f"sample.batch_size={cfg.sample.batch_size}: must be at least 1")
     shard = store.parse_shard(cfg.sample.get("shard"))
-    base, method, net, ckpt = sampling_net(cfg)
-    conditioner = build_conditioner(cfg, base)
+    sampler, ckpt = build_sampler(cfg)
+    base, conditioner = sampler.method.base, sampler.conditioner
     from_file = conditioner.prompts.seeds if conditioner.prompts is not None else None
     seeds = parse_seeds(from_file if from_file and cfg.sample.seeds is None else cfg.sample.seeds,
                         cfg.sample.num_samples)  # a prompt file's seeds obey the same rules
@@ -53,10 +52,6 @@ def sample(cfg: DictConfig) -> dict | None:
         raise UsageError(f"sample.shard={cfg.sample.shard}: {len(plan)} batches of sample.batch_size="
                          f"{cfg.sample.batch_size} cannot make {shard[1]} shards; use at most {len(plan)} shards or a "
                          f"smaller sample.batch_size")
-    accelerator = build_accelerator(cfg)
-    accelerator.check(net, method.loop_steps(int(cfg.sampler.num_steps)))
-    lit = LitModule(net, method, sampler_scheduler(cfg, base, method), cfg.sampler.num_steps, accelerator,
-                    conditioner=conditioner)
     folder = store.Store(run_dir)  # everything that can refuse the run has run: now the folder is written
     info = {"identity": store.identity(cfg, base.weights_hash, ckpt), "checkpoint": ckpt,
             **sampling_record(cfg, base, conditioner, seeds)}
@@ -64,39 +59,102 @@ def sample(cfg: DictConfig) -> dict | None:
     first = int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
     claim = folder.claim(shard) if first else None  # one process per shard of a folder (DDP: its global rank 0)
     try:
-        return _sample_into(cfg, folder, info, lit, plan, shard, base, conditioner, first)
+        return _sample_into(cfg, folder, info, sampler, plan, shard, base, conditioner, first)
     finally:
         if claim is not None:
             claim.close()
 
 
-def _sample_into(cfg: DictConfig, folder: store.Store, info: dict, lit: LitModule, plan: list[list[int]],
-                 shard: tuple[int, int], base, conditioner, first: bool) -> dict | None:
+def one_device(cfg: DictConfig) -> torch.device | None:
+    """The device when `trainer` asks for one process on one device at a precision the sampler applies itself
+    (`hiresrun sample` then runs without a Lightning Trainer); None when Lightning's plumbing is needed (several
+    devices or nodes, a strategy, a launcher's environment, a precision that converts the weights)."""
+    t = cfg.trainer
+    several = any(int(os.environ.get(k, "1") or 1) > 1 for k in ("WORLD_SIZE", "SLURM_NTASKS"))
+    if several or int(t.get("num_nodes", 1)) != 1 or str(t.get("strategy", "auto")) != "auto" \
+            or str(t.get("precision")) not in MIXED:
+        return None
+    devices = t.get("devices", 1)
+    index = devices[0] if isinstance(devices, (list, ListConfig)) and len(devices) == 1 else \
+        0 if devices in (1, "1", "auto") else None
+    kind = str(t.get("accelerator", "cpu"))
+    if kind == "cpu" and index is not None:
+        return torch.device("cpu")
+    if kind in ("gpu", "cuda") and index is not None and torch.cuda.is_available():
+        return torch.device("cuda", int(index))
+    return None
+
+
+# trainer.precision -> the autocast dtype the sampler applies (None: full precision), as Lightning's mixed plugins do
+MIXED = {"32-true": None, "32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def sample_here(sampler: sampling.Sampler, todo: list[list[int]], device: torch.device, precision: str,
+                signals, bar: bool) -> None:
+    """The batches of a one-device sample run, in order, each written by the sampler's sink as it is made; a signal
+    stops after the batch in flight (signals.SampleSignals)."""
+    sampler.autocast = MIXED[str(precision)]
+    sampler.net.to(device).eval()
+    progress = None
+    if bar:
+        from tqdm import tqdm
+
+        progress = tqdm(total=sum(map(len, todo)), unit="img", desc="sampling")
+    with signals:
+        for seeds in todo:
+            with torch.inference_mode():
+                sampler.batch(seeds)
+            if progress is not None:
+                progress.update(len(seeds))
+            signals.after_batch(len(seeds))
+    if progress is not None:
+        progress.close()
+
+
+def _sample_into(cfg: DictConfig, folder: store.Store, info: dict, sampler: sampling.Sampler,
+                 plan: list[list[int]], shard: tuple[int, int], base, conditioner, first: bool) -> dict | None:
     """The part of `sample` that writes: the folder's identity, the batches still to do, the scoring."""
+    from hiresrun.signals import SampleSignals
+
     run_dir = folder.run_dir
     folder.open(info, write=first)
     done = folder.done()
     mine = store.shard_batches(plan, shard)
     todo = [b for b in mine if not all(s in done and done[s]["seeds"] == b for s in b)]
-    lit.writer = folder.writer(store.writer_name(shard))
-    lit.facts = lambda chunk: image_facts(base, conditioner, chunk)
+    sink = sampling.Sink(writer=folder.writer(store.writer_name(shard)),
+                         facts=lambda chunk: image_facts(base, conditioner, chunk))
     if "_target_" in (cfg.get("metrics") or {}):  # each batch's Inception rows, by the rank that made it
         from hiresrun.metrics.generated import BatchFeatures
 
-        lit.featurize = BatchFeatures(cfg.metrics, run_dir)
-    logger = build_logger(cfg)
+        sink.featurize = BatchFeatures(cfg.metrics, run_dir)
+    sampler.sink = sink
     total, left = sum(map(len, mine)), sum(map(len, todo))
-    trainer = build_trainer(cfg, logger, [SampleInterrupt(run_dir, total - left, total)])
-    if left < total:
+    device = one_device(cfg)
+    trainer = None
+    if device is None:  # several devices, nodes or a converting precision: Lightning deals the batches to ranks
+        from hiresrun.lit import LitModule, SampleInterrupt
+
+        trainer = build_trainer(cfg, False, [SampleInterrupt(run_dir, total - left, total)])
+        world, rank = trainer.world_size, trainer.global_rank
+        device = trainer.strategy.root_device
+    else:
+        world, rank = 1, 0
+    if left < total and rank == 0:
         print(f"hiresrun: resuming {run_dir}: {total - left:,} of {total:,} images are on disk, {left:,} to go")
-    if not (cfg.trainer.enable_progress_bar and os.isatty(1)):  # a log file: a line every so many images
-        lit.progress = store.Progress(total, total - left, left, int(cfg.sample.get("progress_every") or 0),
-                                      trainer.world_size, trainer.global_rank)
-    outputs.reset_peak_memory(lit.device)
-    if todo:
-        trainer.test(lit, dataloaders=DataLoader(store.Batches(todo), batch_size=None), verbose=False)
-    if not trainer.is_global_zero:
+    bar = bool(cfg.trainer.enable_progress_bar and os.isatty(1))
+    if not bar:  # a log file: a line every so many images
+        sink.progress = store.Progress(total, total - left, left, int(cfg.sample.get("progress_every") or 0),
+                                       world, rank)
+    outputs.reset_peak_memory(device)
+    if todo and trainer is not None:
+        trainer.test(LitModule(net=sampler.net, method=sampler.method, sampler=sampler),
+                     dataloaders=DataLoader(store.Batches(todo), batch_size=None), verbose=False)
+    elif todo:
+        sample_here(sampler, todo, device, str(cfg.trainer.precision),
+                    SampleSignals(run_dir, total - left, total), bar)
+    if rank != 0:
         return None
+    logger = build_logger(cfg)
     made = {s for b in todo for s in b}
     if shard[1] > 1:  # a shard scores nothing: the metrics belong to the union (hiresrun merge)
         return finish(info, [run_dir], run_dir, logger, batches=mine, shard=shard, made=made)
@@ -262,6 +320,8 @@ def _fit(cfg: DictConfig, base, method, data, task: str):
     """Shared by train and pretrain: wrap, fit with EMA and checkpoints, return (trainer, net)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from hiresrun.lit import EMA, FinalCheckpoint, Interrupt, LitModule, TrainClock
+
     run_dir = Path(cfg.paths.run_dir)
     ckpt = checkpoint.resolve(cfg.ckpt_path, cfg.paths.output_root, task, str(cfg.method._target_))
     own = Path(cfg.paths.run_dir) / "checkpoints" / "last.ckpt"
@@ -272,9 +332,10 @@ def _fit(cfg: DictConfig, base, method, data, task: str):
     net = method.wrap(base)
     # metrics=...: a small-n FID of the validation grid against the real set, `val/fid_proxy` (a trend, not a result)
     val_metric = instantiate(cfg.metrics).proxy(data) if "_target_" in (cfg.get("metrics") or {}) else None
-    lit = LitModule(net, method, sampler_scheduler(cfg, base, method), cfg.sampler.num_steps,
-                    optimizer=instantiate(cfg.optimizer), seed=cfg.seed, grid_dir=str(run_dir / "grids"),
-                    val_metric=val_metric, conditioner=build_conditioner(cfg, base, for_grids=True))
+    grids = sampling.Sampler(net, method, sampler_scheduler(cfg, base, method), cfg.sampler.num_steps,
+                             conditioner=build_conditioner(cfg, base, for_grids=True))
+    lit = LitModule(net, method, grids, optimizer=instantiate(cfg.optimizer), seed=cfg.seed,
+                    grid_dir=str(run_dir / "grids"), val_metric=val_metric)
     # enable_version_counter=False: a run resumed into its own folder overwrites last.ckpt (no last-v1.ckpt beside a
     # stale last.ckpt that `ckpt_path=<folder>` would then load)
     callbacks = [ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step_{step:07d}", save_last=True,
@@ -400,8 +461,8 @@ def evaluate(cfg: DictConfig) -> dict:
 
 def calibrate(cfg: DictConfig) -> dict:
     """`hiresrun calibrate +accelerator=adaptive target.psnr=30`: the largest delta keeping the target against the
-    full-step outputs of `calibrate.seeds`, saved for `accelerator.calibration=<file>` (hiresrun/calibrate.py)."""
-    from hiresrun.calibrate import calibrate as search
+    full-step outputs of `calibrate.seeds`, saved for `accelerator.calibration=<file>` (hiresrun/tune.py)."""
+    from hiresrun.tune import calibrate as search
 
     return search(cfg)
 

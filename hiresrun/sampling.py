@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import torch
@@ -145,3 +146,102 @@ class Counter:
             return out
 
         return counted
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """[-1, 1] -> uint8 [0, 255], rounded as diffusers' pipelines do."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+@dataclass
+class Sink:
+    """Where a sample run's batches go as soon as they exist (hiresrun/store.py): `writer.write(seeds, images,
+    facts)` saves the images and the batch record and returns the PNGs' hashes; `facts(seeds)` adds per-image facts
+    (prompt, label); `featurize(seeds, images, hashes, device)` caches the batch's Inception rows
+    (metrics/generated.py); `progress(n)` is told each batch. Any of them may be None."""
+
+    writer: object = None
+    facts: Callable[[list[int]], dict] | None = None
+    featurize: Callable | None = None
+    progress: Callable[[int], None] | None = None
+
+
+class Sampler:
+    """The sampling core: images for seeds from a net, a method, a scheduler and step count, an accelerator and the
+    per-image conditioning, built once. `generate(seeds)` returns the images and what they cost; `batch(seeds)`
+    also hands them to the sink. `hiresrun sample` (on its own or under Lightning's test loop for several devices),
+    training's validation grids, `hiresrun calibrate`, the study scripts and `bench/` all call this one object.
+
+    Image i depends on seed i only (its generator), whatever batch it is in."""
+
+    def __init__(self, net, method, scheduler, num_steps: int, accelerator=None, conditioner=None,
+                 sink: Sink | None = None, autocast: torch.dtype | None = None):
+        from hiresrun.accelerators import Accelerator
+
+        if conditioner is None:  # the base's own conditioning: drawn labels, its default prompts, no guidance change
+            from hiresrun.conditioning import Conditioner
+
+            conditioner = Conditioner(method.base)
+        self.net, self.method, self.scheduler, self.num_steps = net, method, scheduler, int(num_steps)
+        self.accelerator = accelerator if accelerator is not None else Accelerator()
+        self.conditioner, self.sink = conditioner, sink or Sink()
+        self.autocast = autocast  # mixed precision (bf16 / fp16 autocast, as Lightning's mixed plugins); None: off
+
+    @property
+    def device(self) -> torch.device:
+        first = next(iter(self.net.parameters()), None)
+        return first.device if first is not None else torch.device("cpu")
+
+    def loop(self, seeds: Sequence[int], counter: Counter, device) -> Loop:
+        """The sampling loop of one batch: its generators, its conditioning (drawn before any noise: labels depend on
+        the seed only), the accelerator's wrapping around the counted network."""
+        gens = generators(seeds)
+        cond = self.conditioner(list(seeds), gens, device)
+        wrap = lambda f, step: self.accelerator.wrap(counter(f), step)
+        return Loop(self.scheduler, self.num_steps, gens, wrap, cond, self.conditioner.at)
+
+    @torch.no_grad()
+    def generate(self, seeds: Sequence[int]) -> dict:
+        """{"seeds", "images" (uint8, on the CPU), "evals", "passes" (network evaluations and UNet passes),
+        "seconds" (wall time of the method's sampling)} for one batch of seeds."""
+        from hiresrun.hooks import hooks_removed_after
+
+        seeds, counter = [int(s) for s in seeds], Counter()
+        loop = self.loop(seeds, counter, self.device)
+        start = time.perf_counter()
+        mixed = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast is not None else nullcontext()
+        with hooks_removed_after(self.accelerator.attach(self.net)), mixed:
+            x = self.method.sample(self.net, loop.gens, loop)
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        seconds = time.perf_counter() - start
+        return {"seeds": torch.tensor(seeds), "images": to_uint8(x).cpu(), "evals": torch.tensor(counter.evals),
+                "passes": torch.tensor(counter.passes), "seconds": torch.tensor(seconds, dtype=torch.float64)}
+
+    def __call__(self, seeds: Sequence[int]) -> Tensor:
+        """uint8 images (N, C, H, W) for `seeds`."""
+        return self.generate(seeds)["images"]
+
+    def batch(self, seeds: Sequence[int], rank: int = 0, world_size: int = 1) -> dict:
+        """Generate one batch and hand it to the sink: images and record to the writer (with the costs, the
+        accelerator's per-image facts and the sink's facts), then features and progress."""
+        from hiresrun.outputs import peak_memory_mb
+
+        seeds = [int(s) for s in seeds]
+        mark = self.accelerator.mark()
+        out = self.generate(seeds)
+        sink, device = self.sink, self.device
+        if sink.writer is None:
+            return out
+        facts = {"evals": int(out["evals"]), "passes": int(out["passes"]), "seconds": float(out["seconds"]),
+                 "rank": rank, "world_size": world_size, "device": str(device),
+                 "peak_memory_mb": peak_memory_mb(device), **(sink.facts(seeds) if sink.facts else {})}
+        per_image = self.accelerator.per_image(mark, seeds)
+        if per_image is not None:
+            facts["accelerator"] = per_image
+        hashes = sink.writer.write(seeds, out["images"], facts)
+        if sink.featurize is not None:
+            sink.featurize(seeds, out["images"], hashes, device)
+        if sink.progress is not None:
+            sink.progress(len(seeds))
+        return out

@@ -37,6 +37,8 @@ class Support:
     why: str = ""                                 # the code behind a restriction, shown in the refusal
     why_text: str = ""                            # the code behind text=False
     why_edm: str = ""                             # the code behind edm=False
+    sub_batches: bool = False                     # accelerator: calls the model on a subset of a batch's images
+    whole_batches: bool = False                   # accelerator: keeps state per whole batch (a feature cache)
 
 
 def refusal(method: str, m: Support, accelerator: str | None, a: Support, model: str,
@@ -72,6 +74,11 @@ def chain_refusal(names: list[str], supports: list[Support]) -> str | None:
         for other, t in zip(names[i + 1:], supports[i + 1:]):
             if s.level == t.level:
                 return f"{listed}: {name} and {other} both decide {LEVELS[s.level]}; keep one of them"
+    splits = [n for n, s in zip(names, supports) if s.sub_batches]
+    whole = [n for n, s in zip(names, supports) if s.whole_batches]
+    if splits and whole:
+        return (f"{listed}: {splits[0]} calls the model on sub-batches of images (per-image decisions) and {whole[0]} "
+                f"caches whole batches; set accelerator.decision_scope=batch")
     return None
 
 
@@ -80,18 +87,16 @@ def check(cfg, method: str, accelerator: str | None) -> None:
     accelerator None checks the method and model only)."""
     from hydra.utils import get_class
 
-    from hiresrun.build import accelerator_parts, build_accelerator
+    from hiresrun.build import accelerator_parts
     from hiresrun.models import describe, text_model
 
     m = get_class(cfg.method._target_).declared(cfg.method)
-    parts = accelerator_parts(cfg.accelerator) if accelerator else {None: None}
+    parts = accelerator_parts(cfg.accelerator) if accelerator else {None: None}  # a list: refuses clashing members
     unet, space = describe(cfg.model.path, cfg.model.get("revision"), cfg.model.get("vae"))
     text = text_model(cfg.model.path, cfg.model.get("revision")) if cfg.model.get("conditioning") != "none" else False
     edm = cfg.model.get("parametrization", "standard") == "edm"
     for name, part in parts.items():
-        a = get_class(part._target_).supports if part is not None else Support()
+        a = get_class(part._target_).declared(part) if part is not None else Support()
         reason = refusal(method, m, name, a, f"model.path={cfg.model.path}", unet, space, text, edm)
         if reason:
             raise Unsupported(reason)
-    if len(parts) > 1:
-        build_accelerator(cfg)  # a list: its members' levels, and what their settings need of each other

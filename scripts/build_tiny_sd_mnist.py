@@ -61,8 +61,8 @@ def mnist16(seed: int = 0):
 
 
 def train_vae(folder: Path, steps: int, batch: int, lr: float, kl_weight: float, seed: int) -> None:
-    from hiresrun.calibrate import fidelity
-    from hiresrun.lit import to_uint8
+    from hiresrun.sampling import to_uint8
+    from hiresrun.tune import fidelity
 
     torch.manual_seed(seed)
     train, held = mnist16(seed)

@@ -183,7 +183,7 @@ def test_an_image_does_not_depend_on_its_batch_mates(mnist):
 
 
 def lit_uint8(x):
-    from hiresrun.lit import to_uint8
+    from hiresrun.sampling import to_uint8
 
     return to_uint8(x)
 

@@ -1,5 +1,5 @@
 """experiments/adaptive/run.py: its README's tables are its JSON files, rendered; and a quick run goes through
-`hiresrun sample`'s own per-batch code path (LitModule.generate) and stepskip, not a copy of them."""
+`hiresrun sample`'s own per-batch code path (sampling.Sampler.generate) and stepskip, not a copy of them."""
 
 from __future__ import annotations
 

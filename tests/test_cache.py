@@ -14,9 +14,9 @@ from diffusers import DDIMScheduler, DiTTransformer2DModel
 
 from hiresrun import run as task
 from hiresrun import sampling
-from hiresrun.accelerators import hooks_removed_after
 from hiresrun.accelerators.cache import DIT_MODULES, DiffusersCache, hook_names
 from hiresrun.errors import UsageError
+from hiresrun.hooks import hooks_removed_after
 
 SKIPPING = {"first_block": {"threshold": 0.3}, "taylorseer": {"interval": 3}, "pab": {"interval": 2},
             "magcache": {"threshold": 0.3, "options": {"mag_ratios": [1.0] * 10}}}

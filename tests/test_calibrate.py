@@ -16,9 +16,9 @@ from hiresrun import sampling
 from hiresrun.accelerators.adaptive import AdaptiveDiffusion
 from hiresrun.build import build_accelerator
 from hiresrun.errors import UsageError
-from hiresrun.lit import to_uint8
 from hiresrun.metrics.lpips import LPIPS
 from hiresrun.models import load_model, model_fn, save_pipeline
+from hiresrun.sampling import to_uint8
 
 GRID = [0.01, 0.03, 0.1, 0.3]
 SEEDS = [0, 1, 2, 3]
@@ -163,7 +163,7 @@ def test_the_verb_prints_the_file_it_saved(tiny_model_dir, tmp_path, psnr30):
 
 # -- across accelerators: the cost-fidelity front -------------------------------------------------------------
 def test_pareto_keeps_exactly_the_undominated_points():
-    from hiresrun.calibrate import pareto
+    from hiresrun.tune import pareto
 
     pts = [{"cost_per_image": c, "psnr_to_ref": q} for c, q in ((10, 60), (5, 30), (5, 35), (3, 20), (8, 34), (3, 25))]
     assert pareto(pts, "psnr_to_ref", True) == [5, 2, 0]  # (3, 25), (5, 35), (10, 60); cheapest first
@@ -204,7 +204,7 @@ def test_the_front_measures_each_setting_against_the_full_run(front_run):
     assert both["nfe_per_image"] < 12 and both["cost_per_image"] < both["nfe_per_image"]
     assert both["overrides"][0] == "+accelerator=[adaptive,deepcache]"
     # the front and the answer follow from the points
-    from hiresrun.calibrate import pareto
+    from hiresrun.tune import pareto
 
     assert record["front"] == pareto(record["points"], "psnr_to_ref", True)
     meeting = [p for p in record["points"] if p["psnr_to_ref"] >= 30]

@@ -18,11 +18,12 @@ from hydra.utils import get_class
 from omegaconf import OmegaConf
 
 from hiresrun import sampling, support
-from hiresrun.accelerators import Accelerator, Chain, hooks_removed_after
+from hiresrun.accelerators import Accelerator, Chain
 from hiresrun.accelerators.adaptive import AdaptiveDiffusion
 from hiresrun.accelerators.deepcache import DeepCache, full_steps
 from hiresrun.build import accelerator_parts, build_accelerator, choice
 from hiresrun.errors import Unsupported, UsageError
+from hiresrun.hooks import hooks_removed_after
 from hiresrun.models import model_fn
 
 SEEDS = [0, 1, 2]

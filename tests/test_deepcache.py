@@ -12,9 +12,9 @@ from conftest import SCHED, cli, tiny_unet
 from diffusers import DDIMScheduler
 
 from hiresrun import sampling
-from hiresrun.accelerators import hooks_removed_after
 from hiresrun.accelerators.deepcache import DeepCache
 from hiresrun.errors import UsageError
+from hiresrun.hooks import hooks_removed_after
 from hiresrun.models import model_fn
 
 SEEDS = [0, 1]

@@ -104,13 +104,15 @@ def test_validation_logs_the_fid_proxy_with_its_n(tmp_path, tiny_model_dir):
 
     from hiresrun import build, run
     from hiresrun.lit import LitModule
+    from hiresrun.sampling import Sampler
 
     cfg = compose(tiny_overrides(tiny_model_dir) + ["metrics=default", "metrics.num_reference=4",
                                                     f"paths.cache_dir={tmp_path}"], tmp_path / "r")
     base = run.instantiate(cfg.model)
     method = run.instantiate(cfg.method)
     proxy = run.instantiate(cfg.metrics).proxy(MnistDataModule(resolution=16))
-    lit = LitModule(method.wrap(base), method, build.sampler_scheduler(cfg, base), 2, val_metric=proxy)
+    net = method.wrap(base)
+    lit = LitModule(net, method, Sampler(net, method, build.sampler_scheduler(cfg, base), 2), val_metric=proxy)
     logger = CSVLogger(tmp_path, name="log")
     trainer = build.build_trainer(cfg, logger, limit_val_batches=None)
     trainer.validate(lit, dataloaders=build.seed_loader([0, 1, 2], 3), verbose=False)

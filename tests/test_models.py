@@ -10,10 +10,10 @@ from conftest import PLAIN_BLOCKS, SCHED, tiny_unet
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 from hiresrun.errors import UsageError
-from hiresrun.lit import LitModule
 from hiresrun.methods.finetune import Finetune
 from hiresrun.methods.none import NoneMethod
 from hiresrun.models import DEFAULT_SCHEDULER, load_model, save_pipeline
+from hiresrun.sampling import Sampler
 
 
 def test_pipeline_layout_reloads_bit_identical(tiny_model_dir):
@@ -50,9 +50,9 @@ def test_class_conditional_model_samples_and_trains(tmp_path):
     save_pipeline(unet, SCHED, tmp_path / "cls")
     base = load_model(str(tmp_path / "cls"), conditioning="class")
     method = NoneMethod(resolution=8)
-    lit = LitModule(method.wrap(base), method, DDIMScheduler.from_config(SCHED), num_steps=2)
-    together = lit.generate([0, 1, 2])["images"]
-    assert torch.equal(together[2], lit.generate([2])["images"][0])
+    sampler = Sampler(method.wrap(base), method, DDIMScheduler.from_config(SCHED), num_steps=2)
+    together = sampler.generate([0, 1, 2])["images"]
+    assert torch.equal(together[2], sampler.generate([2])["images"][0])
     ft = Finetune(resolution=8)
     net = ft.wrap(load_model(str(tmp_path / "cls"), conditioning="class"))
     batch = {"image": torch.zeros(2, 1, 8, 8), "label": torch.tensor([3, 4])}
@@ -85,8 +85,8 @@ def test_condition_model_and_vae_load_and_decode(tmp_path):
     assert base.resolution == 8 and base.channels == 3 and base.latent_factor == 2
     base.cond = {"encoder_hidden_states": torch.zeros(1, 1, 8)}
     method = NoneMethod(resolution=8)
-    lit = LitModule(method.wrap(base), method, DDIMScheduler.from_config(DEFAULT_SCHEDULER), num_steps=2)
-    assert lit.generate([0])["images"].shape == (1, 3, 8, 8)
+    sampler = Sampler(method.wrap(base), method, DDIMScheduler.from_config(DEFAULT_SCHEDULER), num_steps=2)
+    assert sampler.generate([0])["images"].shape == (1, 3, 8, 8)
     z = base.encode(torch.zeros(1, 3, 8, 8))
     assert z.shape == (1, 4, 4, 4)
 

@@ -18,11 +18,13 @@ from torch import nn
 from hiresrun import sampling
 from hiresrun.errors import UsageError
 from hiresrun.lit import LitModule
+from hiresrun.methods import Method
 from hiresrun.methods.pagoda import PaGoDA
 from hiresrun.methods.pagoda.cache import LatentCache, encode_dataset, fingerprint, lookup
 from hiresrun.methods.pagoda.nets import Generator, freeze_for_growing, up_path_units
 from hiresrun.methods.pagoda.ode import VEView, c_in, ddim_grid, ddim_invert, heun, heun_invert, karras_sigmas
 from hiresrun.models import BaseModel, model_fn
+from hiresrun.sampling import Sampler
 
 
 def base(unet=None, resolution=8):
@@ -251,10 +253,10 @@ def test_adaptive_weight_clamps():
 
 def test_one_evaluation_per_image_and_image_depends_on_its_seed_only():
     method = PaGoDA(8)
-    lit = LitModule(method.wrap(base()), method, DDIMScheduler.from_config(SCHED), num_steps=50)
-    out = lit.generate([0, 1, 2])
+    sampler = Sampler(method.wrap(base()), method, DDIMScheduler.from_config(SCHED), num_steps=50)
+    out = sampler.generate([0, 1, 2])
     assert out["evals"] == 3 and out["images"].shape == (3, 1, 8, 8)
-    assert torch.equal(lit.generate([2])["images"][0], out["images"][2])
+    assert torch.equal(sampler.generate([2])["images"][0], out["images"][2])
 
 
 def test_encode_base_grow_and_sample_through_the_cli(tiny_model_dir, tmp_path):
@@ -322,9 +324,9 @@ def test_lit_hands_optimisation_to_the_method_even_steps_g_odd_steps_d(tmp_path)
     encode_dataset(method.encoder(b), [{"base": v, "label": -1} for v in images], method.cache(b), [0], 2,
                    log=lambda s: None)
     batch = {"image": images, "base": images, "label": torch.tensor([-1, -1]), "index": torch.tensor([0, 1])}
-    lit = LitModule(net, method, DDIMScheduler.from_config(SCHED), 2, optimizer=partial(torch.optim.SGD, lr=0.1))
+    lit = LitModule(net, method, optimizer=partial(torch.optim.SGD, lr=0.1))
     assert not lit.automatic_optimization
-    assert LitModule(net, SimpleNamespace(), None, 2).automatic_optimization  # methods without the hook
+    assert LitModule(net, Method(8), optimizer=partial(torch.optim.SGD, lr=0.1)).automatic_optimization
     g_opt, d_opt = lit.configure_optimizers()
     assert g_opt.param_groups[0]["lr"] == method.g_lr and d_opt.param_groups[0]["lr"] == method.d_lr
     fake = SimpleNamespace(net=net, global_step=0, optimizers=lambda: (g_opt, d_opt),
@@ -363,7 +365,7 @@ def test_latent_base_encodes_trains_and_samples_in_its_latent_space(tmp_path):
     assert torch.isfinite(method.discriminator_loss(net, batch))
     decodes = []
     hook = vae.decoder.register_forward_pre_hook(lambda m, a: decodes.append(a[0].shape))
-    lit = LitModule(net, method, DDIMScheduler.from_config(SCHED), num_steps=50)
-    out = lit.generate([0, 1, 2])
+    sampler = Sampler(net, method, DDIMScheduler.from_config(SCHED), num_steps=50)
+    out = sampler.generate([0, 1, 2])
     hook.remove()
     assert out["images"].shape == (3, 3, 8, 8) and out["evals"] == 3 and decodes == [(3, 4, 4, 4)]

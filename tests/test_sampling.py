@@ -9,9 +9,9 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
 from hydra.utils import instantiate
 
 from hiresrun import sampling
-from hiresrun.lit import LitModule
 from hiresrun.methods.none import NoneMethod
 from hiresrun.models import BaseModel, model_fn
+from hiresrun.sampling import Sampler
 
 
 def base_of(unet) -> BaseModel:
@@ -39,9 +39,9 @@ def test_images_do_not_depend_on_batch_size(kind):
     cls = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}[kind]
     base, method = base_of(tiny_unet(sample_size=8)), NoneMethod(resolution=16)
     net = method.wrap(base)
-    lit = LitModule(net, method, cls.from_config(SCHED), num_steps=5)
-    together = lit.generate(list(range(7)))["images"]
-    alone = torch.cat([lit.generate([s])["images"] for s in range(7)])
+    sampler = Sampler(net, method, cls.from_config(SCHED), num_steps=5)
+    together = sampler.generate(list(range(7)))["images"]
+    alone = torch.cat([sampler.generate([s])["images"] for s in range(7)])
     assert together.shape == (7, 1, 16, 16)
     assert torch.equal(together, alone)
     assert not torch.equal(together[0], together[1])  # different seeds, different images

@@ -15,12 +15,11 @@ from hydra.utils import instantiate
 
 from hiresrun.build import parse_seeds
 from hiresrun.errors import UsageError
-from hiresrun.lit import LitModule
 from hiresrun.methods.none import NoneMethod
 from hiresrun.methods.selfcascade import CascadeNet, LightUpsampler, ResBlockUpsampler, SelfCascade, attach_upsamplers
 from hiresrun.methods.upsample import Upsample
 from hiresrun.models import BaseModel, load_model
-from hiresrun.sampling import TRAINING_SEEDS
+from hiresrun.sampling import TRAINING_SEEDS, Sampler
 
 
 def base(unet=None):
@@ -32,7 +31,7 @@ def base(unet=None):
 def images(method, seeds=(0, 1, 2), steps=6, b=None):
     b = b or base()
     net = method.wrap(b)
-    return LitModule(net, method, DDIMScheduler.from_config(SCHED), num_steps=steps).generate(list(seeds))["images"]
+    return Sampler(net, method, DDIMScheduler.from_config(SCHED), num_steps=steps).generate(list(seeds))["images"]
 
 
 def test_strength_one_is_direct_sampling_and_zero_is_upsample():
@@ -177,7 +176,7 @@ def test_every_sampler_strength_one_is_none_and_tuned_runs(name):
 
     def run(method, steps=4):
         net = method.wrap(b)
-        return LitModule(net, method, make(schedule), num_steps=steps).generate([0, 1])["images"]
+        return Sampler(net, method, make(schedule), num_steps=steps).generate([0, 1])["images"]
 
     assert torch.equal(run(SelfCascade(16, mode="tuning_free", strength=1.0)), run(NoneMethod(16)))
     for mode in ("tuning_free", "tuned"):
@@ -247,7 +246,7 @@ def test_tuned_with_per_image_adaptive_skipping_matches_one_image_at_a_time():
 
     def run(seeds):
         acc = AdaptiveDiffusion(delta=0.05)
-        out = LitModule(net, method, DDIMScheduler.from_config(SCHED), num_steps=30, accelerator=acc).generate(seeds)
+        out = Sampler(net, method, DDIMScheduler.from_config(SCHED), num_steps=30, accelerator=acc).generate(seeds)
         return out, acc.last_masks
 
     together, masks = run(seeds)

@@ -16,7 +16,6 @@ from hydra.utils import instantiate
 
 from hiresrun.build import load_net_weights, sampler_scheduler
 from hiresrun.errors import UsageError
-from hiresrun.lit import LitModule
 from hiresrun.methods.simple import (
     DWT,
     Patch,
@@ -33,6 +32,7 @@ from hiresrun.methods.simple import (
     x0_from_v,
 )
 from hiresrun.models import BaseModel, load_model
+from hiresrun.sampling import Sampler
 
 t = torch.linspace(0, 1, 101, dtype=torch.float64)
 
@@ -182,7 +182,7 @@ def test_every_sampler_runs_on_the_simple_schedule():
         cfg = compose([f"sampler={name}"])
         sched = sampler_scheduler(cfg, method.base, method)
         assert sched.config.prediction_type == "v_prediction" and sched.config.trained_betas is not None, name
-        images = LitModule(net.eval(), method, sched, num_steps=3).generate([0, 1])["images"]
+        images = Sampler(net.eval(), method, sched, num_steps=3).generate([0, 1])["images"]
         assert images.shape == (2, 1, 16, 16), name
 
 

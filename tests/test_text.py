@@ -197,17 +197,17 @@ def generate(folder, method, accelerator=None, seeds=(0, 1, 2), steps=12, scale=
     import diffusers
 
     from hiresrun.conditioning import Conditioner, Prompt, Prompts
-    from hiresrun.lit import LitModule
     from hiresrun.models import load_model
+    from hiresrun.sampling import Sampler
 
     base = load_model(str(folder))
     net = method.wrap(base)
     conditioner = Conditioner(base, Prompts([Prompt(p) for p in PROMPTS]), guidance_scale=scale,
                               negative_prompt="noise", size=method.resolution)
     step_rule = {"ddim": diffusers.DDIMScheduler, "dpmsolver": diffusers.DPMSolverMultistepScheduler}[scheduler]
-    lit = LitModule(net, method, step_rule.from_config(base.scheduler_config), steps, accelerator,
-                    conditioner=conditioner)
-    return lit.generate(list(seeds))
+    sampler = Sampler(net, method, step_rule.from_config(base.scheduler_config), steps, accelerator,
+                      conditioner=conditioner)
+    return sampler.generate(list(seeds))
 
 
 @pytest.mark.parametrize("family", ["sd", "sdxl"])

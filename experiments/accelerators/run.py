@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 .venv/bin/python experiments/accelerators/run.py [--models pixel16 pixel32 tinysd16]
         [--seeds 1000-1063] [--n-fid 500] [--out /tmp/hiresrun-accelerators] [--tables]
 
-For each model, one `hiresrun calibrate` with `calibrate.families` (the product's own search, hiresrun/calibrate.py):
+For each model, one `hiresrun calibrate` with `calibrate.families` (the product's own search, hiresrun/tune.py):
 every point of each family's knob grid on the calibration seeds against the 50-step DDIM outputs of the same seeds,
 the settings taking turns batch by batch in one process (wall-clock measured side by side), cost per image in full
 network evaluations (DeepCache's partial calls at their FLOP share), PSNR / SSIM / LPIPS-alex to the full-step
@@ -24,8 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hiresrun.calibrate import pareto
 from hiresrun.outputs import write_block
+from hiresrun.tune import pareto
 
 HERE = Path(__file__).resolve().parent
 HIRESRUN = str(Path(sys.executable).with_name("hiresrun"))

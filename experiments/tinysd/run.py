@@ -188,20 +188,20 @@ WALL_N = 100  # seeds of the side-by-side wall-clock measurement
 def wall_side_by_side(sampler: str, variants: dict[str, tuple[int, object]], n: int, cache: Path) -> dict:
     """Wall seconds per image of each variant (name -> (steps, accelerator or None)) on seeds 0..n-1, in one process,
     the variants taking turns batch by batch (as experiments/adaptive/run.py does), each batch through
-    `LitModule.generate`, the per-batch path of `hiresrun sample`. Cached in `cache` (delete it to remeasure)."""
+    `sampling.Sampler.generate`, the per-batch path of `hiresrun sample`. Cached in `cache` (delete it to remeasure)."""
     if cache.is_file():
         return json.loads(cache.read_text())
     from hydra import compose, initialize_config_module
 
     from hiresrun import build
-    from hiresrun.lit import LitModule
+    from hiresrun.sampling import Sampler
 
     with initialize_config_module("hiresrun.conf", version_base="1.3"):
         cfg = compose("config", overrides=[*SAMPLE16, f"sampler={sampler}"])
     model, method, net, _ = build.sampling_net(cfg)
     conditioner = build.build_conditioner(cfg, model)
-    lits = {name: LitModule(net, method, build.sampler_scheduler(cfg, model, method), steps, acc,
-                            conditioner=conditioner) for name, (steps, acc) in variants.items()}
+    lits = {name: Sampler(net, method, build.sampler_scheduler(cfg, model, method), steps, acc,
+                          conditioner=conditioner) for name, (steps, acc) in variants.items()}
     seconds = dict.fromkeys(variants, 0.0)
     for name in variants:  # warm-up, untimed
         lits[name].generate([0])
@@ -276,8 +276,8 @@ def adaptive(args) -> None:
              f"{SAMPLE_BATCH} (decisions per image, sub-batched calls), PSNR/LPIPS-alex to the 50-step images of the "
              "same seeds, FID vs the 1,000 held-out digits; each arm a separate process, 2-core CPU. Wall speed-ups "
              f"over the 50-step run are measured side by side in one process on seeds 0-{min(WALL_N, args.n) - 1} "
-             f"(batches of {SAMPLE_BATCH}, the variants taking turns batch by batch, LitModule.generate); the arms' "
-             "own sec_per_image come from separate processes under different load and are not compared.")
+             f"(batches of {SAMPLE_BATCH}, the variants taking turns batch by batch, sampling.Sampler.generate); the "
+             "arms' own sec_per_image come from separate processes under different load and are not compared.")
     write_block(DEST["dir"] / "README.md", "adaptive-sweep",
                 markdown(["DDIM arm", "NFE speed-up", "PSNR", "LPIPS", "FID", "prompt_acc"],
                          sweep_rows))

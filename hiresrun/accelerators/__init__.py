@@ -7,9 +7,6 @@ with Lightning's `trainer.accelerator`, which is the device (cpu/gpu).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -104,17 +101,6 @@ def _count(model_fn: ModelFn, x, t, cond: dict):
     return out, counter
 
 
-@contextmanager
-def hooks_removed_after(handles: list[RemovableHandle]) -> Iterator[list[RemovableHandle]]:
-    """`with hooks_removed_after(acc.attach(net)):` -- whatever happens inside, the model leaves without the hooks
-    (every attach site: sampling, Self-Cascade's upsamplers in sampling and training)."""
-    try:
-        yield handles
-    finally:
-        for h in handles:
-            h.remove()
-
-
 class Accelerator:
     """The accelerator protocol and its neutral setting.
 
@@ -125,6 +111,14 @@ class Accelerator:
     """
 
     supports = Support()  # what a subclass works with (hiresrun/support.py); the base works with everything
+    # One record per sampling call (which images or blocks ran), for `mark` / `per_image`; None: it keeps none.
+    records: list[dict] | None = None
+
+    @classmethod
+    def declared(cls, config) -> Support:
+        """The declaration for this configuration (its `accelerator.*` keys, the defaults where absent): `supports`,
+        unless a setting changes it (AdaptiveDiffusion's per-image decisions call the model on sub-batches)."""
+        return cls.supports
 
     def attach(self, net: nn.Module) -> list[RemovableHandle]:
         return []
@@ -140,8 +134,8 @@ class Accelerator:
     # `mark()` before a batch, `per_image(mark, seeds)` after it -> {str(seed): facts} or None;
     # `summary(per_image)` -> (a file's content, flat metrics) over every image of the run, or None.
     def mark(self):
-        """Where this batch's records start: accelerators that keep one record per sampling call in `records`."""
-        return len(self.records) if hasattr(self, "records") else None
+        """Where this batch's records start (None for an accelerator that keeps no `records`)."""
+        return len(self.records) if self.records is not None else None
 
     def per_image(self, mark, seeds: list[int]) -> dict | None:
         return None
@@ -158,14 +152,12 @@ class Chain(Accelerator):
 
     def __init__(self, members: dict[str, Accelerator]):
         from hiresrun.errors import Unsupported
+        from hiresrun.support import chain_refusal
 
         self.members = members
-        splits = [n for n, a in members.items() if getattr(a, "sub_batches", False)]
-        whole = [n for n, a in members.items() if getattr(a, "whole_batches", False)]
-        if splits and whole:
-            raise Unsupported(f"accelerator=[{','.join(members)}]: {splits[0]} calls the model on sub-batches of "
-                              f"images (per-image decisions) and {whole[0]} caches whole batches; set "
-                              f"accelerator.decision_scope=batch")
+        reason = chain_refusal(list(members), [a.supports for a in members.values()])  # each one's own setting
+        if reason:
+            raise Unsupported(reason)
 
     def attach(self, net: nn.Module) -> list[RemovableHandle]:
         return [h for a in self.members.values() for h in a.attach(net)]

@@ -12,6 +12,9 @@ sampler, Euler-type ones included.
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import replace
+
 import torch
 from torch import Tensor
 
@@ -87,16 +90,21 @@ class AdaptiveDiffusion(Accelerator):
             raise UsageError(f"accelerator.calls_per_step={calls_per_step}: 0 (infer), 1, or 2 for Heun/KDPM2")
         self.delta, self.c_max, self.cap, self.estimator = float(delta), int(c_max), cap, estimator
         self.decision_scope, self.warmup, self.calls_per_step = decision_scope, int(warmup), int(calls_per_step)
-        if calibration is not None:  # hiresrun/calibrate.py: refuses a file made for another model or setting
-            from hiresrun.calibrate import load
+        if calibration is not None:  # hiresrun/calibration.py: refuses a file made for another model or setting
+            from hiresrun.calibration import load
 
             self.delta = load(calibration, setting, self.rule)
         self.records: list[dict] = []  # one per sampling call: which images called the model at each call
+        self.supports = self.declared({"decision_scope": decision_scope, "delta": self.delta})
 
-    @property
-    def sub_batches(self) -> bool:
-        """Per-image decisions call the model on the images that compute (accelerators.Chain checks its members)."""
-        return self.decision_scope == "sample" and self.delta > 0
+    @classmethod
+    def declared(cls, config) -> Support:
+        """Per-image decisions (decision_scope=sample, delta > 0) call the model on the images that compute: a
+        sub-batch, which a whole-batch cache in the same list cannot share (support.chain_refusal)."""
+        defaults = inspect.signature(cls).parameters  # a key the config leaves out has the constructor's default
+        scope = config.get("decision_scope", defaults["decision_scope"].default)
+        delta = config.get("delta", defaults["delta"].default)
+        return replace(cls.supports, sub_batches=scope == "sample" and float(delta or 0) > 0)
 
     @property
     def rule(self) -> dict:

@@ -60,9 +60,8 @@ class _Handle:
 class DiffusersCache(Accelerator):
     """One of diffusers' cache configs on the transformer, with a cache context per call."""
 
-    supports = Support(unets=TRANSFORMERS, needs_steps=True, level="blocks",
+    supports = Support(unets=TRANSFORMERS, needs_steps=True, level="blocks", whole_batches=True,  # one batch's state
                        why="diffusers' cache hooks wrap a transformer's blocks")
-    whole_batches = True  # the hooks' state holds one batch (accelerators.Chain)
 
     def __init__(self, kind: str = "first_block",   # first_block | taylorseer | magcache | pab
                  threshold: float = 0.05,           # first_block, magcache: the skip threshold; 0 never skips

@@ -98,9 +98,8 @@ class _Handle:
 class DeepCache(Accelerator):
     """Cache the deep UNet blocks every `interval` steps; recompute only the shallow `branch` in between."""
 
-    supports = Support(unets=ANY_UNET, needs_steps=True, level="blocks",
+    supports = Support(unets=ANY_UNET, needs_steps=True, level="blocks", whole_batches=True,  # a cache per batch
                        why="caches the deep blocks of a UNet2DModel / UNet2DConditionModel between sampler steps")
-    whole_batches = True  # one cache entry per block and batch (accelerators.Chain)
 
     def __init__(self, interval: int = 3,      # N: a full step every N steps (paper: 3-5 for SD); 1 = no caching
                  branch: int = 1,              # shallow down/up blocks recomputed at partial steps (>= 1)

@@ -31,13 +31,15 @@ class Method:
     `loop_steps(num_steps)`: the steps of each sampling loop `sample` runs (Self-Cascade's pivot and stage loops).
     `scheduler_config(base)`: the schedule the net samples on (simple diffusion trains its own).
     `precompute(base, data, run_dir)`: a stage that only computes and caches; True ends `hiresrun train` there.
-    Manual optimisation is opted into by defining both `training_step(lit, batch)` and `optimizers(net, factory)`
-    (PaGoDA's generator and discriminator); their presence is what switches Lightning's automatic optimisation off,
-    so the base class does not define them.
+    `optimizers(net, factory)`: the optimisers, built with the configured class (`factory(params, **kw)`); one over
+        every trainable parameter unless a method has several (PaGoDA's generator and discriminator).
+    `manual_optimization`: True when the method steps its optimisers itself in `training_step(lit, batch)`
+        (Lightning's manual optimisation); otherwise Lightning back-propagates `loss(...)["loss"]`.
     """
 
     trains: bool = False
     supports: Support = Support()
+    manual_optimization: bool = False
 
     @classmethod
     def declared(cls, config) -> Support:
@@ -54,6 +56,12 @@ class Method:
 
     def loss(self, net: nn.Module, batch: dict) -> dict[str, Tensor]:
         raise UsageError(f"{type(self).__name__} trains nothing; `hiresrun train` needs a method that trains")
+
+    def optimizers(self, net: nn.Module, factory):
+        return factory([p for p in net.parameters() if p.requires_grad])
+
+    def training_step(self, lit, batch: dict) -> dict[str, Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} sets manual_optimization and must define training_step")
 
     def sample(self, net: nn.Module, gens: list[torch.Generator], loop) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__}.sample")

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hiresrun import sampling
-from hiresrun.accelerators import hooks_removed_after
 from hiresrun.data import resize
 from hiresrun.errors import UsageError
+from hiresrun.hooks import hooks_removed_after
 from hiresrun.methods.finetune import denoising_loss
 from hiresrun.methods.none import NoneMethod
 from hiresrun.methods.upsample import upscale

@@ -25,7 +25,7 @@ MANIFEST = "real.json"  # marks a cached-statistics folder (usable as `eval.ref=
 
 
 def to_uint8(x: Tensor) -> Tensor:
-    """[-1, 1] float -> uint8, rounded as hiresrun.lit.to_uint8 does for samples."""
+    """[-1, 1] float -> uint8, rounded as hiresrun.sampling.to_uint8 does for samples."""
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 

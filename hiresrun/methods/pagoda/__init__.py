@@ -154,6 +154,8 @@ class PaGoDA(Method):
             return self.g_output
         return "x0" if kind in ("epsilon", "v_prediction") else "raw"
 
+    manual_optimization = True  # G and D take turns (`training_step`)
+
     def optimizers(self, net: PagodaNet, factory) -> list:
         """Two optimisers (the configured class): G at g_lr over its trainable part, D at d_lr."""
         return [factory([p for p in net.gen.parameters() if p.requires_grad], lr=self.g_lr),

@@ -11,8 +11,6 @@ The file's key names what the delta is valid for; `accelerator.calibration=<file
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 
 import torch
@@ -20,62 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from hiresrun import outputs
+from hiresrun.calibration import SEARCH, key
 from hiresrun.errors import UsageError
-
-KEY = ("model_weights_sha256", "resolution", "sampler", "num_steps", "method", "rule")
-SEARCH = "ascending delta grid (calibrate.deltas), stopped at the first delta that misses the target"
-
-
-# -- the key: what a calibrated delta is valid for --------------------------------------------------------
-def key(setting: dict, model_weights_sha256: str, rule: dict) -> dict:
-    """(model weights, resolution, sampler, steps), plus the method and every other accelerator setting, and for
-    text models a set guidance scale / negative prompt, as JSON reads them back. `setting` is
-    conf/accelerator/adaptive.yaml's `setting` node: the run's own config."""
-    setting = OmegaConf.to_container(setting, resolve=True) if OmegaConf.is_config(setting) else dict(setting)
-    sampler = {k: v for k, v in setting["sampler"].items() if k != "_partial_"}
-    guidance = {k: setting[k] for k in ("guidance_scale", "negative_prompt") if setting.get(k) is not None}
-    return json.loads(json.dumps({"model_weights_sha256": model_weights_sha256, "resolution": setting["resolution"],
-                                  "sampler": sampler, "num_steps": setting["num_steps"], "method": setting["method"],
-                                  "rule": rule, **({"guidance": guidance} if guidance else {})}, sort_keys=True))
-
-
-def model_sha256(path: str, revision: str | None = None) -> str:
-    """The base's identity as `load_model` computes it: sha256 over the UNet folder's weight files."""
-    from hiresrun.models import _fetch, _resolve, denoiser_dir, weights_hash
-
-    root = _resolve(path) or _fetch(path, revision)
-    return weights_hash(denoiser_dir(root))
-
-
-def load(path: str, setting: dict | None, rule: dict) -> float:
-    """The delta in a calibration file, once its key matches this run (else one line naming the difference)."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise UsageError(f"accelerator.calibration={path}: no such file; pass the calibration.json that "
-                         f"`hiresrun calibrate` printed")
-    try:
-        record = json.loads(p.read_text())
-        saved, delta = record["key"], float(record["delta"])
-        if not isinstance(saved, dict) or not math.isfinite(delta) or delta < 0:
-            raise ValueError
-    except (ValueError, KeyError, TypeError, IndexError):
-        raise UsageError(f"accelerator.calibration={path}: not a `hiresrun calibrate` file (no key and delta); "
-                         f"pass the calibration.json it printed") from None
-    if setting is None:
-        raise UsageError("accelerator.calibration needs accelerator.setting (conf/accelerator/adaptive.yaml fills it "
-                         "from the run's config); construct AdaptiveDiffusion with delta= instead")
-    here = key(setting, model_sha256(setting["model"], setting.get("revision")), rule)
-    for name in (*KEY, "guidance"):
-        if saved.get(name) != here.get(name):
-            raise UsageError(f"accelerator.calibration={path} was calibrated for {name} {_short(saved.get(name))}, "
-                             f"this run has {_short(here.get(name))}; run `hiresrun calibrate` with this run's "
-                             f"settings")
-    return delta
-
-
-def _short(value) -> str:
-    text = value[:12] if isinstance(value, str) and len(value) == 64 else json.dumps(value, sort_keys=True)
-    return text if len(text) <= 100 else text[:97] + "..."
 
 
 # -- fidelity to the full-step outputs ----------------------------------------------------------
@@ -120,8 +64,8 @@ def calibrate(cfg: DictConfig) -> dict:
         sampler_scheduler,
         sampling_net,
     )
-    from hiresrun.lit import LitModule
     from hiresrun.metrics.lpips import LPIPS
+    from hiresrun.sampling import Sampler
 
     if cfg.calibrate.get("families"):
         return front(cfg)
@@ -143,10 +87,11 @@ def calibrate(cfg: DictConfig) -> dict:
     device = "cuda" if cfg.trainer.get("accelerator") in ("gpu", "cuda") and torch.cuda.is_available() else "cpu"
     lpips = LPIPS(cache_dir=cfg.paths.cache_dir).to(device) if target[0] == "lpips" else None
 
+    net.to(device)
+
     def run(acc=None) -> dict:
-        lit = LitModule(net, method, sampler_scheduler(cfg, base, method), cfg.sampler.num_steps, acc,
-                        conditioner=conditioner).to(device)
-        parts = [lit.generate(seeds[i:i + cfg.sample.batch_size])
+        sampler = Sampler(net, method, sampler_scheduler(cfg, base, method), cfg.sampler.num_steps, acc, conditioner)
+        parts = [sampler.generate(seeds[i:i + cfg.sample.batch_size])
                  for i in range(0, len(seeds), cfg.sample.batch_size)]
         return {"images": torch.cat([p["images"] for p in parts]), "evals": sum(int(p["evals"]) for p in parts)}
 
@@ -253,8 +198,8 @@ def front(cfg: DictConfig) -> dict:
     import time
 
     from hiresrun.build import build_conditioner, choice, parse_seeds, sampler_scheduler, sampling_net
-    from hiresrun.lit import LitModule
     from hiresrun.metrics.lpips import LPIPS
+    from hiresrun.sampling import Sampler
 
     target = parse_target(cfg.target)
     families = [str(f) for f in cfg.calibrate.families]
@@ -268,29 +213,28 @@ def front(cfg: DictConfig) -> dict:
     lpips = LPIPS(cache_dir=cfg.paths.cache_dir).to(device)  # the front reports PSNR, SSIM and LPIPS
     batch = int(cfg.sample.batch_size)
 
-    def module(acc, sampler) -> LitModule:
-        from hiresrun.accelerators import Accelerator
+    net.to(device)
 
+    def module(acc, sampler) -> Sampler:
         own = OmegaConf.create({"sampler": OmegaConf.to_container(sampler, resolve=True)})  # this point's sampler
-        return LitModule(net, method, sampler_scheduler(own, base, method), int(sampler.num_steps),
-                         acc or Accelerator(), conditioner=conditioner).to(device)
+        return Sampler(net, method, sampler_scheduler(own, base, method), int(sampler.num_steps), acc, conditioner)
 
     settings = [(None, module(None, cfg.sampler))] + [(p, module(*b)) for p, b in zip(plan, built)]
     runs = [{"images": [], "evals": 0, "seconds": 0.0, "per": {}} for _ in settings]
-    for _, lit in settings:
-        lit.generate(seeds[:1])  # warm-up: the first call pays for allocation and lazy init
+    for _, sampler in settings:
+        sampler.generate(seeds[:1])  # warm-up: the first call pays for allocation and lazy init
     for i in range(0, len(seeds), batch):  # settings take turns batch by batch: load falls on all of them alike
         chunk = seeds[i:i + batch]
-        for (_, lit), r in zip(settings, runs):
-            mark = lit.accelerator_.mark()
+        for (_, sampler), r in zip(settings, runs):
+            mark = sampler.accelerator.mark()
             start = time.perf_counter()
-            out = lit.generate(chunk)
+            out = sampler.generate(chunk)
             r["seconds"] += time.perf_counter() - start
             r["images"].append(out["images"])
             r["evals"] += int(out["evals"])
-            r["per"].update(lit.accelerator_.per_image(mark, chunk) or {})
-    for (_, lit), r in zip(settings, runs):
-        summary = lit.accelerator_.summary(r["per"]) if len(r["per"]) == len(seeds) else None
+            r["per"].update(sampler.accelerator.per_image(mark, chunk) or {})
+    for (_, sampler), r in zip(settings, runs):
+        summary = sampler.accelerator.summary(r["per"]) if len(r["per"]) == len(seeds) else None
         r.update(images=torch.cat(r["images"]), nfe_per_image=r["evals"] / len(seeds),
                  cost_per_image=(summary[1] if summary else {}).get("cost_per_image", r["evals"] / len(seeds)),
                  sec_per_image=r["seconds"] / len(seeds))
