@@ -110,21 +110,19 @@ def hydra_value(value) -> str:
 
 
 def config(verb: str = "sample", *args: str, **options) -> DictConfig:
-    """The config `hiresrun <verb> <overrides>` runs with (Hydra's node included), checked as the command line checks
-    it: the grammar, unknown keys and options, values; nothing is built or written."""
+    """The config `hiresrun <verb> <overrides>` runs with (Hydra's node included), composed as the command line
+    composes it before the run (the grammar, unknown keys and options are refused); values are checked when it runs.
+    Nothing is built or written, and nothing heavy is imported."""
     from hydra import initialize_config_module
 
-    from hiresrun import cli, validate
+    from hiresrun import cli
 
     if verb not in cli.VERBS:
         raise UsageError(f"unknown verb '{verb}'; use one of: {', '.join(cli.VERBS)}")
     given = overrides(args, options, verb) + [f"task={verb}"]
     cli.check_grammar(given)
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-        cfg = cli.compose(given)
-    validate.default_resolution(cfg)
-    validate.check_values(cfg)
-    return cfg
+        return cli.compose(given)
 
 
 def _run(verb: str, args: Sequence[str], options: dict) -> Result:
@@ -134,7 +132,7 @@ def _run(verb: str, args: Sequence[str], options: dict) -> Result:
     from hydra.core.utils import JobStatus, run_job
     from hydra.types import HydraContext
 
-    from hiresrun import cli, run
+    from hiresrun import cli, outputs, run
 
     run_dir = options.pop("run_dir", None)
     given = overrides(args, options, verb) + ([f"hydra.run.dir={hydra_value(str(run_dir))}"] if run_dir else [])
@@ -155,11 +153,15 @@ def _run(verb: str, args: Sequence[str], options: dict) -> Result:
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         cfg = cli.compose(given)
         cli.check_run_dir(str(cfg.hydra.run.dir))
-        # Hydra's runner as the command line uses it, minus its log configuration; a failed job's exception is read
-        # from the JobReturn directly (its `return_value` property also prints Hydra's own banner to stderr)
-        job = run_job(hydra_context=HydraContext(GlobalHydra.instance().config_loader(), Callbacks(cfg)),
-                      task_function=task, config=_with_mode(cfg), job_dir_key="hydra.run.dir", job_subdir_key=None,
-                      configure_logging=False)
+        outputs.API_COMMAND = [verb, *given[:-1]]  # the manifest's command line: the verb and its overrides
+        try:
+            # Hydra's runner as the command line uses it, minus its log configuration; a failed job's exception is
+            # read from the JobReturn directly (its `return_value` property also prints Hydra's banner to stderr)
+            job = run_job(hydra_context=HydraContext(GlobalHydra.instance().config_loader(), Callbacks(cfg)),
+                          task_function=task, config=_with_mode(cfg), job_dir_key="hydra.run.dir",
+                          job_subdir_key=None, configure_logging=False)
+        finally:
+            outputs.API_COMMAND = None
     if job.status == JobStatus.FAILED:
         raise job._return_value
     out = Path(folder[0])
@@ -226,6 +228,19 @@ def merge(*args: str, **options) -> Result:
     return _run("merge", args, options)
 
 
+def command(argv: Sequence[str]) -> Result:
+    """A command line's verb and overrides (`["sample", "+method=upsample", "hydra.run.dir=out"]`), run as the
+    function of its verb: the in-process form of `hiresrun <argv>` for plain runs (no `-m` sweep or Hydra flag)."""
+    from hiresrun import cli
+
+    if not argv or argv[0] not in cli.VERBS:
+        raise UsageError(f"command: start with a verb, one of {', '.join(cli.VERBS)}")
+    bad = [a for a in argv[1:] if a.startswith("-")]
+    if bad:
+        raise UsageError(f"command: {bad[0]} is a flag of the hiresrun command line; run it there")
+    return _run(argv[0], argv[1:], {})
+
+
 def load(*args: str, device: str | None = None, **options):
     """A `sampling.Sampler` built from sample overrides (model, method and checkpoint, accelerator, sampler, steps,
     prompts and guidance), checked as `hiresrun sample` checks them, on `device` (default: the trainer config's one
@@ -234,18 +249,17 @@ def load(*args: str, device: str | None = None, **options):
     import torch
     from hydra.core.hydra_config import HydraConfig
 
-    from hiresrun import build, run, support
+    from hiresrun import build, run, support, validate
 
     cfg = config("sample", *args, "paths.run_dir=null", **options)
-    OmegaConf.resolve(cfg)
     HydraConfig.instance().set_config(cfg)  # the option names (method=, accelerator=) in refusals, as in a run
-    try:
-        support.check(cfg, build.choice(cfg, "method"), build.choice(cfg, "accelerator"))
-    except Exception as e:
-        raise _ours(e) from e
     with read_write(cfg), open_dict(cfg):
         cfg.pop("hydra")
-    try:
+    try:  # what run.run checks before the sample verb builds anything
+        validate.default_resolution(cfg)
+        validate.check_values(cfg)
+        OmegaConf.resolve(cfg)
+        support.check(cfg, build.choice(cfg, "method"), build.choice(cfg, "accelerator"))
         sampler, _ = build.build_sampler(cfg)
     except Exception as e:
         raise _ours(e) from e

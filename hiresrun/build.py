@@ -1,6 +1,6 @@
-"""The pieces every verb builds from a config, in data-flow order (ARCHITECTURE.md): seeds, the logger and
-trainer, the conditioning, the sampler's scheduler, the net to sample with its trained weights. `run.py` (the verbs)
-and `tune.py` (`hiresrun calibrate`) both build from here, so neither imports the other.
+"""The pieces every verb builds from a config, in data-flow order (docs/ARCHITECTURE.md, "Data flow"): seeds, the
+logger and trainer, the conditioning, the sampler's scheduler, the net to sample with its trained weights, the
+Sampler. `run.py` (the verbs) and `tune.py` (`hiresrun calibrate`) both build from here, so neither imports the other.
 """
 
 from __future__ import annotations

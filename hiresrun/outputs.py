@@ -213,10 +213,17 @@ def package_versions(names) -> dict:
     return versions
 
 
+# The command a Python API call stands for (hiresrun/api.py sets it for the call's duration): the run's manifest
+# records it instead of the interpreter's own argv.
+API_COMMAND: list[str] | None = None
+
+
 def manifest(weights_hash: str, model_source: str) -> dict:
-    """Enough to rerun: versions, commit, weights identity, the exact command line."""
+    """Enough to rerun: versions, commit, weights identity, the exact command line (or the API call's equivalent)."""
     versions = package_versions(PACKAGES)
-    return {"command": " ".join(["hiresrun"] + sys.argv[1:]), "argv": sys.argv, "git_commit": git_commit(),
+    argv = ["hiresrun", *API_COMMAND] if API_COMMAND is not None else sys.argv
+    return {"command": " ".join(["hiresrun"] + argv[1:]), "argv": argv, "git_commit": git_commit(),
+            **({"python_api": True} if API_COMMAND is not None else {}),
             "packages": versions, "python": platform.python_version(), "platform": platform.platform(),
             "cuda": torch.version.cuda if torch.cuda.is_available() else None,
             "model": {"source": model_source, "weights_sha256": weights_hash}}

@@ -1,6 +1,7 @@
-"""The task functions behind the verbs: instantiate in data-flow order (ARCHITECTURE.md), nothing else.
+"""The task functions behind the verbs: instantiate in data-flow order (docs/ARCHITECTURE.md, "Data flow"), nothing
+else.
 
-config -> model -> method -> Lightning -> loop -> metrics -> outputs.
+config -> model -> method -> sampler (or Lightning, to train) -> loop -> metrics -> outputs.
 """
 
 from __future__ import annotations
@@ -36,8 +37,6 @@ def sample(cfg: DictConfig) -> dict | None:
     """Generate images with a method (and accelerator) into the run folder batch by batch (hiresrun/store.py:
     resumable, shardable), then score the whole seed set once: grid, metrics, manifest."""
     run_dir = Path(cfg.paths.run_dir)
-    if cfg.sample.batch_size < 1:
-        raise UsageError(f"sample.batch_size={cfg.sample.batch_size}: must be at least 1")
     shard = store.parse_shard(cfg.sample.get("shard"))
     sampler, ckpt = build_sampler(cfg)
     base, conditioner = sampler.method.base, sampler.conditioner

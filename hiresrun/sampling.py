@@ -20,7 +20,8 @@ from hiresrun.models import ModelFn, guided
 
 
 def generators(seeds: Sequence[int]) -> list[torch.Generator]:
-    """One CPU generator per image: image i's randomness depends on seed i only (ARCHITECTURE.md)."""
+    """One CPU generator per image: image i's randomness depends on seed i only (docs/ARCHITECTURE.md, "Contracts":
+    "Seeds")."""
     return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
 
 

@@ -1,6 +1,6 @@
 """A composed config checked before anything is built or written: every value torch, Lightning or a constructor
 would fail on late, or, worse, accept (a NaN skip scale, a fractional step count), refused in one line naming the
-key and the fix (docs/ARCHITECTURE.md, "Errors").
+key and the fix (docs/ARCHITECTURE.md, "Contracts": "Errors").
 
 Two kinds of checks: the typed knobs of every object a config builds (`model`, `method`, each accelerator of a list,
 `metrics`, `data`, `optimizer`), read from the annotations of its `_target_`'s signature (the signature is the

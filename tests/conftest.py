@@ -77,11 +77,49 @@ def tiny_overrides(model_dir: Path) -> list[str]:
             "sample.num_samples=3", "logger=none", "trainer.enable_progress_bar=false"]
 
 
-def cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run the installed `hiresrun` console script."""
-    exe = Path(sys.executable).with_name("hiresrun")
-    full_env = {**os.environ, "HIRESRUN_OUTPUTS": str(cwd / "outputs"), **(env or {})}
-    return subprocess.run([str(exe), *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+def cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300,
+        process: bool = False) -> subprocess.CompletedProcess:
+    """`hiresrun <args>` in `cwd`: in this process through the Python API (`hiresrun.api.command`, the same task
+    functions without a new interpreter's start-up) when it is a plain run; as the installed console script when
+    `process` is set (what the test checks is the process: its exit code, a signal, the console entry point), when it
+    has Hydra flags (`-m`, `--cfg`), is not a Hydra verb, or sets environment variables."""
+    from hiresrun import cli as command_line
+
+    plain = args and args[0] in command_line.VERBS and not any(a.startswith("-") for a in args) and not env
+    if process or not plain:
+        exe = Path(sys.executable).with_name("hiresrun")
+        full_env = {**os.environ, "HIRESRUN_OUTPUTS": str(cwd / "outputs"), **(env or {})}
+        return subprocess.run([str(exe), *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+                              timeout=timeout)
+    return in_process(list(args), cwd)
+
+
+def in_process(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`hiresrun.api.command(args)` run from `cwd` with HIRESRUN_OUTPUTS=<cwd>/outputs, as a CompletedProcess: exit 0,
+    or the error's exit code with the command line's one line on stderr."""
+    import contextlib
+    import io
+
+    from hiresrun import api
+    from hiresrun.errors import HiresrunError
+
+    out, err, code, before = io.StringIO(), io.StringIO(), 0, os.environ.get("HIRESRUN_OUTPUTS")
+    here = os.getcwd()
+    os.environ["HIRESRUN_OUTPUTS"] = str(cwd / "outputs")
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            api.command(args)
+    except HiresrunError as e:
+        code = e.exit_code
+        err.write(f"hiresrun: error: {e}\n")
+    finally:
+        os.chdir(here)
+        if before is None:
+            os.environ.pop("HIRESRUN_OUTPUTS", None)
+        else:
+            os.environ["HIRESRUN_OUTPUTS"] = before
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session")

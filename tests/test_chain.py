@@ -128,6 +128,30 @@ def test_refusals_are_one_line():
         accelerator_parts(clash)
 
 
+def test_a_list_is_checked_from_its_declarations_without_building_a_member(monkeypatch):
+    """support.check refuses adaptive's per-image decisions beside a whole-batch cache from the config alone (the
+    members' `declared`), and passes a composable list without constructing anything (a calibration file is read
+    when the run builds its accelerator, not in the check)."""
+    from hiresrun.accelerators.adaptive import AdaptiveDiffusion
+    from hiresrun.accelerators.deepcache import DeepCache
+
+    import functools
+
+    for cls in (AdaptiveDiffusion, DeepCache):
+        @functools.wraps(cls.__init__)  # the signature stays readable: the declarations read their defaults from it
+        def refuse_building(*args, **kwargs):
+            raise AssertionError("the check built an accelerator")
+
+        monkeypatch.setattr(cls, "__init__", refuse_building)
+    cfg = compose(["accelerator=[adaptive,deepcache]"])
+    with pytest.raises(Unsupported, match="set accelerator.decision_scope=batch"):
+        support.check(cfg, "none", choice(cfg, "accelerator"))
+    cfg = compose(["accelerator=[adaptive,deepcache]", "accelerator.decision_scope=batch",
+                   "accelerator.calibration=/no/such/calibration.json"])
+    support.check(cfg, "none", choice(cfg, "accelerator"))
+    assert AdaptiveDiffusion.declared({"decision_scope": "sample", "delta": 0.0}).sub_batches is False  # identity
+
+
 class EveryFeature(Accelerator):
     """A features-level accelerator whose knob has stepskip's name (the clash a list cannot resolve)."""
 

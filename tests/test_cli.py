@@ -27,6 +27,25 @@ def test_help_lists_verbs_and_groups(tmp_path):
         assert name in methods.split(":", 1)[1].replace(",", " ").split()
 
 
+def test_the_verbs_are_the_task_table_and_help_or_a_refused_key_imports_no_torch(tmp_path):
+    """cli.VERBS is run.TASKS's list (written out so the command line composes without importing run.py), and
+    `--help` or a mistyped key never imports torch, Lightning or diffusers (hiresrun/schema.py reads the constructors'
+    defaults from their source)."""
+    import subprocess
+    import sys
+
+    from hiresrun import cli as command_line
+    from hiresrun import run
+
+    assert command_line.VERBS == tuple(run.TASKS)
+    for argv in (["--help"], ["sample", "sampler.num_step=3"], ["sample", "+method=selfcascades"]):
+        script = (f"import sys; sys.argv = ['hiresrun', *{argv!r}]\nfrom hiresrun.cli import main\ntry:\n    main()\n"
+                  f"except SystemExit as e:\n    code = e.code\nprint(code, sorted(m for m in ('torch', 'lightning', "
+                  f"'diffusers') if m in sys.modules))")
+        done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert done.stdout.strip().splitlines()[-1] == f"{0 if argv == ['--help'] else 2} []", (argv, done.stderr)
+
+
 def test_cfg_job_prints_the_composed_config_and_plus_method_equals_method(tmp_path):
     plus = cli("sample", "+method=upsample", "--cfg", "job", cwd=tmp_path)
     plain = cli("sample", "method=upsample", "--cfg", "job", cwd=tmp_path)
@@ -47,7 +66,8 @@ def test_sample_writes_the_run_folder(tiny_model_dir, tmp_path):
     assert metrics["num_samples"] == 3 and metrics["resolution"] == 16 and metrics["nfe_per_image"] == 2
     assert metrics["sec_per_image"] > 0 and metrics["protocol"]["seeds"] == "3,7,11"
     manifest = json.loads((run / "manifest.json").read_text())
-    assert manifest["packages"]["torch"] and manifest["model"]["weights_sha256"] and "sample" in manifest["command"]
+    assert manifest["packages"]["torch"] and manifest["model"]["weights_sha256"]
+    assert manifest["command"].startswith("hiresrun sample ") and "sample.seeds=[3,7,11]" in manifest["command"]
     assert not list(run.glob("*.tmp"))
 
 

@@ -214,6 +214,16 @@ def test_yaml_writes_only_what_differs_from_the_constructor_and_says_why(group):
             assert composed[key] == own.get(key, value), f"{group}={name}: {key}"
 
 
+@pytest.mark.parametrize("group", ["method", "accelerator"])
+def test_the_schema_read_from_source_equals_the_constructor_signature(group):
+    """schema.source_defaults (the constructors' defaults parsed from their files, no import) equals what
+    inspect.signature reads from the imported class, for every option, inherited constructors included."""
+    from hiresrun.schema import options, signature_defaults, source_defaults
+
+    for name, own in options(group).items():
+        assert source_defaults(own["_target_"]) == signature_defaults(own["_target_"]), name
+
+
 def test_a_knob_the_yaml_leaves_out_is_still_set_from_the_command_line():
     cfg = compose(["method=selfcascade", "method.strength=0.3", "accelerator=adaptive", "accelerator.c_max=2"])
     assert cfg.method.strength == 0.3 and cfg.method.mode == "tuned" and cfg.accelerator.c_max == 2

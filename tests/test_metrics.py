@@ -311,7 +311,7 @@ def test_one_psnr_definition_for_sample_calibrate_and_bench():
 
     from torchmetrics.functional.image import peak_signal_noise_ratio
 
-    from hiresrun import calibrate
+    from hiresrun import tune
     from hiresrun.metrics import lpips as lp
 
     g = torch.Generator().manual_seed(0)
@@ -319,10 +319,10 @@ def test_one_psnr_definition_for_sample_calibrate_and_bench():
     y = torch.randint(0, 256, (4, 1, 32, 32), generator=g, dtype=torch.uint8)
     same = lambda a, b: torch.zeros(len(a))  # LPIPS stand-in: only PSNR/SSIM are compared here
     sample_side = lp.fidelity(x, x, same)["psnr_to_ref"]
-    assert sample_side == calibrate.fidelity(x, x)["psnr_to_ref"] == pytest.approx(10 * math.log10(255 ** 2 * 1024))
+    assert sample_side == tune.fidelity(x, x)["psnr_to_ref"] == pytest.approx(10 * math.log10(255 ** 2 * 1024))
     ref = peak_signal_noise_ratio(x.double() / 255, y.double() / 255, data_range=1.0, dim=(1, 2, 3), reduction="none")
     assert torch.allclose(lp.psnr(x, y), ref) and lp.fidelity(x, y, same)["psnr_to_ref"] == pytest.approx(
-        calibrate.fidelity(x, y)["psnr_to_ref"])
+        tune.fidelity(x, y)["psnr_to_ref"])
 
 
 def test_a_corrupt_image_under_eval_gen_is_one_line_naming_it(tmp_path):

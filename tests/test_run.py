@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -57,3 +59,27 @@ def test_every_verb_writes_one_metrics_schema_with_its_task(tiny_model_dir, tmp_
     with pytest.raises(ValueError, match="nested: \\['stats'\\]"):
         outputs.write_metrics(tmp_path / "x", "train", {"stats": {"a": 1}})
     assert not (tmp_path / "x" / "metrics.json").exists()
+
+
+def test_one_device_sampling_without_a_trainer_equals_lightnings_test_loop(tiny_model_dir, tmp_path, monkeypatch):
+    """`hiresrun sample` on one device calls the sampler directly; under Lightning's test loop (what several devices
+    use, forced here) the same seeds give the same PNG bytes, records and costs."""
+    from conftest import compose, in_process, tiny_overrides
+
+    from hiresrun import run
+
+    args = ["sample", *tiny_overrides(tiny_model_dir), "+accelerator=adaptive", "accelerator.delta=0.2",
+            "sampler.num_steps=12", "sample.batch_size=2"]
+    plain = in_process([*args, "hydra.run.dir=plain"], tmp_path)
+    assert run.one_device(compose(tiny_overrides(tiny_model_dir))) == torch.device("cpu")
+    monkeypatch.setattr(run, "one_device", lambda cfg: None)
+    lightning = in_process([*args, "hydra.run.dir=lightning"], tmp_path)
+    assert plain.returncode == lightning.returncode == 0, plain.stderr + lightning.stderr
+    for seed in range(3):
+        name = f"samples/{seed:06d}.png"
+        assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / "lightning" / name).read_bytes()
+    metrics = [json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("plain", "lightning")]
+    for key in ("nfe_per_image", "unet_passes_per_image", "num_samples"):
+        assert metrics[0][key] == metrics[1][key], key
+    skips = [json.loads((tmp_path / d / "skip_masks.json").read_text()) for d in ("plain", "lightning")]
+    assert skips[0] == skips[1]

@@ -43,7 +43,8 @@ class _Lazy:
 
 
 class Metrics:
-    """Every quality number of a sample run, from features computed once per image set (ARCHITECTURE.md 6)."""
+    """Every quality number of a sample run, from features computed once per image set (docs/ARCHITECTURE.md, "Data
+    flow" 6)."""
 
     def __init__(self, fid: bool = True,                  # FID (Heusel et al. 2017), clean-fid preprocessing
                  kid: bool = True,                        # KID (Binkowski et al. 2018), torchmetrics' subsets

