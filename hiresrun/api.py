@@ -80,7 +80,7 @@ def overrides(args: Sequence[str] = (), options: dict | None = None, verb: str |
             raise UsageError(f"{a!r}: overrides are 'key=value' strings (or keyword arguments key=value)")
     given = list(args) + [f"{k.replace('__', '.')}={hydra_value(v)}" for k, v in (options or {}).items()]
     given = cli.verb_forms(verb, given) if verb else given
-    return [a[1:] if any(a.startswith(f"+{g}=") for g in cli.ADDABLE) else a for a in given]
+    return cli.list_selection([a[1:] if any(a.startswith(f"+{g}=") for g in cli.ADDABLE) else a for a in given])
 
 
 def hydra_value(value) -> str:
@@ -252,7 +252,8 @@ def load(*args: str, device: str | None = None, **options):
     from hiresrun import build, run, support, validate
 
     cfg = config("sample", *args, "paths.run_dir=null", **options)
-    HydraConfig.instance().set_config(cfg)  # the option names (method=, accelerator=) in refusals, as in a run
+    hydra, previous = HydraConfig.instance(), HydraConfig.instance().cfg
+    hydra.set_config(cfg)  # the option names (method=, accelerator=) in refusals, as in a run; restored below
     with read_write(cfg), open_dict(cfg):
         cfg.pop("hydra")
     try:  # what run.run checks before the sample verb builds anything
@@ -263,6 +264,8 @@ def load(*args: str, device: str | None = None, **options):
         sampler, _ = build.build_sampler(cfg)
     except Exception as e:
         raise _ours(e) from e
+    finally:
+        hydra.cfg = previous
     target = torch.device(device) if device is not None else run.one_device(cfg) or torch.device("cpu")
     sampler.net.to(target).eval()
     sampler.autocast = run.MIXED.get(str(cfg.trainer.precision))

@@ -67,80 +67,83 @@ def calibration_overlap(cfg: DictConfig, seeds: list[int]) -> None:
 
 
 def choice(cfg: DictConfig, group: str) -> str:
-    """The option picked for a config group (`none`, `ddim`, ...), from Hydra when it runs."""
+    """The option picked for a config group (`none`, `ddim`, ...), from Hydra when it runs; an accelerator list is its
+    members joined in their applied order (`adaptive-deepcache`)."""
     from hydra.core.hydra_config import HydraConfig
 
-    if group == "accelerator" and len(cfg.accelerator.get("_parts_") or {}) > 1:  # a list selection
-        return "-".join(accelerator_parts(cfg.accelerator))
+    if group == "accelerator" and member_nodes(cfg.accelerator):
+        return "-".join(ordered(member_nodes(cfg.accelerator)))
     if HydraConfig.initialized():
         return str(HydraConfig.get().runtime.choices.get(group))
-    if group == "sampler":  # composed outside Hydra's run (tests, scripts): the option file with this step rule
-        target = OmegaConf.select(cfg, "sampler.scheduler._target_")
-        from importlib.resources import files
+    # composed outside Hydra's run (tests, scripts): the option file with this target (the sampler: its step rule)
+    from importlib.resources import files
 
-        for f in sorted((p for p in files("hiresrun.conf").joinpath("sampler").iterdir() if p.name.endswith(".yaml")),
-                        key=lambda p: p.name):
-            if OmegaConf.select(OmegaConf.create(f.read_text()), "scheduler._target_") == target:
-                return f.name[:-len(".yaml")]
+    key = "scheduler._target_" if group == "sampler" else "_target_"
+    target = OmegaConf.select(cfg, f"{group}.{key}")
+    folder = files("hiresrun.conf").joinpath(group)
+    for f in sorted((p for p in folder.iterdir() if p.name.endswith(".yaml")), key=lambda p: p.name):
+        if target is not None and OmegaConf.select(OmegaConf.create(f.read_text()), key) == target:
+            return f.name[:-len(".yaml")]
     return str(cfg[group].get("_target_", "?")).rsplit(".", 1)[-1]
 
 
-def accelerator_parts(node: DictConfig) -> dict[str, DictConfig]:
-    """The accelerators of a config's `accelerator` node, each with its own keywords: one for `+accelerator=<name>`,
-    several for a list selection (Hydra merges their files into one node; `_parts_`, hiresrun/schema.py, names
-    them and each constructor's signature says which keys are its own). `none` in a list adds nothing."""
-    import inspect
+CHAIN = "hiresrun.accelerators.Chain"
 
+
+def member_nodes(node: DictConfig) -> dict[str, DictConfig]:
+    """An accelerator list's members as the config holds them (`accelerator=chain`: one node per member, under its
+    option name, hiresrun/cli.py's `list_selection`); {} for a single accelerator."""
+    if node is None or str(node.get("_target_")) != CHAIN:
+        return {}
+    return {str(k): v for k, v in node.items() if isinstance(v, DictConfig) and "_target_" in v}
+
+
+def ordered(members: dict) -> dict:
+    """Members in the declared level order (support.LEVELS: steps, blocks, features), whatever the list's order."""
     from hydra.utils import get_class
 
-    from hiresrun.schema import PARTS
-
-    targets = dict(node.get(PARTS) or {})
-    if len(targets) > 1:
-        targets = {n: t for n, t in targets.items() if n != "none"}
-    elif not targets:  # a node written by hand, without the schema
-        return {str(node.get("_target_", "none")).rsplit(".", 1)[-1]: node}
-    from hiresrun.support import chain_refusal
-
-    reason = chain_refusal(list(targets), [get_class(t).declared(node) for t in targets.values()]) \
-        if len(targets) > 1 else None
-    if reason:  # before the knobs are shared out: two members of one level may well take the same knob
-        from hiresrun.errors import Unsupported
-
-        raise Unsupported(reason)
-    parts, owner, resolved = {}, {}, OmegaConf.to_container(node, resolve=True)  # interpolations read the run
-    for name, target in targets.items():
-        keys = [k for k in inspect.signature(get_class(target)).parameters if k in node]
-        for k in keys:
-            if k in owner:
-                raise UsageError(f"accelerator=[{','.join(targets)}]: {owner[k]} and {name} both take "
-                                 f"accelerator.{k}, so the list cannot say whose it is; apply them one at a time")
-            owner[k] = name
-        part = {"_target_": target, **{k: resolved[k] for k in keys}}
-        if "setting" in keys:
-            part["_recursive_"] = False  # data, as in the option's own file
-        parts[name] = OmegaConf.create(part)
     from hiresrun.support import LEVELS
 
     order = list(LEVELS)
-    rank = lambda name: order.index(lvl) if (lvl := get_class(targets[name]).supports.level) in order else len(order)
-    return {name: parts[name] for name in sorted(parts, key=rank)}  # the declared order, whatever the list's
+    level = lambda name: get_class(members[name]._target_).supports.level  # noqa: E731
+    return {n: members[n] for n in sorted(members, key=lambda n: order.index(level(n)) if level(n) in order
+                                          else len(order))}
+
+
+def accelerator_members(node: DictConfig) -> dict[str, DictConfig]:
+    """The members of an accelerator list in their applied order, refused in one line when their declarations
+    (`declared`, read from each member's own node) say they cannot compose; {} for a single accelerator."""
+    from hydra.utils import get_class
+
+    from hiresrun.errors import Unsupported
+    from hiresrun.support import chain_refusal
+
+    members = member_nodes(node)
+    if not members:
+        if node is not None and str(node.get("_target_")) == CHAIN:
+            raise UsageError("accelerator=chain has no members: write the list, +accelerator=[adaptive,deepcache]")
+        return {}
+    reason = chain_refusal(list(members), [get_class(m._target_).declared(m) for m in members.values()])
+    if reason:
+        raise Unsupported(reason)
+    return ordered(members)
 
 
 def build_accelerator(cfg: DictConfig, **overrides):
     """The run's accelerator: the option's class, or for a list `accelerators.Chain` of its members in the declared
-    level order (steps, blocks, features). `overrides` go to the member that takes them."""
+    level order (steps, blocks, features). `overrides` go to an option that takes them (a single accelerator)."""
     return accelerator_from(cfg.accelerator, **overrides)
 
 
 def accelerator_from(node: DictConfig, **overrides):
     """An accelerator node (a config's `accelerator`, or one `hiresrun calibrate` makes for a grid point) built:
-    its one option, or the Chain of its members (`accelerator_parts` has refused what cannot compose)."""
+    its one option, or the Chain of its members, each from its own node."""
     from hiresrun.accelerators import Chain
 
-    built = {name: instantiate(part, **{k: v for k, v in overrides.items() if k in part})
-             for name, part in accelerator_parts(node).items()}
-    return next(iter(built.values())) if len(built) == 1 else Chain(built)
+    members = accelerator_members(node)
+    if not members:
+        return instantiate(node, **{k: v for k, v in overrides.items() if k in node})
+    return Chain({name: instantiate(part) for name, part in members.items()})
 
 
 def build_logger(cfg: DictConfig, resume: bool = False):

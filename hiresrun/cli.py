@@ -46,7 +46,38 @@ def normalise(argv: list[str]) -> list[str]:
         if verb not in verbs():
             raise UsageError(f"unknown verb '{verb}'; use one of: {', '.join(verbs() + ('report',))} (hiresrun --help)")
         args = verb_forms(verb, args) + [f"task={verb}"]
-    return flags_first([a[1:] if any(a.startswith(f"+{g}=") for g in ADDABLE) else a for a in args])
+    return flags_first(list_selection([a[1:] if any(a.startswith(f"+{g}=") for g in ADDABLE) else a for a in args]))
+
+
+def list_selection(args: list[str]) -> list[str]:
+    """`accelerator=[a,b]` -> `accelerator=chain` plus a node per member (`+accelerator@accelerator.a=a`), so each
+    member keeps its own knobs (`accelerator.a.delta=`) and nothing has to be told apart after Hydra composes; a list
+    of one is that option (`none` adds nothing). A flat `accelerator.<knob>=` beside a list is refused with the
+    member form."""
+    out, members = [], []
+    for a in args:
+        listed = re.fullmatch(r"accelerator=\[([^\[\]]*)\]", a)
+        if listed:
+            names = [n.strip() for n in listed[1].split(",") if n.strip() and n.strip() != "none"] or ["none"]
+            if len(set(names)) != len(names):
+                raise UsageError(f"{a}: names an accelerator twice; list each once")
+            if len(names) == 1:
+                out.append(f"accelerator={names[0]}")
+                continue
+            members = names
+            out += ["accelerator=chain", *(f"+accelerator@accelerator.{n}={n}" for n in names)]
+        elif a.startswith("accelerator=") and "[" in a:
+            raise UsageError(f"{a}: a sweep over accelerator lists is not supported; run one list per command "
+                             f"(a sweep over its members' knobs works: accelerator.<member>.<knob>=a,b)")
+        else:
+            out.append(a)
+    for a in out if members else []:
+        key = a.lstrip("+~").partition("=")[0]
+        if key.startswith("accelerator.") and key.split(".")[1] not in members:
+            knob = key.split(".", 1)[1]
+            raise UsageError(f"{a}: with accelerator=[{','.join(members)}] each member has its own node; set "
+                             f"accelerator.<member>.{knob}=..., e.g. accelerator.{members[0]}.{knob}")
+    return out
 
 
 def verb_forms(verb: str, args: list[str]) -> list[str]:

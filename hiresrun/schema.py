@@ -83,16 +83,8 @@ def options(group: str) -> dict[str, dict]:
             for f in folder.iterdir() if f.name.endswith(".yaml")}
 
 
-PARTS = "_parts_"  # accelerator nodes: {option name: its _target_}; a list selection merges these into one dict
-
-
 def register() -> None:
-    """Each accelerator's schema also names the option (`_parts_`): Hydra merges the files of a list selection
-    (`+accelerator=[adaptive,deepcache]`) into one node, and this dict is what still tells which options made it."""
     store = ConfigStore.instance()
     for group in GROUPS:
         for name, own in options(group).items():
-            node = source_defaults(own["_target_"])
-            if group == "accelerator":
-                node[PARTS] = {name: own["_target_"]}
-            store.store(group=f"schema/{group}", name=name, node=node)
+            store.store(group=f"schema/{group}", name=name, node=source_defaults(own["_target_"]))

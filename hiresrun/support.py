@@ -78,7 +78,7 @@ def chain_refusal(names: list[str], supports: list[Support]) -> str | None:
     whole = [n for n, s in zip(names, supports) if s.whole_batches]
     if splits and whole:
         return (f"{listed}: {splits[0]} calls the model on sub-batches of images (per-image decisions) and {whole[0]} "
-                f"caches whole batches; set accelerator.decision_scope=batch")
+                f"caches whole batches; set accelerator.{splits[0]}.decision_scope=batch")
     return None
 
 
@@ -87,11 +87,12 @@ def check(cfg, method: str, accelerator: str | None) -> None:
     accelerator None checks the method and model only)."""
     from hydra.utils import get_class
 
-    from hiresrun.build import accelerator_parts
+    from hiresrun.build import accelerator_members
     from hiresrun.models import describe, text_model
 
     m = get_class(cfg.method._target_).declared(cfg.method)
-    parts = accelerator_parts(cfg.accelerator) if accelerator else {None: None}  # a list: refuses clashing members
+    members = accelerator_members(cfg.accelerator) if accelerator else {}  # a list: refuses clashing members
+    parts = members or ({accelerator: cfg.accelerator} if accelerator else {None: None})
     unet, space = describe(cfg.model.path, cfg.model.get("revision"), cfg.model.get("vae"))
     text = text_model(cfg.model.path, cfg.model.get("revision")) if cfg.model.get("conditioning") != "none" else False
     edm = cfg.model.get("parametrization", "standard") == "edm"

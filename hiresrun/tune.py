@@ -60,6 +60,7 @@ def calibrate(cfg: DictConfig) -> dict:
         build_accelerator,
         build_conditioner,
         choice,
+        member_nodes,
         parse_seeds,
         sampler_scheduler,
         sampling_net,
@@ -70,7 +71,7 @@ def calibrate(cfg: DictConfig) -> dict:
     if cfg.calibrate.get("families"):
         return front(cfg)
     target = parse_target(cfg.target)
-    if len(cfg.accelerator.get("_parts_") or {}) > 1:  # a list: its delta would be valid for the composition only
+    if member_nodes(cfg.accelerator):  # a list: its delta would be valid for the composition only
         family = choice(cfg, "accelerator")
         raise UsageError(f"hiresrun calibrate searches AdaptiveDiffusion's delta alone; for the list "
                          f"accelerator=[{family.replace('-', ',')}] use calibrate.families=[{family}] (its grid: "
@@ -136,6 +137,12 @@ def family_points(family: str, grid: dict) -> list[dict]:
     if own is None:
         raise UsageError(f"calibrate.families has {family} but calibrate.grid has no {family.split(':')[0]} entry; "
                          f"add calibrate.grid.{family.split(':')[0]}={{<knob>: [values]}}")
+    if "-" in family:  # a list: each member's knobs under its name -> {"<member>.<knob>": values}
+        if not all(isinstance(v, dict) for v in own.values()):
+            member = family.split("-")[0]
+            raise UsageError(f"calibrate.grid.{family}: a list's grid names each member, e.g. "
+                             f"{{{member}: {{<knob>: [values]}}, ...}}")
+        own = {f"{k}.{j}": w for k, v in own.items() for j, w in v.items()}
     keys = list(own)
     return [dict(zip(keys, values)) for values in product(*(list(own[k]) for k in keys))]
 
@@ -145,7 +152,7 @@ def build_setting(family: str, knobs: dict, cfg: DictConfig):
     count, any other family names accelerator options (`a-b` a list of them) built with these knobs."""
     from importlib.resources import files
 
-    from hiresrun.build import accelerator_from
+    from hiresrun.build import CHAIN, accelerator_from
     from hiresrun.schema import options
 
     if family.split(":")[0] == "steps":
@@ -162,8 +169,18 @@ def build_setting(family: str, knobs: dict, cfg: DictConfig):
         if name not in known:
             raise UsageError(f"calibrate.families has {family}: {name} is not an accelerator option "
                              f"({', '.join(sorted(known))}) or steps[:<sampler>]")
-    node = OmegaConf.create({"_parts_": {n: known[n]["_target_"] for n in family.split("-")}, **knobs})
-    return accelerator_from(node), cfg.sampler  # as `+accelerator=[...]` with these knobs builds it
+    names = family.split("-")
+    if len(names) == 1:
+        return accelerator_from(OmegaConf.create({"_target_": known[names[0]]["_target_"], **knobs})), cfg.sampler
+    for knob in knobs:  # a list's grid names each knob's member: {adaptive.delta: [...], deepcache.interval: [...]}
+        if knob.split(".")[0] not in names or "." not in knob:
+            raise UsageError(f"calibrate.grid.{family} has {knob}: a list's knobs are <member>.<knob>, e.g. "
+                             f"{names[0]}.{knob.split('.')[-1]}")
+    node = {"_target_": CHAIN, **{n: {"_target_": known[n]["_target_"]} for n in names}}
+    for knob, value in knobs.items():
+        member, key = knob.split(".", 1)
+        node[member][key] = value
+    return accelerator_from(OmegaConf.create(node)), cfg.sampler  # as `+accelerator=[...]` with these knobs
 
 
 def pareto(points: list[dict], fidelity_key: str, higher_better: bool) -> list[int]:
@@ -187,7 +204,7 @@ def overrides_of(point: dict) -> list[str]:
         return sampler + [f"sampler.num_steps={knobs['num_steps']}"]
     names = family.split("-")
     head = f"+accelerator={names[0]}" if len(names) == 1 else f"+accelerator=[{','.join(names)}]"
-    return [head, *(f"accelerator.{k}={v}" for k, v in knobs.items())]
+    return [head, *(f"accelerator.{k}={v}" for k, v in knobs.items())]  # a list's knobs: <member>.<knob>
 
 
 def front(cfg: DictConfig) -> dict:

@@ -122,10 +122,11 @@ def check_values(cfg: DictConfig) -> None:
 
         instantiate(cfg.metrics)  # its own value checks; nothing heavy is built until scoring
     if "_target_" in (cfg.get("accelerator") or {}):
-        from hiresrun.build import accelerator_parts
+        from hiresrun.build import member_nodes
 
-        for part in accelerator_parts(cfg.accelerator).values():
-            typed_knobs("accelerator", part)
+        members = member_nodes(cfg.accelerator)
+        for name, part in (members or {"": cfg.accelerator}).items():
+            typed_knobs(f"accelerator.{name}" if name else "accelerator", part)
     reference = cfg.get("reference")
     if reference and cfg.task in ("sample", "merge", "eval") and not Path(str(reference)).expanduser().is_dir():
         raise UsageError(f"reference={reference}: no such folder; give the run folder of a `hiresrun sample` run "

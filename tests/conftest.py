@@ -62,13 +62,22 @@ def tiny_sdxl_dir(tmp_path_factory) -> Path:
 
 
 def compose(overrides: list[str], run_dir: Path | None = None):
-    """The config `hiresrun` would run with these overrides (no Hydra run folder: paths.run_dir is given)."""
+    """The config `hiresrun` would run with these overrides (no Hydra run folder: paths.run_dir is given), in the
+    command line's forms (`accelerator=[a,b]` becomes a node per member: cli.list_selection)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
+    from hiresrun.cli import list_selection
+
     extra = [f"paths.run_dir={run_dir}", f"paths.output_root={run_dir.parent}"] if run_dir else []
     with initialize_config_module("hiresrun.conf", version_base="1.3"):
-        return hydra_compose("config", overrides=overrides + extra)
+        return hydra_compose("config", overrides=list_selection(overrides) + extra)
+
+
+def accelerator_options() -> list[str]:
+    """The accelerator options a run picks alone: every conf/accelerator file but `chain`, the node of a list
+    (`+accelerator=[a,b]`, hiresrun/cli.py's list_selection)."""
+    return sorted(f.stem for f in (CONF / "accelerator").glob("*.yaml") if f.stem != "chain")
 
 
 def tiny_overrides(model_dir: Path) -> list[str]:

@@ -97,3 +97,20 @@ def test_importing_the_package_imports_no_torch():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["hiresrun.methods.selfcascade.SelfCascade", "False", "False"]
+
+
+def test_the_api_leaves_no_hydra_state_behind(tiny_model_dir, tmp_path):
+    """After `load` and a run, Hydra's global run config is as it was: a later config composed outside Hydra names
+    its own options, not the API call's."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from hiresrun.build import choice
+
+    before = HydraConfig.initialized()
+    hiresrun.load(*tiny_overrides(tiny_model_dir), "+method=upsample", "data.resolution=32")
+    hiresrun.sample(*tiny_overrides(tiny_model_dir), "+method=upsample", "data.resolution=32",
+                    run_dir=str(tmp_path / "r"))
+    assert HydraConfig.initialized() == before
+    from conftest import compose
+
+    assert choice(compose(["method=finetune"]), "method") == "finetune"

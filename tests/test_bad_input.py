@@ -64,7 +64,7 @@ CASES = [
     (["sample.prompt=a digit"], r"sample.prompt .* is not a text-to-image model"),
     (["prompts=smoke", "sample.prompt=x"], r"prompts=<file> and sample.prompt are both given; pick one"),
     (["prompts={tmp}/none.txt"], r"prompts=.*none.txt"),
-    (["method=finetune"], r"method=Finetune samples with trained weights: pass ckpt_path="),
+    (["method=finetune"], r"method=finetune samples with trained weights: pass ckpt_path="),
     (["method=finetune", "ckpt_path={tmp}/none.ckpt"], r"ckpt_path=.*none.ckpt"),
     (["method=selfcascade", "method.mode=banana"], r"method.mode=banana: choose tuning_free or tuned"),
     (["method=selfcascade", "method.mode=tuning_free", "method.strength=1.5"], r"method.strength=1.5: must lie in "
@@ -73,7 +73,7 @@ CASES = [
     (["method=pagoda", "method.stage=banana"], r"method.stage=banana: choose encode \| base \| grow"),
     (["method=pagoda", "method.g_output=banana"], r"method.g_output=banana: choose auto \| raw \| x0"),
     (["method=pagoda", "method.flips=[2]"], r"method.flips=\[2\]: a non-empty subset of \[0, 1\]"),
-    (["method=pagoda", "accelerator=adaptive"], r"method=PaGoDA with accelerator=adaptive is not supported"),
+    (["method=pagoda", "accelerator=adaptive"], r"method=pagoda with accelerator=adaptive is not supported"),
     (["accelerator=freeu"], r"accelerator=freeu needs a UNet2DConditionModel"),
     (["accelerator=skiptuning", "accelerator.rho=3"], r"accelerator.rho=3: skip scales must lie in \(0, 1\]"),
     (["accelerator=adaptive", "accelerator.delta=-1"], r"accelerator.delta=-1"),
@@ -85,7 +85,10 @@ CASES = [
     (["accelerator=cache"], r"accelerator=cache needs a DiTTransformer2DModel or Transformer2DModel"),
     (["accelerator=[stepskip,adaptive]"], r"stepskip and adaptive both decide which steps call the model"),
     (["accelerator=[adaptive,deepcache]"], r"adaptive calls the model on sub-batches .* set "
-                                           r"accelerator.decision_scope=batch"),
+                                           r"accelerator.adaptive.decision_scope=batch"),
+    (["cli:", "accelerator=[adaptive,deepcache]", "accelerator.delta=0.1"], r"each member has its own node; set "
+                                                                    r"accelerator.<member>.delta"),
+    (["accelerator=chain"], r"accelerator=chain has no members"),
     # values that used to be refused only after images were written, or to pass silently, or as a raw exception
     (["sample.seeds=true"], r"sample.seeds=True: seeds are whole numbers"),
     (["sample.seeds=[a,b]"], r"seeds are whole numbers; write a list"),
@@ -164,11 +167,12 @@ def observe(i: int, model_dir: Path, imgs: Path, tmp_path: Path, capsys) -> tupl
                      if o not in ("cli:", "task=train"))
     typed = f"hiresrun {task} {shown.replace('method=', '+method=', 1) if 'method=' in shown else shown}"
     if overrides[0] == "cli:":
-        from hiresrun.cli import check_grammar, validate
+        from hiresrun.cli import check_grammar, normalise, validate
 
         args = [fill(o) for o in overrides[1:]]
         given = [a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")]
         with pytest.raises(UsageError) as refused:  # what cli.main prints after `hiresrun: error: `, exit 2
+            args = normalise(["sample", *args])
             check_grammar(args)
             validate([a for a in args if not a.startswith("hydra.")], given[0] if given else None)
         assert "\n" not in str(refused.value)

@@ -113,7 +113,7 @@ def test_calibration_seeds_default_to_a_range_no_run_reaches_and_a_list_is_refus
     assert seeds == list(range(2 ** 31 - 1024, 2 ** 31 - 1024 + 32))
     assert min(seeds) > 10 ** 9  # beyond any FID-50k / 1M-image run's seeds 0..n-1
     cfg = compose(overrides(tiny_model_dir, "target.psnr=30", "accelerator=[adaptive,deepcache]",
-                                       "accelerator.decision_scope=batch"), tmp_path / "l")
+                            "accelerator.adaptive.decision_scope=batch"), tmp_path / "l")
     with pytest.raises(UsageError, match=r"use calibrate.families=\[adaptive-deepcache\]"):
         task.run(cfg)
     assert not (tmp_path / "l").exists()
@@ -176,8 +176,8 @@ def front_run(tiny_model_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("front") / "run"
     extra = ["target.psnr=30", "calibrate.families=[steps,steps:dpmsolver,stepskip,deepcache,adaptive-deepcache]",
              "calibrate.grid.steps.num_steps=[12,6]", "calibrate.grid.stepskip.every=[2]",
-             "calibrate.grid.deepcache.interval=[1,2]", "calibrate.grid.adaptive-deepcache.delta=[0.3]",
-             "calibrate.grid.adaptive-deepcache.interval=[2]", "accelerator=none"]
+             "calibrate.grid.deepcache.interval=[1,2]", "calibrate.grid.adaptive-deepcache.adaptive.delta=[0.3]",
+             "calibrate.grid.adaptive-deepcache.deepcache.interval=[2]", "accelerator=none"]
     return calibrate(tiny_model_dir, run_dir, *extra), run_dir
 
 
@@ -200,9 +200,11 @@ def test_the_front_measures_each_setting_against_the_full_run(front_run):
     dc = points[("deepcache", '{"interval": 2}')]
     share = (dc["cost_per_image"] - 6) / 6  # 6 full calls, 6 partial ones at their FLOP share
     assert 0 < share < 1 and dc["nfe_per_image"] == 12
-    both = points[("adaptive-deepcache", '{"decision_scope": "batch", "delta": 0.3, "interval": 2}')]
+    both = points[("adaptive-deepcache",
+                   '{"adaptive.decision_scope": "batch", "adaptive.delta": 0.3, "deepcache.interval": 2}')]
     assert both["nfe_per_image"] < 12 and both["cost_per_image"] < both["nfe_per_image"]
-    assert both["overrides"][0] == "+accelerator=[adaptive,deepcache]"
+    assert both["overrides"] == ["+accelerator=[adaptive,deepcache]", "accelerator.adaptive.delta=0.3",
+                                 "accelerator.adaptive.decision_scope=batch", "accelerator.deepcache.interval=2"]
     # the front and the answer follow from the points
     from hiresrun.tune import pareto
 

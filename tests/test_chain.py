@@ -12,7 +12,7 @@ from itertools import combinations
 import numpy as np
 import pytest
 import torch
-from conftest import CONF, SCHED, cli, compose, tiny_unet
+from conftest import CONF, SCHED, accelerator_options, cli, compose, tiny_unet
 from diffusers import DDIMScheduler, HeunDiscreteScheduler
 from hydra.utils import get_class
 from omegaconf import OmegaConf
@@ -21,13 +21,13 @@ from hiresrun import sampling, support
 from hiresrun.accelerators import Accelerator, Chain
 from hiresrun.accelerators.adaptive import AdaptiveDiffusion
 from hiresrun.accelerators.deepcache import DeepCache, full_steps
-from hiresrun.build import accelerator_parts, build_accelerator, choice
+from hiresrun.build import accelerator_from, accelerator_members, build_accelerator, choice
 from hiresrun.errors import Unsupported, UsageError
 from hiresrun.hooks import hooks_removed_after
 from hiresrun.models import model_fn
 
 SEEDS = [0, 1, 2]
-ACCELERATORS = sorted(f.stem for f in (CONF / "accelerator").glob("*.yaml"))
+ACCELERATORS = accelerator_options()
 
 
 def run(acc, steps: int = 12, scheduler=None):
@@ -46,14 +46,17 @@ def adaptive(delta: float) -> AdaptiveDiffusion:
 
 def test_a_list_is_applied_in_the_declared_order_whatever_its_own():
     for listed in ("[deepcache,adaptive]", "[adaptive,deepcache]"):
-        cfg = compose([f"accelerator={listed}", "accelerator.decision_scope=batch", "accelerator.interval=2"])
-        assert list(accelerator_parts(cfg.accelerator)) == ["adaptive", "deepcache"]  # steps, then blocks
+        cfg = compose([f"accelerator={listed}", "accelerator.adaptive.decision_scope=batch",
+                       "accelerator.deepcache.interval=2"])
+        assert list(accelerator_members(cfg.accelerator)) == ["adaptive", "deepcache"]  # steps, then blocks
         assert choice(cfg, "accelerator") == "adaptive-deepcache"
         chain = build_accelerator(cfg)
         assert isinstance(chain, Chain) and chain.members["deepcache"].interval == 2
         assert chain.members["adaptive"].decision_scope == "batch"
     single = compose(["accelerator=deepcache"])
-    assert isinstance(build_accelerator(single), DeepCache) and "_parts_" in single.accelerator
+    assert isinstance(build_accelerator(single), DeepCache) and not accelerator_members(single.accelerator)
+    assert compose(["accelerator=[deepcache]"]).accelerator == single.accelerator  # a list of one is that option
+    assert compose(["accelerator=[none,deepcache]"]).accelerator == single.accelerator  # none adds nothing
 
 
 @pytest.mark.parametrize("neutral, other", [(lambda: adaptive(0.0), lambda: DeepCache(interval=3)),
@@ -120,22 +123,29 @@ def test_the_quadratic_schedule_runs_full_where_it_says():
 def test_refusals_are_one_line():
     with pytest.raises(Unsupported, match=r"stepskip and adaptive both decide which steps call the model"):
         build_accelerator(compose(["accelerator=[stepskip,adaptive]"]))
-    with pytest.raises(Unsupported, match=r"set accelerator.decision_scope=batch"):
+    with pytest.raises(Unsupported, match=r"set accelerator.adaptive.decision_scope=batch"):
         build_accelerator(compose(["accelerator=[adaptive,deepcache]"]))  # per-image decisions: sub-batches
-    clash = OmegaConf.create({"every": 2, "mask": None, "_parts_": {
-        "stepskip": "hiresrun.accelerators.stepskip.StepSkip", "features": "test_chain.EveryFeature"}})
-    with pytest.raises(UsageError, match="stepskip and features both take accelerator.every"):
-        accelerator_parts(clash)
+    # two members may take a knob of the same name: each sets its own in its own node
+    both = OmegaConf.create({"_target_": "hiresrun.accelerators.Chain",
+                             "stepskip": {"_target_": "hiresrun.accelerators.stepskip.StepSkip", "every": 2},
+                             "features": {"_target_": "test_chain.EveryFeature", "every": 5}})
+    chain = accelerator_from(both)
+    assert chain.members["stepskip"].every == 2 and chain.members["features"].every == 5
+    with pytest.raises(UsageError, match=r"accelerator.delta=0.1: with accelerator=\[adaptive,deepcache\] each member "
+                                         r"has its own node; set accelerator.<member>.delta"):
+        compose(["accelerator=[adaptive,deepcache]", "accelerator.delta=0.1"])
+    with pytest.raises(UsageError, match="accelerator=chain has no members"):
+        build_accelerator(compose(["accelerator=chain"]))
 
 
 def test_a_list_is_checked_from_its_declarations_without_building_a_member(monkeypatch):
     """support.check refuses adaptive's per-image decisions beside a whole-batch cache from the config alone (the
     members' `declared`), and passes a composable list without constructing anything (a calibration file is read
     when the run builds its accelerator, not in the check)."""
+    import functools
+
     from hiresrun.accelerators.adaptive import AdaptiveDiffusion
     from hiresrun.accelerators.deepcache import DeepCache
-
-    import functools
 
     for cls in (AdaptiveDiffusion, DeepCache):
         @functools.wraps(cls.__init__)  # the signature stays readable: the declarations read their defaults from it
@@ -144,10 +154,10 @@ def test_a_list_is_checked_from_its_declarations_without_building_a_member(monke
 
         monkeypatch.setattr(cls, "__init__", refuse_building)
     cfg = compose(["accelerator=[adaptive,deepcache]"])
-    with pytest.raises(Unsupported, match="set accelerator.decision_scope=batch"):
+    with pytest.raises(Unsupported, match="set accelerator.adaptive.decision_scope=batch"):
         support.check(cfg, "none", choice(cfg, "accelerator"))
-    cfg = compose(["accelerator=[adaptive,deepcache]", "accelerator.decision_scope=batch",
-                   "accelerator.calibration=/no/such/calibration.json"])
+    cfg = compose(["accelerator=[adaptive,deepcache]", "accelerator.adaptive.decision_scope=batch",
+                   "accelerator.adaptive.calibration=/no/such/calibration.json"])
     support.check(cfg, "none", choice(cfg, "accelerator"))
     assert AdaptiveDiffusion.declared({"decision_scope": "sample", "delta": 0.0}).sub_batches is False  # identity
 
@@ -169,7 +179,7 @@ def declared(name: str) -> support.Support:
 def test_every_pair_composes_or_is_refused_as_the_levels_declare(pair, tmp_path):
     """Derived from the declarations: two accelerators of different levels that both drive the embedded UNet2DModel
     sample together (hooks gone afterwards); the others are refused with one line before anything loads."""
-    cfg = compose([f"accelerator=[{','.join(pair)}]", "accelerator.decision_scope=batch"]
+    cfg = compose([f"accelerator=[{','.join(pair)}]", "accelerator.adaptive.decision_scope=batch"]
                   if "adaptive" in pair else [f"accelerator=[{','.join(pair)}]"], tmp_path / "r")
     levels = [declared(a).level for a in pair]
     drives = all("UNet2DModel" in declared(a).unets for a in pair)
@@ -194,8 +204,8 @@ def test_every_pair_composes_or_is_refused_as_the_levels_declare(pair, tmp_path)
 def test_a_sample_run_records_both_members_and_the_combined_cost(tiny_model_dir, tmp_path):
     out = cli("sample", "model=diffusers", f"model.path={tiny_model_dir}", "data.resolution=16", "logger=none",
               "trainer.enable_progress_bar=false", "sampler.num_steps=20", "sample.num_samples=3",
-              "+accelerator=[deepcache,adaptive]", "accelerator.decision_scope=batch", "accelerator.delta=0.3",
-              "accelerator.interval=3", "hydra.run.dir=run", cwd=tmp_path)
+              "+accelerator=[deepcache,adaptive]", "accelerator.adaptive.decision_scope=batch",
+              "accelerator.adaptive.delta=0.3", "accelerator.deepcache.interval=3", "hydra.run.dir=run", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     masks = json.loads((tmp_path / "run" / "skip_masks.json").read_text())
@@ -214,8 +224,8 @@ def test_a_list_runs_inside_self_cascade(tiny_model_dir, tmp_path):
     out = cli("sample", "model=diffusers", f"model.path={tiny_model_dir}", "data.resolution=16", "logger=none",
               "trainer.enable_progress_bar=false", "sampler.num_steps=10", "sample.num_samples=2",
               "+method=selfcascade", "method.mode=tuning_free", "method.strength=0.5",
-              "+accelerator=[adaptive,deepcache]", "accelerator.decision_scope=batch", "accelerator.delta=0",
-              "accelerator.interval=3", "hydra.run.dir=run", cwd=tmp_path)
+              "+accelerator=[adaptive,deepcache]", "accelerator.adaptive.decision_scope=batch",
+              "accelerator.adaptive.delta=0", "accelerator.deepcache.interval=3", "hydra.run.dir=run", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     # delta 0 computes every step: pivot loop 10 steps (full at 0, 3, 6, 9), 2x loop 5 steps (full at 0, 3)

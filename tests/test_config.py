@@ -45,6 +45,8 @@ def test_option_composes_and_instantiates(group, option, tiny_model_dir, tiny_sd
         overrides.append("model.init=scratch")  # the architecture is enough; weights are tested elsewhere
         if option in ("sd15", "sd21", "sdxl", "dit"):
             overrides.append("model.resolution=null")  # the preset's native size is not the tiny folder's
+    if (group, option) == ("accelerator", "chain"):  # a list's node: the members under their names
+        overrides = ["accelerator=[stepskip,deepcache]"]
     cfg = compose(overrides, tmp_path / "run")
     node = cfg[group]
     if group == "trainer" and option == "gpu":
@@ -57,7 +59,7 @@ def test_option_composes_and_instantiates(group, option, tiny_model_dir, tiny_sd
     if group == "sampler":
         built = instantiate(node.scheduler)(json.loads((tiny_model_dir / "scheduler" / "scheduler_config.json")
                                                        .read_text()))
-    else:  # an accelerator through its one builder (it reads the `_parts_` an accelerator list needs)
+    else:  # an accelerator through its one builder (a list: the Chain of its members)
         built = build_accelerator(cfg) if group == "accelerator" else instantiate(node)
     # what was built is what the option names: its class, or (model) what load_model returns
     target = str(node.scheduler._target_).removesuffix(".from_config") if group == "sampler" else str(node._target_)

@@ -38,8 +38,10 @@ FAMILIES = ["steps", "steps:dpmsolver", "steps:euler", "deepcache", "stepskip", 
 PEERS = ("steps", "steps:dpmsolver", "steps:euler", "deepcache")  # what a user has without hiresrun
 GRID = ["calibrate.grid.steps.num_steps=[50,30,20,15,10,8,6,5,4]", "calibrate.grid.adaptive.delta=[0.01,0.02,0.05,0.1]",
         "calibrate.grid.deepcache.interval=[2,3,4,6]", "calibrate.grid.stepskip.every=[2,3]",
-        "calibrate.grid.adaptive-deepcache.delta=[0.01,0.05,0.2]", "calibrate.grid.adaptive-deepcache.interval=[2,3]",
-        "calibrate.grid.stepskip-deepcache.every=[2]", "calibrate.grid.stepskip-deepcache.interval=[2,3]"]
+        "calibrate.grid.adaptive-deepcache.adaptive.delta=[0.01,0.05,0.2]",
+        "calibrate.grid.adaptive-deepcache.deepcache.interval=[2,3]",
+        "calibrate.grid.stepskip-deepcache.stepskip.every=[2]",
+        "calibrate.grid.stepskip-deepcache.deepcache.interval=[2,3]"]
 PSNR, LPIPS = 32.0, 0.05                    # the fidelity target
 GOAL_PEER, GOAL_DDIM = 1.3, 3.0             # hiresrun's best vs the best peer, and vs 50-step DDIM (wall)
 FID_COLUMNS = ("fid", "kid", "digit_acc", "prompt_acc", "nfe_per_image", "cost_per_image")
