@@ -7,46 +7,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from hiresrun import checkpoint, outputs, sampling
 from hiresrun.errors import UsageError
-
-
-def parse_seeds(seeds, num_samples: int) -> list[int]:
-    """`null` -> 0..num_samples-1; `[3,7,11]`; `"0-999"` (inclusive); `"0-9,20-29"`; a single int."""
-    def seed(s) -> int:  # a whole number, as typed: no bool, fraction or text
-        integral = isinstance(s, int) and not isinstance(s, bool) or isinstance(s, float) and s.is_integer()
-        if not integral:
-            raise UsageError(f"sample.seeds={seeds}: seeds are whole numbers; write a list [3,7,11] or ranges like "
-                             f"0-999")
-        return int(s)
-
-    if seeds is None:
-        out = list(range(int(num_samples)))
-    elif isinstance(seeds, (int, float)):
-        out = [seed(seeds)]
-    elif isinstance(seeds, (list, tuple, ListConfig)):
-        out = [seed(s) for s in seeds]
-    else:
-        out = []
-        for part in str(seeds).split(","):
-            m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+))?\s*", part)
-            if not m or (m[2] and int(m[2]) < int(m[1])):
-                raise UsageError(f"sample.seeds={seeds}: write a list [3,7,11] or ranges like 0-999")
-            out += list(range(int(m[1]), int(m[2] or m[1]) + 1))
-    if not out or min(out) < 0 or len(set(out)) != len(out):
-        raise UsageError(f"sample.seeds={seeds}: seeds must be non-negative, distinct and at least one")
-    if max(out) >= sampling.TRAINING_SEEDS:
-        raise UsageError(f"sample.seeds={str(seeds)[:60]}: seeds must lie below 2^31 (torch's generator reads 32 "
-                         f"bits; 2^31 .. 2^32 - 1 are reserved for training draws)")
-    return out
+from hiresrun.validate import parse_seeds  # noqa: F401 (the verbs' seed parser, one definition)
 
 
 def calibration_overlap(cfg: DictConfig, seeds: list[int]) -> None:

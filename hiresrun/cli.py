@@ -118,11 +118,15 @@ def flags_first(args: list[str]) -> list[str]:
 
 
 def validate(overrides: list[str], run_dir: str | None = None) -> None:
-    """Compose once before Hydra runs, to turn composition errors into one line (UsageError, exit 2)."""
+    """Compose once before Hydra runs, to turn composition errors, and values the config alone shows are wrong, into
+    one line (UsageError, exit 2)."""
     from hydra import initialize_config_module
+
+    from hiresrun.validate import check_plain_values
 
     with initialize_config_module("hiresrun.conf", version_base="1.3"):
         cfg = compose(overrides)
+    check_plain_values(cfg)  # a count, seed or rate that cannot work: refused before torch is imported
     check_run_dir(run_dir or str(cfg.hydra.run.dir))
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from hiresrun.models import ModelFn, guided
+from hiresrun.validate import TRAINING_SEEDS  # training draws' seed space (validate.py says why)
 
 
 def generators(seeds: Sequence[int]) -> list[torch.Generator]:
@@ -25,10 +26,6 @@ def generators(seeds: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
 
 
-# torch's CPU generator (mt19937) keeps only the low 32 bits of a seed: s and s + 2^32 give the same noise. Seeds
-# 2^31 .. 2^32 - 1 are reserved for what training draws per image (Self-Cascade's generated pivots); sampling seeds
-# lie below 2^31 (build.parse_seeds refuses the rest), so no training draw ever equals an evaluation draw.
-TRAINING_SEEDS = 2 ** 31
 
 
 def training_generators(indices: Sequence[int]) -> list[torch.Generator]:

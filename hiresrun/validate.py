@@ -75,9 +75,57 @@ def typed_knobs(prefix: str, node: DictConfig) -> None:
             whole(f"{prefix}.{key}", value)
 
 
+# torch's CPU generator (mt19937) keeps only the low 32 bits of a seed: s and s + 2^32 give the same noise. Seeds
+# 2^31 .. 2^32 - 1 are reserved for what training draws per image (Self-Cascade's generated pivots,
+# sampling.training_generators); sampling seeds lie below 2^31 (parse_seeds refuses the rest), so no training draw
+# ever equals an evaluation draw.
+TRAINING_SEEDS = 2 ** 31
+
+
+def parse_seeds(seeds, num_samples: int) -> list[int]:
+    """`null` -> 0..num_samples-1; `[3,7,11]`; `"0-999"` (inclusive); `"0-9,20-29"`; a single int."""
+    def seed(s) -> int:  # a whole number, as typed: no bool, fraction or text
+        integral = isinstance(s, int) and not isinstance(s, bool) or isinstance(s, float) and s.is_integer()
+        if not integral:
+            raise UsageError(f"sample.seeds={seeds}: seeds are whole numbers; write a list [3,7,11] or ranges like "
+                             f"0-999")
+        return int(s)
+
+    if seeds is None:
+        out = list(range(int(num_samples)))
+    elif isinstance(seeds, (int, float)):
+        out = [seed(seeds)]
+    elif isinstance(seeds, (list, tuple, ListConfig)):
+        out = [seed(s) for s in seeds]
+    else:
+        out = []
+        for part in str(seeds).split(","):
+            m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+))?\s*", part)
+            if not m or (m[2] and int(m[2]) < int(m[1])):
+                raise UsageError(f"sample.seeds={seeds}: write a list [3,7,11] or ranges like 0-999")
+            out += list(range(int(m[1]), int(m[2] or m[1]) + 1))
+    if not out or min(out) < 0 or len(set(out)) != len(out):
+        raise UsageError(f"sample.seeds={seeds}: seeds must be non-negative, distinct and at least one")
+    if max(out) >= TRAINING_SEEDS:
+        raise UsageError(f"sample.seeds={str(seeds)[:60]}: seeds must lie below 2^31 (torch's generator reads 32 "
+                         f"bits; 2^31 .. 2^32 - 1 are reserved for training draws)")
+    return out
+
+
 def check_values(cfg: DictConfig) -> None:
     """Values torch or Lightning would fail on late (or, worse, accept): one line each, before anything is built or
     written. What a constructor checks itself (method.*, accelerator.*) it says in its own line."""
+    check_plain_values(cfg)
+    trainer = cfg.get("trainer") or {}
+    if str(trainer.get("accelerator")) in ("gpu", "cuda") and not __import__("torch").cuda.is_available():
+        raise UsageError("trainer.accelerator=gpu but no CUDA device is visible; use trainer=cpu (or run on a GPU "
+                         "machine)")
+    check_constructed_values(cfg)
+
+
+def check_plain_values(cfg: DictConfig) -> None:
+    """The checks that read the config alone (counts, seeds, rates, devices, precision): the command line runs them
+    before Hydra starts the run, so such a mistake is one line without importing torch."""
 
     def select(key: str):
         return OmegaConf.select(cfg, key, throw_on_missing=False)
@@ -90,8 +138,6 @@ def check_values(cfg: DictConfig) -> None:
         if value is not None and not (key == "sample.num_samples" and select("sample.seeds") is not None):
             whole(key, value, least)
     if cfg.get("sample") and cfg.task in ("sample", "calibrate"):
-        from hiresrun.build import parse_seeds
-
         parse_seeds(cfg.sample.get("seeds"), int(cfg.sample.num_samples))
     lr = select("optimizer.lr")
     if cfg.task in ("train", "pretrain") and lr is not None and not (
@@ -108,9 +154,10 @@ def check_values(cfg: DictConfig) -> None:
     precision = trainer.get("precision")
     if precision is not None and str(precision) not in PRECISIONS:
         raise UsageError(f"trainer.precision={precision}: choose one of {', '.join(PRECISIONS[:10])}")
-    if str(trainer.get("accelerator")) in ("gpu", "cuda") and not __import__("torch").cuda.is_available():
-        raise UsageError("trainer.accelerator=gpu but no CUDA device is visible; use trainer=cpu (or run on a GPU "
-                         "machine)")
+
+
+def check_constructed_values(cfg: DictConfig) -> None:
+    """The checks that read the constructors' signatures (typed knobs), the metrics' own and the reference folder."""
     scored = "_target_" in (cfg.get("metrics") or {})
     for group in ("model", "method", "metrics", "data", "optimizer"):
         if group == "data" and cfg.task in ("sample", "calibrate") and not scored:
