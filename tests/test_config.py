@@ -144,7 +144,13 @@ def preset_order(f: Path) -> tuple:
     return ({"encode": 0, "train": 1}.get(f.stem.rstrip("0123456789"), 2), f.stem)
 
 
-@pytest.mark.parametrize("study", STUDIES)
+# PaGoDA's presets encode the whole embedded set before they train (about 20 s): the end-to-end run is `slow`; the
+# fast suite composes every preset and builds its method (below), and tests/test_pagoda.py runs the stages through
+# the command line on a small set.
+LONG = {"pagoda"}
+
+
+@pytest.mark.parametrize("study", [pytest.param(s, marks=pytest.mark.slow) if s in LONG else s for s in STUDIES])
 def test_study_presets_run_with_only_speed_knobs_changed(study, tmp_path):
     """Every study preset (conf/experiment/<study>/<arm>.yaml: the protocol of a reported number) runs as it is,
     with the number of images, steps and reference images cut (and PaGoDA's encoder to 2 Karras points): encode and
@@ -231,3 +237,17 @@ def test_a_knob_the_yaml_leaves_out_is_still_set_from_the_command_line():
     assert cfg.method.strength == 0.3 and cfg.method.mode == "tuned" and cfg.accelerator.c_max == 2
     with pytest.raises(Exception, match="strenght"):
         compose(["method=selfcascade", "method.strenght=0.3"])  # a typo is still refused (struct mode)
+
+
+@pytest.mark.parametrize("study", sorted(LONG))
+def test_long_study_presets_compose_and_build_their_method(study, tmp_path):
+    """The fast stand-in for a `slow` study's end-to-end presets: each composes with its task and builds its method
+    (what a wrong key, value or class in the preset breaks first)."""
+    presets = sorted((CONF / "experiment" / study).glob("*.yaml"), key=preset_order)
+    assert presets
+    for f in presets:
+        task = "sample" if preset_order(f)[0] == 2 else "train"
+        cfg = compose([f"experiment={study}/{f.stem}", f"task={task}", *SPEED[task]],
+                      tmp_path / f.stem)
+        method = instantiate(cfg.method)
+        assert type(method).__module__.startswith("hiresrun.methods"), f.stem

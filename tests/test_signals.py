@@ -32,7 +32,7 @@ def test_a_signal_saves_the_step_it_stops_at_and_says_how_to_resume(signum, code
     line = proc.stdout.readline()
     while line and "trainable parameters" not in line:
         line = proc.stdout.readline()
-    time.sleep(4)  # a few steps
+    time.sleep(1.5)  # some steps (a step takes a few hundredths of a second)
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err[-2000:]
@@ -66,27 +66,35 @@ def test_a_failed_checkpoint_write_leaves_nothing_and_keeps_the_old_file(tmp_pat
 
 def test_sigterm_then_a_slurm_requeue_resumes_bit_exactly_in_the_same_folder_and_logger_run(tmp_path, tiny_model_dir):
     """What SLURM does to a preempted job: SIGTERM, then the same command again with SLURM_RESTART_COUNT=1."""
+    from conftest import in_process
+
     exe = Path(sys.executable).with_name("hiresrun")
-    args = [str(exe), "train", "+method=finetune", "model=diffusers", f"model.path={tiny_model_dir}",
+    args = ["train", "+method=finetune", "model=diffusers", f"model.path={tiny_model_dir}",
             "data.resolution=16", "data.batch_size=8", "trainer.max_steps=300", "train.checkpoint_every=1000",
             "train.grid_every=0", "logger=csv", "trainer.enable_progress_bar=false"]
     env = {**os.environ, "HIRESRUN_OUTPUTS": str(tmp_path / "outputs"), "OMP_NUM_THREADS": "1"}
-    whole = subprocess.run([*args, "hydra.run.dir=whole"], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert whole.returncode == 0, whole.stderr[-2000:]
-    proc = subprocess.Popen([*args, "hydra.run.dir=job"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
-    line = proc.stdout.readline()
-    while line and "trainable parameters" not in line:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the killed process (OMP_NUM_THREADS=1): the same arithmetic, bit for bit
+    try:
+        whole = in_process([*args, "hydra.run.dir=whole"], tmp_path)  # the reference needs no process of its own
+        assert whole.returncode == 0, whole.stderr[-2000:]
+        proc = subprocess.Popen([str(exe), *args, "hydra.run.dir=job"], cwd=tmp_path, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env)
         line = proc.stdout.readline()
-    time.sleep(1.5)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err[-2000:]
-    cut = load(tmp_path / "job" / "checkpoints" / "last.ckpt")["global_step"]
-    assert 0 < cut < 300
-    logger_before = (tmp_path / "job" / "logger.json").read_text()
-    again = subprocess.run([*args, "hydra.run.dir=job"], cwd=tmp_path, capture_output=True, text=True,
-                           env={**env, "SLURM_RESTART_COUNT": "1"})
+        while line and "trainable parameters" not in line:
+            line = proc.stdout.readline()
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 143, err[-2000:]
+        cut = load(tmp_path / "job" / "checkpoints" / "last.ckpt")["global_step"]
+        assert 0 < cut < 300
+        logger_before = (tmp_path / "job" / "logger.json").read_text()
+        os.environ["SLURM_RESTART_COUNT"] = "1"  # the requeued job, run here: what it reads is its environment
+        again = in_process([*args, "hydra.run.dir=job"], tmp_path)
+    finally:
+        os.environ.pop("SLURM_RESTART_COUNT", None)
+        torch.set_num_threads(threads)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "requeued job (SLURM_RESTART_COUNT=1): resuming" in again.stdout
     a, b = (load(tmp_path / d / "checkpoints" / "last.ckpt") for d in ("whole", "job"))

@@ -25,28 +25,10 @@ def common(model_dir: Path, *extra: str) -> list[str]:
 
 
 def here(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """`cli(*args)` run in this process (what the command line composes, minus the start-up of a new Python): the
-    verb, `+group=`, `gen=` and `hydra.run.dir=` forms; a refusal is exit 2 with its one line on stderr."""
-    import contextlib
-    import io
+    """`hiresrun <args>` in this process (conftest.in_process: the API's form of the command line)."""
+    from conftest import in_process
 
-    from conftest import compose
-
-    from hiresrun import run
-    from hiresrun.errors import DataError, UsageError
-
-    verb, rest = args[0], [a.lstrip("+") for a in args[1:]]
-    run_dir = next((cwd / a.split("=", 1)[1] for a in rest if a.startswith("hydra.run.dir=")), cwd / "outputs" / "x")
-    relative = lambda v: v if v.startswith(("/", "[")) else str(cwd / v)  # noqa: E731  (the command's cwd)
-    rest = [f"merge.gen={relative(a[4:])}" if a.startswith("gen=") else a for a in rest
-            if not a.startswith("hydra.run.dir=")]
-    out, code, err = io.StringIO(), 0, ""
-    try:
-        with contextlib.redirect_stdout(out):
-            run.run(compose([*rest, f"task={verb}"], run_dir))
-    except (UsageError, DataError) as e:
-        code, err = e.exit_code, f"hiresrun: error: {e}\n"
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err)
+    return in_process(list(args), cwd)
 
 
 def images_bytes(folder: Path) -> dict[str, bytes]:
@@ -385,7 +367,7 @@ def test_a_signal_while_sampling_finishes_the_batch_says_how_to_resume_and_the_r
     on_disk = len(images_bytes(tmp_path / "run"))
     assert 0 < on_disk < 40 and on_disk % 2 == 0  # whole batches only
     assert f"{on_disk} of 40 images on disk" in said[0]
-    again = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, env=env)
+    again = here(*args[1:], cwd=tmp_path)  # the rerun needs no process of its own
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"{on_disk} of 40 images are on disk, {40 - on_disk} to go" in again.stdout
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["num_samples"] == 40
