@@ -152,6 +152,10 @@ def _run(verb: str, args: Sequence[str], options: dict) -> Result:
 
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         cfg = cli.compose(given)
+        if several_processes(cfg.trainer):
+            raise UsageError(f"trainer: {trainer_line(cfg.trainer)} starts several processes, which Lightning launches "
+                             f"by running the command that started this one again; run it from the command line: "
+                             f"hiresrun {verb} ...")
         cli.check_run_dir(str(cfg.hydra.run.dir))
         outputs.API_COMMAND = [verb, *given[:-1]]  # the manifest's command line: the verb and its overrides
         try:
@@ -172,6 +176,19 @@ def _run(verb: str, args: Sequence[str], options: dict) -> Result:
         saved = out / "metrics.json"
         metrics = json.loads(saved.read_text()) if saved.is_file() else {}
     return Result(out, metrics)
+
+
+def several_processes(trainer: DictConfig) -> bool:
+    """Whether this trainer config makes Lightning start more than one process (DDP and its kin, several devices or
+    nodes): those re-run the command line, which a Python caller does not have."""
+    devices, strategy = trainer.get("devices", 1), str(trainer.get("strategy", "auto"))
+    one = devices in (1, "1") or (isinstance(devices, (list, ListConfig)) and len(devices) == 1) or (
+        devices == "auto" and str(trainer.get("accelerator", "cpu")) == "cpu")
+    return not one or int(trainer.get("num_nodes", 1)) != 1 or any(k in strategy for k in ("ddp", "fsdp", "deepspeed"))
+
+
+def trainer_line(trainer: DictConfig) -> str:
+    return " ".join(f"trainer.{k}={trainer.get(k)}" for k in ("devices", "num_nodes", "strategy") if k in trainer)
 
 
 def _with_mode(cfg: DictConfig) -> DictConfig:

@@ -91,10 +91,13 @@ def cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300,
     """`hiresrun <args>` in `cwd`: in this process through the Python API (`hiresrun.api.command`, the same task
     functions without a new interpreter's start-up) when it is a plain run; as the installed console script when
     `process` is set (what the test checks is the process: its exit code, a signal, the console entry point), when it
-    has Hydra flags (`-m`, `--cfg`), is not a Hydra verb, or sets environment variables."""
+    has Hydra flags (`-m`, `--cfg`), is not a Hydra verb, sets environment variables or asks for several processes."""
     from hiresrun import cli as command_line
 
-    plain = args and args[0] in command_line.VERBS and not any(a.startswith("-") for a in args) and not env
+    several = any(a.startswith(("trainer=ddp", "trainer.devices=", "trainer.strategy=", "trainer.num_nodes="))
+                  for a in args)  # Lightning launches the other ranks by re-running this process's command line
+    plain = args and args[0] in command_line.VERBS and not any(a.startswith("-") for a in args) and not env \
+        and not several
     if process or not plain:
         exe = Path(sys.executable).with_name("hiresrun")
         full_env = {**os.environ, "HIRESRUN_OUTPUTS": str(cwd / "outputs"), **(env or {})}

@@ -114,3 +114,13 @@ def test_the_api_leaves_no_hydra_state_behind(tiny_model_dir, tmp_path):
     from conftest import compose
 
     assert choice(compose(["method=finetune"]), "method") == "finetune"
+
+
+def test_several_processes_are_refused_before_any_work(tmp_path):
+    """DDP re-runs the command that started the process, which a notebook does not have: one line, nothing written."""
+    for given in (["trainer=ddp"], ["trainer.devices=2"], ["trainer.num_nodes=2"]):
+        with pytest.raises(hiresrun.HiresrunError, match="starts several processes.*run it from the command line"):
+            hiresrun.sample(*given, run_dir=str(tmp_path / "r"))
+        assert not (tmp_path / "r").exists()
+    assert not api.several_processes(hiresrun.config("sample").trainer)
+    assert not api.several_processes(hiresrun.config("sample", "trainer.devices=[1]").trainer)
