@@ -73,10 +73,9 @@ def one_device(cfg: DictConfig) -> torch.device | None:
     if several or int(t.get("num_nodes", 1)) != 1 or str(t.get("strategy", "auto")) != "auto" \
             or str(t.get("precision")) not in MIXED:
         return None
-    devices = t.get("devices", 1)
-    index = devices[0] if isinstance(devices, (list, ListConfig)) and len(devices) == 1 else \
-        0 if devices in (1, "1", "auto") else None
-    kind = str(t.get("accelerator", "cpu"))
+    devices, kind = t.get("devices", 1), str(t.get("accelerator", "cpu"))
+    alone = devices in (1, "1") or (devices == "auto" and (kind == "cpu" or torch.cuda.device_count() <= 1))
+    index = devices[0] if isinstance(devices, (list, ListConfig)) and len(devices) == 1 else 0 if alone else None
     if kind == "cpu" and index is not None:
         return torch.device("cpu")
     if kind in ("gpu", "cuda") and index is not None and torch.cuda.is_available():

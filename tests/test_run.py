@@ -83,3 +83,21 @@ def test_one_device_sampling_without_a_trainer_equals_lightnings_test_loop(tiny_
         assert metrics[0][key] == metrics[1][key], key
     skips = [json.loads((tmp_path / d / "skip_masks.json").read_text()) for d in ("plain", "lightning")]
     assert skips[0] == skips[1]
+
+
+def test_one_device_is_decided_from_the_trainer_config_and_the_launch_environment(monkeypatch):
+    """One process, one device, strategy auto and a precision the sampler applies as autocast: no Trainer; anything
+    else (several devices or nodes, a strategy, a launcher's WORLD_SIZE, a precision that converts weights) goes to
+    Lightning."""
+    from conftest import compose
+
+    from hiresrun import run
+
+    assert run.one_device(compose([])) == torch.device("cpu")
+    assert run.one_device(compose(["trainer.devices=[0]"])) == torch.device("cpu")
+    assert run.one_device(compose(["trainer.precision=bf16-mixed"])) == torch.device("cpu")
+    for other in (["trainer=ddp"], ["trainer.devices=2"], ["trainer.num_nodes=2"], ["trainer.strategy=ddp"],
+                  ["trainer.precision=64-true"], ["trainer.precision=bf16-true"]):
+        assert run.one_device(compose(other)) is None, other
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert run.one_device(compose([])) is None

@@ -200,14 +200,14 @@ def wall_side_by_side(sampler: str, variants: dict[str, tuple[int, object]], n: 
         cfg = compose("config", overrides=[*SAMPLE16, f"sampler={sampler}"])
     model, method, net, _ = build.sampling_net(cfg)
     conditioner = build.build_conditioner(cfg, model)
-    lits = {name: Sampler(net, method, build.sampler_scheduler(cfg, model, method), steps, acc,
-                          conditioner=conditioner) for name, (steps, acc) in variants.items()}
+    samplers = {name: Sampler(net, method, build.sampler_scheduler(cfg, model, method), steps, acc,
+                              conditioner=conditioner) for name, (steps, acc) in variants.items()}
     seconds = dict.fromkeys(variants, 0.0)
     for name in variants:  # warm-up, untimed
-        lits[name].generate([0])
+        samplers[name].generate([0])
     for i in range(0, n, SAMPLE_BATCH):
-        for name, lit in lits.items():
-            seconds[name] += float(lit.generate(list(range(i, min(i + SAMPLE_BATCH, n))))["seconds"])
+        for name, one in samplers.items():
+            seconds[name] += float(one.generate(list(range(i, min(i + SAMPLE_BATCH, n))))["seconds"])
     import torch
 
     out = {"n": n, "sec_per_image": {k: v / n for k, v in seconds.items()}, "threads": torch.get_num_threads()}
