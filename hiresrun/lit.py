@@ -98,6 +98,52 @@ class SampleInterrupt(L.Callback):
         self.signals.restore()
 
 
+class TrainProgress(L.Callback):
+    """What training is doing, on rank 0: in a terminal a bar (`bar`), otherwise a line every 5% of the steps
+    (a log file, a SLURM job): "hiresrun: training step 300/1,000, loss 0.0612, 4.2 steps/s, ETA 3 min 10 s". Steps
+    count from where a resumed run starts; without `trainer.max_steps` a line every 100 steps and no ETA."""
+
+    def __init__(self, bar: bool, clock=time.monotonic):
+        from hiresrun.store import duration
+
+        self.bar, self.clock, self.duration, self.tqdm = bar, clock, duration, None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        self.first, self.start, self.shown = trainer.global_step, self.clock(), trainer.global_step
+        self.every = max(1, (self.total - self.first) // 20) if self.total else 100
+        if self.bar and trainer.is_global_zero:
+            from tqdm import tqdm
+
+            self.tqdm = tqdm(total=self.total, initial=self.first, unit="step", desc="training", dynamic_ncols=True)
+
+    def line(self, step: int, loss: float | None) -> str:
+        rate = (step - self.first) / max(self.clock() - self.start, 1e-9)
+        of = f"/{self.total:,}" if self.total else ""
+        eta = f", ETA {self.duration((self.total - step) / rate if rate > 0 else float('inf'))}" if self.total else ""
+        shown = f", loss {loss:.4g}" if loss is not None else ""
+        return f"hiresrun: training step {step:,}{of}{shown}, {rate:.3g} steps/s{eta}"
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not trainer.is_global_zero:
+            return
+        step = trainer.global_step
+        loss = trainer.callback_metrics.get("train/loss")
+        loss = float(loss) if loss is not None else None
+        if self.tqdm is not None:
+            self.tqdm.update(step - self.tqdm.n)
+            if loss is not None:
+                self.tqdm.set_postfix(loss=f"{loss:.4g}", refresh=False)
+        elif step - self.shown >= self.every or step == self.total:
+            self.shown = step
+            print(self.line(step, loss), flush=True)
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        if self.tqdm is not None:
+            self.tqdm.close()
+            self.tqdm = None
+
+
 class TrainClock(L.Callback):
     """Wall seconds spent training, kept in every checkpoint, so a resumed run reports the total, not its last part."""
 

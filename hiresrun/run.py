@@ -132,15 +132,16 @@ def _sample_into(cfg: DictConfig, folder: store.Store, info: dict, sampler: samp
     if device is None:  # several devices, nodes or a converting precision: Lightning deals the batches to ranks
         from hiresrun.lit import LitModule, SampleInterrupt
 
-        trainer = build_trainer(cfg, False, [SampleInterrupt(run_dir, total - left, total)])
+        trainer = build_trainer(cfg, False, [SampleInterrupt(run_dir, total - left, total)],
+                                enable_progress_bar=False)  # Lightning's bar counts batches without a total
         world, rank = trainer.world_size, trainer.global_rank
         device = trainer.strategy.root_device
     else:
         world, rank = 1, 0
     if left < total and rank == 0:
         print(f"hiresrun: resuming {run_dir}: {total - left:,} of {total:,} images are on disk, {left:,} to go")
-    bar = bool(cfg.trainer.enable_progress_bar and os.isatty(1))
-    if not bar:  # a log file: a line every so many images
+    bar = bool(cfg.trainer.enable_progress_bar and os.isatty(1)) and trainer is None  # one bar, in one process
+    if not bar:  # a log file, or several ranks: a line every so many images (rank 0)
         sink.progress = store.Progress(total, total - left, left, int(cfg.sample.get("progress_every") or 0),
                                        world, rank)
     outputs.reset_peak_memory(device)
@@ -318,7 +319,7 @@ def _fit(cfg: DictConfig, base, method, data, task: str):
     """Shared by train and pretrain: wrap, fit with EMA and checkpoints, return (trainer, net)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from hiresrun.lit import EMA, FinalCheckpoint, Interrupt, LitModule, TrainClock
+    from hiresrun.lit import EMA, FinalCheckpoint, Interrupt, LitModule, TrainClock, TrainProgress
 
     run_dir = Path(cfg.paths.run_dir)
     ckpt = checkpoint.resolve(cfg.ckpt_path, cfg.paths.output_root, task, str(cfg.method._target_))
@@ -345,11 +346,13 @@ def _fit(cfg: DictConfig, base, method, data, task: str):
     callbacks.append(Interrupt(run_dir / "checkpoints" / "last.ckpt"))
     clock = TrainClock()
     callbacks.append(clock)
+    # our own progress (steps of max_steps, loss, pace, ETA): a bar in a terminal, lines in a log file
+    callbacks.append(TrainProgress(bool(cfg.trainer.enable_progress_bar) and os.isatty(1)))
     logger = build_logger(cfg, resume=ckpt is not None)
     trainable = count_params(net)
     print(f"hiresrun: {task} {'' if task == 'pretrain' else choice(cfg, 'method')}: {trainable:,} trainable parameters"
           + (f", resuming from {ckpt}" if ckpt else ""))
-    trainer = build_trainer(cfg, logger, callbacks)
+    trainer = build_trainer(cfg, logger, callbacks, enable_progress_bar=False)  # TrainProgress says it
     data.setup("fit")
     grid_loader = seed_loader(list(range(cfg.train.grid_seeds)), cfg.sample.batch_size)
     if ckpt:

@@ -242,3 +242,31 @@ def test_a_resume_in_the_same_folder_continues_the_logger_run_and_totals_the_tim
         assert {0, 1, 2}.issubset(steps) and {3, 4, 5}.issubset(steps)  # rows of both parts, one file
     else:
         assert len(list((folder / "wandb").glob(f"offline-run-*-{record['version']}"))) >= 1
+
+
+def test_training_says_its_step_loss_pace_and_eta_every_five_percent(capsys):
+    """Without a terminal, rank 0 prints a line every 5% of the steps left (a resumed run counts from its step):
+    step of max_steps, the last logged loss, the pace and the time left; other ranks print nothing."""
+    from types import SimpleNamespace
+
+    from hiresrun.lit import TrainProgress
+
+    now = [0.0]
+    trainer = SimpleNamespace(max_steps=1000, global_step=200, is_global_zero=True,
+                              callback_metrics={"train/loss": torch.tensor(0.0612)})
+    progress = TrainProgress(bar=False, clock=lambda: now[0])
+    progress.on_train_start(trainer, None)  # resumed at 200: 800 steps to go, a line every 40
+    for step in range(201, 1001):
+        now[0] += 0.25
+        trainer.global_step = step
+        progress.on_train_batch_end(trainer, None, None, None, 0)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 20
+    assert lines[0] == "hiresrun: training step 240/1,000, loss 0.0612, 4 steps/s, ETA 3 min 10 s"
+    assert lines[-1] == "hiresrun: training step 1,000/1,000, loss 0.0612, 4 steps/s, ETA 0 s"
+    other = SimpleNamespace(max_steps=1000, global_step=0, is_global_zero=False, callback_metrics={})
+    quiet = TrainProgress(bar=False, clock=lambda: now[0])
+    quiet.on_train_start(other, None)
+    other.global_step = 1000
+    quiet.on_train_batch_end(other, None, None, None, 0)
+    assert capsys.readouterr().out == ""
