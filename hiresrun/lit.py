@@ -104,7 +104,7 @@ class TrainProgress(L.Callback):
     count from where a resumed run starts; without `trainer.max_steps` a line every 100 steps and no ETA."""
 
     def __init__(self, bar: bool, clock=time.monotonic):
-        from hiresrun.store import duration
+        from hiresrun.progress import duration
 
         self.bar, self.clock, self.duration, self.tqdm = bar, clock, duration, None
 

@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from hiresrun import checkpoint, outputs, sampling, store, support, validate
+from hiresrun import checkpoint, outputs, progress, sampling, store, support, validate
 from hiresrun.build import (
     build_accelerator,
     build_conditioner,
@@ -142,7 +142,7 @@ def _sample_into(cfg: DictConfig, folder: store.Store, info: dict, sampler: samp
         print(f"hiresrun: resuming {run_dir}: {total - left:,} of {total:,} images are on disk, {left:,} to go")
     bar = bool(cfg.trainer.enable_progress_bar and os.isatty(1)) and trainer is None  # one bar, in one process
     if not bar:  # a log file, or several ranks: a line every so many images (rank 0)
-        sink.progress = store.Progress(total, total - left, left, int(cfg.sample.get("progress_every") or 0),
+        sink.progress = progress.Progress(total, total - left, left, int(cfg.sample.get("progress_every") or 0),
                                        world, rank)
     outputs.reset_peak_memory(device)
     if todo and trainer is not None:

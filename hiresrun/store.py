@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import re
-import time
 from pathlib import Path
 
 import torch
@@ -313,39 +312,3 @@ def writer_name(shard: tuple[int, int]) -> str:
     import socket
 
     return f"shard{shard[0]}of{shard[1]}-{socket.gethostname()}-{os.getpid()}"
-
-
-class Progress:
-    """One line every `every` images (rank 0): how many of the run's images exist, the pace, the time left.
-    Under DDP the pace is rank 0's times the number of ranks."""
-
-    def __init__(self, total: int, already: int, todo: int, every: int, world: int = 1, rank: int = 0,
-                 label: str = "sampling", clock=time.monotonic):
-        self.total, self.already, self.todo, self.world, self.rank = total, already, todo, world, rank
-        self.every = every if every > 0 else max(1, todo // 20)
-        self.label, self.clock, self.start, self.made, self.shown = label, clock, clock(), 0, 0
-
-    def line(self) -> str:
-        seconds = max(self.clock() - self.start, 1e-9)
-        made = min(self.made * self.world, self.todo)
-        rate = made / seconds
-        left = (self.todo - made) / rate if rate > 0 else float("inf")
-        return (f"hiresrun: {self.label} {self.already + made:,}/{self.total:,} images, {rate:.3g} img/s, "
-                f"ETA {duration(left)}")
-
-    def __call__(self, n: int) -> None:
-        self.made += n
-        if self.rank == 0 and (self.made - self.shown >= self.every or self.made * self.world >= self.todo):
-            self.shown = self.made
-            print(self.line(), flush=True)
-
-
-def duration(seconds: float) -> str:
-    if seconds != seconds or seconds == float("inf"):
-        return "unknown"
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60} s"
-    return f"{s // 3600} h {s % 3600 // 60} min"

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hiresrun import store
+from hiresrun import progress, store
 from hiresrun.outputs import load_images
 
 FAST = ["model=diffusers", "data.resolution=16", "logger=none", "trainer.enable_progress_bar=false"]
@@ -214,17 +214,17 @@ def test_shards_take_interleaved_whole_batches_that_cover_the_run_once():
 
 def test_progress_lines_count_pace_and_time_left(capsys):
     now = [0.0]
-    p = store.Progress(total=1000, already=200, todo=800, every=100, clock=lambda: now[0])
+    p = progress.Progress(total=1000, already=200, todo=800, every=100, clock=lambda: now[0])
     for _ in range(4):
         now[0] += 10.0
         p(50)  # 5 img/s
     lines = capsys.readouterr().out.splitlines()
     assert lines == ["hiresrun: sampling 300/1,000 images, 5 img/s, ETA 2 min 20 s",
                      "hiresrun: sampling 400/1,000 images, 5 img/s, ETA 2 min 0 s"]
-    ddp = store.Progress(total=100, already=0, todo=100, every=10, world=2, clock=lambda: now[0] + 1)
+    ddp = progress.Progress(total=100, already=0, todo=100, every=10, world=2, clock=lambda: now[0] + 1)
     ddp(10)
     assert "sampling 20/100 images" in capsys.readouterr().out  # rank 0's pace times the ranks
-    assert store.duration(3 * 3600 + 22 * 60) == "3 h 22 min"
+    assert progress.duration(3 * 3600 + 22 * 60) == "3 h 22 min"
 
 
 def test_sampling_prints_progress_lines_into_a_log(tiny_model_dir, tmp_path):
@@ -371,3 +371,15 @@ def test_a_signal_while_sampling_finishes_the_batch_says_how_to_resume_and_the_r
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"{on_disk} of 40 images are on disk, {40 - on_disk} to go" in again.stdout
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["num_samples"] == 40
+
+
+def test_a_long_phase_says_its_progress_in_lines_without_a_terminal(capsys):
+    """progress.reporter (feature extraction over a real set): without a terminal a line every 5% of the total, in the
+    phase's own unit, ending at the total."""
+    say = progress.reporter(100, "real-set patch features (x)", unit="crops")
+    for _ in range(10):
+        say(10)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 10 and lines[0].startswith("hiresrun: real-set patch features (x) 10/100 crops, ")
+    assert " crops/s, ETA " in lines[0] and lines[-1].startswith("hiresrun: real-set patch features (x) 100/100 crops")
+    assert lines[-1].endswith("ETA 0 s")

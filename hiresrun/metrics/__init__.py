@@ -106,7 +106,8 @@ class Metrics:
 
     def ref_inception(self, real: RealSet, n: int, load) -> tuple[np.ndarray, str]:
         arrays, h = self.cache.get(real, n, "inception", self._inception_key(),
-                                   lambda: {"features": self.inception.features(load(), self.batch_size)})
+                                   lambda: {"features": self.inception.features(
+                                       load(), self.batch_size, label=f"real-set Inception features ({real.name})")})
         return arrays["features"], h
 
     def _crops(self, images: Tensor, ids: list[int] | None) -> Tensor:
@@ -118,7 +119,9 @@ class Metrics:
 
     def ref_patch(self, real: RealSet, n: int, load) -> tuple[np.ndarray, str]:
         key = {**self._inception_key(), "crops": self._crop_scheme(real.resolution)}
-        compute = lambda: {"features": self.inception.features(self._crops(load(), None), self.batch_size)}
+        compute = lambda: {"features": self.inception.features(self._crops(load(), None), self.batch_size,
+                                                               label=f"real-set patch features ({real.name})",
+                                                               unit="crops")}
         arrays, h = self.cache.get(real, n, "patch", key, compute)
         return arrays["features"], h
 

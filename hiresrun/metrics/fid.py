@@ -54,9 +54,20 @@ class InceptionPool3(nn.Module):
         return self.pool3(x)
 
     @torch.inference_mode()
-    def features(self, images: Tensor, batch_size: int = 32) -> np.ndarray:
-        """uint8 (N, C, H, W) -> float32 (N, 2048), preprocessed exactly as clean-fid reads image files."""
-        out = [self.pool3(clean_resize(images[i:i + batch_size])).cpu() for i in range(0, len(images), batch_size)]
+    def features(self, images: Tensor, batch_size: int = 32, label: str | None = None,
+                 unit: str = "images") -> np.ndarray:
+        """uint8 (N, C, H, W) -> float32 (N, 2048), preprocessed exactly as clean-fid reads image files. `label`:
+        say the progress under that name (hiresrun/progress.py), for the long passes over a real set."""
+        say = None
+        if label is not None and len(images):
+            from hiresrun.progress import reporter
+
+            say = reporter(len(images), label, unit)
+        out = []
+        for i in range(0, len(images), batch_size):
+            out.append(self.pool3(clean_resize(images[i:i + batch_size])).cpu())
+            if say is not None:
+                say(len(out[-1]))
         return torch.cat(out).numpy() if out else np.zeros((0, self.num_features), np.float32)
 
 
