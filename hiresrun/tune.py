@@ -97,6 +97,8 @@ def calibrate(cfg: DictConfig) -> dict:
         return {"images": torch.cat([p["images"] for p in parts]), "evals": sum(int(p["evals"]) for p in parts)}
 
     full, curve, chosen = run(), [], 0.0
+    print(f"hiresrun: calibrate: full-step outputs of {len(seeds)} seeds made; trying up to {len(deltas)} deltas",
+          flush=True)
     for delta in deltas:
         acc = build_accelerator(cfg, delta=delta, calibration=None)
         r = run(acc)
@@ -104,6 +106,9 @@ def calibrate(cfg: DictConfig) -> dict:
                  **fidelity(r["images"], full["images"], lpips)}
         point["meets"] = meets(point, target)
         curve.append(point)
+        shown = f"PSNR {point['psnr_to_ref']:.2f} dB" if target[0] == "psnr" else f"LPIPS {point['lpips_to_ref']:.4f}"
+        print(f"hiresrun: calibrate delta={delta:g}: {shown}, {point['speedup_nfe']:.2f}x fewer model calls, "
+              f"{'meets' if point['meets'] else 'misses'} the target", flush=True)
         if not point["meets"]:
             break
         chosen = delta
@@ -240,6 +245,9 @@ def front(cfg: DictConfig) -> dict:
     runs = [{"images": [], "evals": 0, "seconds": 0.0, "per": {}} for _ in settings]
     for _, sampler in settings:
         sampler.generate(seeds[:1])  # warm-up: the first call pays for allocation and lazy init
+    from hiresrun.progress import reporter
+
+    say = reporter(len(seeds) * len(settings), f"calibrate: {len(settings)} settings x {len(seeds)} seeds")
     for i in range(0, len(seeds), batch):  # settings take turns batch by batch: load falls on all of them alike
         chunk = seeds[i:i + batch]
         for (_, sampler), r in zip(settings, runs):
@@ -250,6 +258,7 @@ def front(cfg: DictConfig) -> dict:
             r["images"].append(out["images"])
             r["evals"] += int(out["evals"])
             r["per"].update(sampler.accelerator.per_image(mark, chunk) or {})
+            say(len(chunk))
     for (_, sampler), r in zip(settings, runs):
         summary = sampler.accelerator.summary(r["per"]) if len(r["per"]) == len(seeds) else None
         r.update(images=torch.cat(r["images"]), nfe_per_image=r["evals"] / len(seeds),

@@ -159,6 +159,8 @@ def test_the_verb_prints_the_file_it_saved(tiny_model_dir, tmp_path, psnr30):
     assert proc.returncode == 0, proc.stderr
     path = proc.stdout.strip().splitlines()[-1].split("accelerator.calibration=")[-1].rstrip(")")
     assert str(tmp_path / "outputs" / "calibrate") in path and json.loads(open(path).read())["delta"] == chosen
+    said = [x for x in proc.stdout.splitlines() if x.startswith("hiresrun: calibrate delta=")]  # its progress
+    assert len(said) == 2 and said[0].endswith("meets the target") and said[1].endswith("misses the target")
 
 
 # -- across accelerators: the cost-fidelity front -------------------------------------------------------------
