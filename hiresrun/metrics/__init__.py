@@ -193,14 +193,16 @@ class Metrics:
         functions take the indices of the images still missing from `cache`, or None for all of them."""
         out, d = {}, InceptionPool3.num_features
         pick = lambda xs, idx: xs if idx is None else (xs[idx] if isinstance(xs, Tensor) else [xs[i] for i in idx])
-        whole = lambda idx: self.inception.features(pick(images, idx), self.batch_size)
+        whole = lambda idx: self.inception.features(pick(images, idx), self.batch_size,
+                                                    label="generated-image Inception features")
         if self.fid or self.kid:
             out["inception"] = whole(None) if cache is None else cache.rows(
                 "inception", self._inception_key(), (d,), whole)
         if self.patch_fid:
             key, p = {**self._inception_key(), "crops": self._crop_scheme(images.shape[-1])}, self.patches_per_image
             crops = lambda idx: self.inception.features(
-                self._crops(pick(images, idx), None if ids is None else pick(ids, idx)), self.batch_size)
+                self._crops(pick(images, idx), None if ids is None else pick(ids, idx)), self.batch_size,
+                label="generated-image patch features", unit="crops")
             out["patch"] = crops(None) if cache is None or ids is None else cache.rows(
                 "patch", key, (p, d), crops).reshape(-1, d)
         return out

@@ -57,9 +57,9 @@ class InceptionPool3(nn.Module):
     def features(self, images: Tensor, batch_size: int = 32, label: str | None = None,
                  unit: str = "images") -> np.ndarray:
         """uint8 (N, C, H, W) -> float32 (N, 2048), preprocessed exactly as clean-fid reads image files. `label`:
-        say the progress under that name (hiresrun/progress.py), for the long passes over a real set."""
+        say the progress under that name (hiresrun/progress.py) when the pass is long (a real set, a large run)."""
         say = None
-        if label is not None and len(images):
+        if label is not None and len(images) >= 4 * batch_size:  # a pass of a few batches is over before it is read
             from hiresrun.progress import reporter
 
             say = reporter(len(images), label, unit)
