@@ -44,7 +44,8 @@ def normalise(argv: list[str]) -> list[str]:
     if not args[0].startswith("-") and "=" not in args[0]:
         verb = args.pop(0)
         if verb not in verbs():
-            raise UsageError(f"unknown verb '{verb}'; use one of: {', '.join(verbs() + ('report',))} (hiresrun --help)")
+            raise UsageError(f"unknown verb '{verb}'; use one of: {', '.join(verbs() + ('report', 'list'))} "
+                             f"(hiresrun --help)")
         args = verb_forms(verb, args) + [f"task={verb}"]
     return flags_first(list_selection([a[1:] if any(a.startswith(f"+{g}=") for g in ADDABLE) else a for a in args]))
 
@@ -301,6 +302,13 @@ def main() -> None:
     import logging  # a full disk fails every log write: the one error line says so, not a traceback per record
 
     logging.raiseExceptions = False
+    if sys.argv[1:2] == ["list"]:  # not a Hydra task: the options, and which pairs run on a model (hiresrun/listing.py)
+        from hiresrun.listing import main as listing
+
+        try:
+            sys.exit(listing(sys.argv[2:]))
+        except UsageError as e:
+            fail(str(e), 2)
     if sys.argv[1:2] == ["report"]:  # not a Hydra task: it reads a finished sweep (hiresrun/report.py)
         from hiresrun.report import main as report
 

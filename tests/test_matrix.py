@@ -241,3 +241,32 @@ def test_the_full_matrix_runs_at_tiny_n(tmp_path):
             assert (metrics["method"], metrics["accelerator"], metrics["resolution"]) == (method, accelerator, 32)
             assert metrics["num_samples"] == 2
             assert metrics["nfe_per_image"] == 1 if method == "pagoda" else metrics["nfe_per_image"] >= 3
+
+
+def test_list_names_every_option_and_says_for_each_pair_what_the_run_would(tiny_model_dir, capsys):
+    """`hiresrun list`: every method and accelerator option with its YAML's opening line; `hiresrun list
+    model=diffusers model.path=<m>`: for each pair, "supported" exactly when support.check passes it, else its
+    refusal reason (the sample verb's words)."""
+    from hiresrun.listing import main
+
+    assert main([]) == 0
+    shown = capsys.readouterr().out
+    for name in METHODS + ACCELERATORS:
+        assert f"  {name} " in shown, name
+    assert "\n  chain " not in shown  # a list's node is not an option of its own
+    assert main(["model=diffusers", f"model.path={tiny_model_dir}"]) == 0
+    rows = {line.split("  ")[0].strip(): line.split("  ", 1)[1].strip()
+            for line in capsys.readouterr().out.splitlines() if " + " in line.split("  ")[0]}
+    assert len(rows) == len(METHODS) * len(ACCELERATORS)
+    for method in METHODS:
+        for accelerator in ACCELERATORS:
+            cfg = compose(["model=diffusers", f"model.path={tiny_model_dir}", f"method={method}",
+                           f"accelerator={accelerator}"])
+            verdict = rows[f"{method} + {accelerator}"]
+            try:
+                support.check(cfg, method, accelerator)
+                assert verdict == "supported", (method, accelerator, verdict)
+            except Unsupported as e:
+                assert verdict == "refused: " + str(e).split(" is not supported: ", 1)[1], (method, accelerator)
+    with pytest.raises(UsageError, match="needs model.path"):
+        main(["model=diffusers"])
