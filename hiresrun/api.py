@@ -25,7 +25,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 
-from hiresrun.errors import DataError, HiresrunError, UsageError
+from hiresrun.errors import DataError, UsageError
 
 CONFIG_MODULE = "hiresrun.conf"
 
@@ -145,14 +145,14 @@ def _run(verb: str, args: Sequence[str], options: dict) -> Result:
         try:
             return run.run(cfg)
         except Exception as e:
-            ours = _ours(e)
+            ours = cli.as_error(e)
             if isinstance(ours, UsageError):
                 cli._clean_failed_run()  # a refusal leaves no run folder behind (nothing was written but .hydra/)
             raise ours from e
 
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         cfg = cli.compose(given)
-        if several_processes(cfg.trainer):
+        if run.several_processes(cfg.trainer):
             raise UsageError(f"trainer: {trainer_line(cfg.trainer)} starts several processes, which Lightning launches "
                              f"by running the command that started this one again; run it from the command line: "
                              f"hiresrun {verb} ...")
@@ -178,15 +178,6 @@ def _run(verb: str, args: Sequence[str], options: dict) -> Result:
     return Result(out, metrics)
 
 
-def several_processes(trainer: DictConfig) -> bool:
-    """Whether this trainer config makes Lightning start more than one process (DDP and its kin, several devices or
-    nodes): those re-run the command line, which a Python caller does not have."""
-    devices, strategy = trainer.get("devices", 1), str(trainer.get("strategy", "auto"))
-    one = devices in (1, "1") or (isinstance(devices, (list, ListConfig)) and len(devices) == 1) or (
-        devices == "auto" and str(trainer.get("accelerator", "cpu")) == "cpu")
-    return not one or int(trainer.get("num_nodes", 1)) != 1 or any(k in strategy for k in ("ddp", "fsdp", "deepspeed"))
-
-
 def trainer_line(trainer: DictConfig) -> str:
     return " ".join(f"trainer.{k}={trainer.get(k)}" for k in ("devices", "num_nodes", "strategy") if k in trainer)
 
@@ -198,20 +189,6 @@ def _with_mode(cfg: DictConfig) -> DictConfig:
     with open_dict(cfg):
         cfg.hydra.mode = RunMode.RUN
     return cfg
-
-
-def _ours(e: BaseException) -> HiresrunError:
-    """hiresrun's own error behind `e` (Hydra's instantiate wraps what constructors raise), or a DataError whose
-    line names the failure, as the command line prints it."""
-    from hiresrun.cli import _our_error
-
-    ours = _our_error(e)
-    if ours is not None:
-        return ours
-    root = e
-    while root.__cause__ is not None:
-        root = root.__cause__
-    return DataError(f"{type(root).__name__}: {root}".replace("\n", " "))
 
 
 def sample(*args: str, **options) -> Result:
@@ -266,7 +243,7 @@ def load(*args: str, device: str | None = None, **options):
     import torch
     from hydra.core.hydra_config import HydraConfig
 
-    from hiresrun import build, run, support, validate
+    from hiresrun import build, cli, run, support, validate
 
     cfg = config("sample", *args, "paths.run_dir=null", **options)
     hydra, previous = HydraConfig.instance(), HydraConfig.instance().cfg
@@ -280,7 +257,7 @@ def load(*args: str, device: str | None = None, **options):
         support.check(cfg, build.choice(cfg, "method"), build.choice(cfg, "accelerator"))
         sampler, _ = build.build_sampler(cfg)
     except Exception as e:
-        raise _ours(e) from e
+        raise cli.as_error(e) from e
     finally:
         hydra.cfg = previous
     target = torch.device(device) if device is not None else run.one_device(cfg) or torch.device("cpu")

@@ -16,7 +16,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from hiresrun.errors import DataError, UsageError
+from hiresrun.errors import DataError, HiresrunError, UsageError
 
 # The Hydra verbs: run.TASKS's names (tests/test_cli.py checks they agree), written out so that composing or refusing
 # a command line imports nothing heavy (run.py imports torch).
@@ -264,11 +264,20 @@ def _entry(cfg: DictConfig):
         import logging  # runtime failure: one line here; the run folder's log has the traceback
 
         logging.getLogger("hiresrun.traceback").exception("failed")
-        root = e
-        while root.__cause__ is not None:  # Hydra's InstantiationException wraps the real failure
-            root = root.__cause__
-        text = str(ours) if ours else f"{type(root).__name__}: {root} (HYDRA_FULL_ERROR=1 shows the traceback)"
+        text = str(ours) if ours else f"{as_error(e)} (HYDRA_FULL_ERROR=1 shows the traceback)"
         fail(text.replace("\n", " "), getattr(ours, "exit_code", 1))
+
+
+def as_error(e: BaseException) -> HiresrunError:
+    """hiresrun's own error behind `e`, else a DataError whose one line names the root failure (Hydra's
+    InstantiationException wraps the real one): what the command line prints and the Python API raises."""
+    ours = _our_error(e)
+    if ours is not None:
+        return ours
+    root = e
+    while root.__cause__ is not None:
+        root = root.__cause__
+    return DataError(f"{type(root).__name__}: {root}".replace("\n", " "))
 
 
 def _our_error(e: BaseException) -> BaseException | None:

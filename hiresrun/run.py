@@ -64,22 +64,38 @@ def sample(cfg: DictConfig) -> dict | None:
             claim.close()
 
 
+def device_index(trainer: DictConfig) -> int | None:
+    """The index of the one device `trainer.devices` asks for (`auto`: one on the CPU or a one-GPU machine, as
+    Lightning counts), or None when it asks for several."""
+    devices, kind = trainer.get("devices", 1), str(trainer.get("accelerator", "cpu"))
+    if isinstance(devices, (list, ListConfig)):
+        return int(devices[0]) if len(devices) == 1 else None
+    alone = devices in (1, "1") or (devices == "auto" and (kind == "cpu" or torch.cuda.device_count() <= 1))
+    return 0 if alone else None
+
+
+def several_processes(trainer: DictConfig) -> bool:
+    """Whether Lightning starts more than one process for this trainer config (several devices or nodes, DDP and its
+    kin); it launches them by running the starting command line again."""
+    strategy = str(trainer.get("strategy", "auto"))
+    return device_index(trainer) is None or int(trainer.get("num_nodes", 1)) != 1 or any(
+        k in strategy for k in ("ddp", "fsdp", "deepspeed"))
+
+
 def one_device(cfg: DictConfig) -> torch.device | None:
     """The device when `trainer` asks for one process on one device at a precision the sampler applies itself
     (`hiresrun sample` then runs without a Lightning Trainer); None when Lightning's plumbing is needed (several
     devices or nodes, a strategy, a launcher's environment, a precision that converts the weights)."""
     t = cfg.trainer
-    several = any(int(os.environ.get(k, "1") or 1) > 1 for k in ("WORLD_SIZE", "SLURM_NTASKS"))
-    if several or int(t.get("num_nodes", 1)) != 1 or str(t.get("strategy", "auto")) != "auto" \
+    launched = any(int(os.environ.get(k, "1") or 1) > 1 for k in ("WORLD_SIZE", "SLURM_NTASKS"))
+    if launched or several_processes(t) or str(t.get("strategy", "auto")) != "auto" \
             or str(t.get("precision")) not in MIXED:
         return None
-    devices, kind = t.get("devices", 1), str(t.get("accelerator", "cpu"))
-    alone = devices in (1, "1") or (devices == "auto" and (kind == "cpu" or torch.cuda.device_count() <= 1))
-    index = devices[0] if isinstance(devices, (list, ListConfig)) and len(devices) == 1 else 0 if alone else None
-    if kind == "cpu" and index is not None:
+    kind, index = str(t.get("accelerator", "cpu")), device_index(t)
+    if kind == "cpu":
         return torch.device("cpu")
-    if kind in ("gpu", "cuda") and index is not None and torch.cuda.is_available():
-        return torch.device("cuda", int(index))
+    if kind in ("gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", index)
     return None
 
 
@@ -88,25 +104,16 @@ MIXED = {"32-true": None, "32": None, "bf16-mixed": torch.bfloat16, "16-mixed": 
 
 
 def sample_here(sampler: sampling.Sampler, todo: list[list[int]], device: torch.device, precision: str,
-                signals, bar: bool) -> None:
-    """The batches of a one-device sample run, in order, each written by the sampler's sink as it is made; a signal
-    stops after the batch in flight (signals.SampleSignals)."""
+                signals) -> None:
+    """The batches of a one-device sample run, in order, each written by the sampler's sink as it is made (its
+    progress too); a signal stops after the batch in flight (signals.SampleSignals)."""
     sampler.autocast = MIXED[str(precision)]
     sampler.net.to(device).eval()
-    progress = None
-    if bar:
-        from tqdm import tqdm
-
-        progress = tqdm(total=sum(map(len, todo)), unit="img", desc="sampling")
     with signals:
         for seeds in todo:
             with torch.inference_mode():
                 sampler.batch(seeds)
-            if progress is not None:
-                progress.update(len(seeds))
             signals.after_batch(len(seeds))
-    if progress is not None:
-        progress.close()
 
 
 def _sample_into(cfg: DictConfig, folder: store.Store, info: dict, sampler: sampling.Sampler,
@@ -140,17 +147,17 @@ def _sample_into(cfg: DictConfig, folder: store.Store, info: dict, sampler: samp
         world, rank = 1, 0
     if left < total and rank == 0:
         print(f"hiresrun: resuming {run_dir}: {total - left:,} of {total:,} images are on disk, {left:,} to go")
-    bar = bool(cfg.trainer.enable_progress_bar and os.isatty(1)) and trainer is None  # one bar, in one process
-    if not bar:  # a log file, or several ranks: a line every so many images (rank 0)
+    if cfg.trainer.enable_progress_bar and os.isatty(1) and trainer is None:  # one bar, in one process
+        sink.progress = progress.reporter(left, "sampling")
+    else:  # a log file, or several ranks: a line every so many images (rank 0)
         sink.progress = progress.Progress(total, total - left, left, int(cfg.sample.get("progress_every") or 0),
-                                       world, rank)
+                                          world, rank)
     outputs.reset_peak_memory(device)
     if todo and trainer is not None:
         trainer.test(LitModule(net=sampler.net, method=sampler.method, sampler=sampler),
                      dataloaders=DataLoader(store.Batches(todo), batch_size=None), verbose=False)
     elif todo:
-        sample_here(sampler, todo, device, str(cfg.trainer.precision),
-                    SampleSignals(run_dir, total - left, total), bar)
+        sample_here(sampler, todo, device, str(cfg.trainer.precision), SampleSignals(run_dir, total - left, total))
     if rank != 0:
         return None
     logger = build_logger(cfg)

@@ -77,7 +77,9 @@ def compose(overrides: list[str], run_dir: Path | None = None):
 def accelerator_options() -> list[str]:
     """The accelerator options a run picks alone: every conf/accelerator file but `chain`, the node of a list
     (`+accelerator=[a,b]`, hiresrun/cli.py's list_selection)."""
-    return sorted(f.stem for f in (CONF / "accelerator").glob("*.yaml") if f.stem != "chain")
+    from hiresrun.listing import options
+
+    return options("accelerator")
 
 
 def tiny_overrides(model_dir: Path) -> list[str]:

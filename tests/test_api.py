@@ -122,5 +122,7 @@ def test_several_processes_are_refused_before_any_work(tmp_path):
         with pytest.raises(hiresrun.HiresrunError, match="starts several processes.*run it from the command line"):
             hiresrun.sample(*given, run_dir=str(tmp_path / "r"))
         assert not (tmp_path / "r").exists()
-    assert not api.several_processes(hiresrun.config("sample").trainer)
-    assert not api.several_processes(hiresrun.config("sample", "trainer.devices=[1]").trainer)
+    from hiresrun import run
+
+    assert not run.several_processes(hiresrun.config("sample").trainer)
+    assert not run.several_processes(hiresrun.config("sample", "trainer.devices=[1]").trainer)
