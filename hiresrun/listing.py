@@ -52,7 +52,6 @@ def pairs(overrides: list[str]) -> list[tuple[str, str, str | None]]:
     from omegaconf import OmegaConf
 
     from hiresrun import cli, support
-    from hiresrun.models import describe, text_model
 
     with initialize_config_module("hiresrun.conf", version_base="1.3"):
         cfg = cli.compose([o for o in overrides if not o.startswith(("method=", "accelerator="))])
@@ -61,9 +60,7 @@ def pairs(overrides: list[str]) -> list[tuple[str, str, str | None]]:
     if OmegaConf.is_missing(cfg.model, "path"):
         chosen = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), "?")
         raise UsageError(f"hiresrun list model={chosen}: this model option needs model.path=<folder or hub id>")
-    unet, space = describe(cfg.model.path, cfg.model.get("revision"), cfg.model.get("vae"))
-    text = text_model(cfg.model.path, cfg.model.get("revision")) if cfg.model.get("conditioning") != "none" else False
-    edm = cfg.model.get("parametrization", "standard") == "edm"
+    unet, space, text, edm = support.model_facts(cfg.model)
     out = []
     for method in options("method"):
         node = nodes[("method", method)]
@@ -74,6 +71,64 @@ def pairs(overrides: list[str]) -> list[tuple[str, str, str | None]]:
             out.append((method, accelerator, support.refusal(method, m, accelerator, a, f"model.path={cfg.model.path}",
                                                               unet, space, text, edm)))
     return out
+
+
+# The support table's order (any other option follows, sorted), its rows besides the named model options
+# (model=diffusers facts no option file states), and the method settings tried where a method's defaults are refused.
+ORDER = ["tiny-mnist", "tiny-sd-mnist", "sd15", "sd21", "sdxl", "dit",
+         "none", "upsample", "finetune", "selfcascade", "simple", "pagoda"]
+EXTRA_ROWS = {"EDM UNet: `diffusers`, `model.parametrization=edm`": ("UNet2DModel", "pixel", False, True)}
+VARIANTS = {"selfcascade": ("method.mode=tuning_free", "tuning-free")}
+
+
+def _ordered(names: list[str]) -> list[str]:
+    return sorted(names, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
+
+
+def support_table() -> str:
+    """Models x methods, each cell the accelerators that run with that pair (markdown), from the `Support`
+    declarations and the model option files: README's table, which tests/test_docs.py regenerates."""
+    from hydra import compose, initialize_config_module
+    from hydra.utils import get_class
+
+    from hiresrun import support
+
+    methods = _ordered(options("method"))
+    accelerators = [a for a in _ordered(options("accelerator")) if a != "none"]
+    with initialize_config_module("hiresrun.conf", version_base="1.3"):
+        nodes = {(g, n): compose("config", overrides=[f"{g}={n}"])[g] for g in ("method", "accelerator")
+                 for n in options(g)}
+        nodes.update({("variant", m): compose("config", overrides=[f"method={m}", v[0]]).method
+                      for m, v in VARIANTS.items() if m in methods})
+        rows = {f"`{m}`": support.model_facts(compose("config", overrides=[f"model={m}"]).model)
+                for m in _ordered(options("model")) if m != "diffusers"}
+    rows.update(EXTRA_ROWS)
+    declared = {key: get_class(node._target_).declared(node) for key, node in nodes.items()}
+
+    def cell(method, m, facts):
+        def runs(accelerator):
+            a = declared[("accelerator", accelerator)]
+            return support.refusal(method, m, accelerator, a, "", *facts) is None
+        if not runs("none"):
+            return None
+        ok = [a for a in accelerators if runs(a)]
+        if len(ok) == len(accelerators):
+            return "all"
+        off = [a for a in accelerators if a not in ok]
+        return ("+ " + ", ".join(ok)) if len(ok) <= len(off) else "all but " + ", ".join(off)
+
+    lines = ["| model | " + " | ".join(f"`{m}`" for m in methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    for label, facts in rows.items():
+        cells = []
+        for method in methods:
+            said = cell(method, declared[("method", method)], facts)
+            if said is None and ("variant", method) in declared:
+                said = cell(method, declared[("variant", method)], facts)
+                said = f"{VARIANTS[method][1]}: {said}" if said else None
+            cells.append(said or "refused")
+        unet, space, text, _ = facts
+        lines.append(f"| {label} ({space} {unet}{', text' if text else ''}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:

@@ -82,20 +82,33 @@ def chain_refusal(names: list[str], supports: list[Support]) -> str | None:
     return None
 
 
+def model_facts(model) -> tuple[str | None, str | None, bool | None, bool]:
+    """(denoiser class, "pixel" | "latent", text-to-image, EDM) of a model node, from the model's config files alone;
+    where they are not on this machine (a hub id outside the cache), from what the model file declares
+    (`model.denoiser`, `model.space`, `model.conditioning`). None: unknown, which every check passes."""
+    from hiresrun.models import describe, text_model
+
+    unet, space = describe(model.path, model.get("revision"), model.get("vae"))
+    if unet is None:
+        unet, space = model.get("denoiser"), model.get("space")
+    conditioning = model.get("conditioning")
+    text = text_model(model.path, model.get("revision")) if conditioning != "none" else False
+    if text is None and conditioning in ("text", "class"):
+        text = conditioning == "text"
+    return unet, space, text, model.get("parametrization", "standard") == "edm"
+
+
 def check(cfg, method: str, accelerator: str | None) -> None:
     """Refuse the configured pair before anything is built (`method`, `accelerator`: the chosen option names;
     accelerator None checks the method and model only)."""
     from hydra.utils import get_class
 
     from hiresrun.build import accelerator_members
-    from hiresrun.models import describe, text_model
 
     m = get_class(cfg.method._target_).declared(cfg.method)
     members = accelerator_members(cfg.accelerator) if accelerator else {}  # a list: refuses clashing members
     parts = members or ({accelerator: cfg.accelerator} if accelerator else {None: None})
-    unet, space = describe(cfg.model.path, cfg.model.get("revision"), cfg.model.get("vae"))
-    text = text_model(cfg.model.path, cfg.model.get("revision")) if cfg.model.get("conditioning") != "none" else False
-    edm = cfg.model.get("parametrization", "standard") == "edm"
+    unet, space, text, edm = model_facts(cfg.model)
     for name, part in parts.items():
         a = get_class(part._target_).declared(part) if part is not None else Support()
         reason = refusal(method, m, name, a, f"model.path={cfg.model.path}", unet, space, text, edm)

@@ -167,7 +167,8 @@ def check_constructed_values(cfg: DictConfig) -> None:
     if "_target_" in (cfg.get("metrics") or {}) and cfg.task in ("sample", "merge", "eval"):
         from hydra.utils import instantiate
 
-        instantiate(cfg.metrics)  # its own value checks; nothing heavy is built until scoring
+        # its own value checks, and the weights it will need on this machine; nothing heavy is built until scoring
+        instantiate(cfg.metrics).check_weights(lpips=bool(cfg.get("reference")))
     if "_target_" in (cfg.get("accelerator") or {}):
         from hiresrun.build import member_nodes
 

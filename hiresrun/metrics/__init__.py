@@ -86,6 +86,20 @@ class Metrics:
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.cache = Cache(cache_dir)
 
+    def check_weights(self, lpips: bool = False) -> None:
+        """Refuse before any work when the weights these metrics need are not on this machine: the pinned Inception
+        file (FID/KID/patch-FID) and, with a reference run, the LPIPS trunk (unless it may still be downloaded)."""
+        from hiresrun.metrics import weights
+
+        if self.fid or self.kid or self.patch_fid:
+            weights.inception_path(self.inception_path, self.inception_sha256)
+        if lpips:
+            try:
+                weights.lpips_trunk_path(self.lpips_net, self.lpips_path, self.cache_dir, download_ok=False)
+            except UsageError:
+                if not self.download:
+                    raise
+
     @cached_property
     def inception(self) -> InceptionPool3:
         return InceptionPool3(self.inception_path, self.inception_sha256, self.device)
