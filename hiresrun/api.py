@@ -26,6 +26,9 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 
 from hiresrun.errors import DataError, UsageError
+from hiresrun.naming import register as register_folder_names
+
+register_folder_names()  # the resolvers conf/config.yaml's run and sweep folder names call
 
 CONFIG_MODULE = "hiresrun.conf"
 

@@ -17,10 +17,18 @@ import hydra
 from omegaconf import DictConfig
 
 from hiresrun.errors import DataError, HiresrunError, UsageError
+from hiresrun.naming import register as register_folder_names
+
+register_folder_names()  # the resolvers conf/config.yaml's run and sweep folder names call
 
 # The Hydra verbs: run.TASKS's names (tests/test_cli.py checks they agree), written out so that composing or refusing
 # a command line imports nothing heavy (run.py imports torch).
 VERBS = ("pretrain", "train", "sample", "eval", "calibrate", "merge")
+
+
+# The commands that are not Hydra tasks, and the module whose main(argv) runs each: `list` the options and which pairs
+# run on a model, `report` a finished sweep, `runs` the run folders under a folder.
+READERS = {"list": "hiresrun.listing", "report": "hiresrun.report", "runs": "hiresrun.runs"}
 
 
 def verbs() -> tuple[str, ...]:
@@ -38,13 +46,87 @@ def fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+# What `--help` lists as config groups: the user's choices, not the internal ones (schema/*, experiment/parts).
+HELP_GROUPS = ("model", "method", "accelerator", "sampler", "data", "metrics", "trainer", "logger", "experiment",
+               "hydra/launcher")
+
+
+def help_text() -> str:
+    """conf/hydra/help/hiresrun.yaml's template with the groups a user picks from and their options."""
+    from importlib.resources import files
+
+    from omegaconf import OmegaConf
+
+    from hiresrun.listing import options
+
+    template = OmegaConf.load(str(files("hiresrun.conf").joinpath("hydra", "help", "hiresrun.yaml"))).template
+    conf = files("hiresrun.conf")
+    lines = []
+    for group in HELP_GROUPS:
+        if group == "experiment":
+            folder = conf.joinpath("experiment")
+            names = sorted([f.name[:-5] for f in folder.iterdir() if f.name.endswith(".yaml")]
+                           + [f"{f.name}/*" for f in folder.iterdir() if f.is_dir() and f.name not in ("parts",
+                                                                                                    "__pycache__")])
+        elif group == "hydra/launcher":
+            names = ["basic (default)", "submitit_local", "submitit_slurm",
+                     *sorted(f.name[:-5] for f in conf.joinpath("hydra", "launcher").iterdir()
+                             if f.name.endswith(".yaml"))]
+        else:
+            names = options(group)
+        lines.append(f"{group}: {', '.join(names)}")
+    return template.replace("$APP_CONFIG_GROUPS", "\n".join(f"  {line}" for line in lines))
+
+
+# The top-level keys each verb reads: `hiresrun <verb> --cfg job` prints these and leaves out the rest.
+VERB_KEYS = {
+    "sample": ("task", "seed", "model", "method", "accelerator", "sampler", "data", "sample", "metrics", "reference",
+               "prompts", "ckpt_path", "trainer", "logger", "paths"),
+    "train": ("task", "seed", "model", "method", "sampler", "data", "train", "optimizer", "metrics", "prompts",
+              "ckpt_path", "trainer", "logger", "paths"),
+    "pretrain": ("task", "seed", "model", "sampler", "data", "train", "optimizer", "metrics", "ckpt_path", "trainer",
+                 "logger", "paths"),
+    "calibrate": ("task", "seed", "model", "method", "accelerator", "sampler", "data", "sample", "target",
+                  "calibrate", "prompts", "ckpt_path", "trainer", "logger", "paths"),
+    "eval": ("task", "seed", "model", "eval", "data", "metrics", "reference", "logger", "paths"),
+    "merge": ("task", "seed", "model", "merge", "data", "metrics", "reference", "logger", "paths"),
+}
+
+
+def _cfg_job(args: list[str]) -> bool:
+    """`hiresrun <verb> --cfg job [--resolve]`: the composed config of the keys that verb reads, printed as Hydra
+    prints it; True when it printed. Other `--cfg` forms (hydra, all, --package) stay Hydra's."""
+    if args.count("--cfg") + args.count("-c") != 1 or "--package" in args or "-p" in args:
+        return False
+    at = args.index("--cfg") if "--cfg" in args else args.index("-c")
+    if args[at + 1:at + 2] != ["job"]:
+        return False
+    from hydra import initialize_config_module
+    from omegaconf import OmegaConf, open_dict, read_write
+
+    overrides = [a for i, a in enumerate(args) if not a.startswith("-") and i != at + 1]
+    with initialize_config_module("hiresrun.conf", version_base="1.3"):
+        cfg = compose(list_selection(overrides))
+    keep = [k for k in VERB_KEYS.get(str(cfg.task), tuple(cfg)) if k in cfg]
+    if "--resolve" in args:  # resolved in the whole config (keys refer across verbs), then cut
+        from hydra.core.hydra_config import HydraConfig
+
+        with read_write(cfg.hydra), open_dict(cfg.hydra):
+            cfg.hydra.runtime.output_dir = "<the run folder>"
+        HydraConfig.instance().set_config(cfg)
+        cfg = OmegaConf.create({k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k])
+                                else cfg[k] for k in keep})
+    print(OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, keep)), end="")
+    return True
+
+
 def normalise(argv: list[str]) -> list[str]:
     """Verb -> `task=verb`; `+method=x` -> `method=x` (likewise accelerator)."""
     args = list(argv) or ["--help"]
     if not args[0].startswith("-") and "=" not in args[0]:
         verb = args.pop(0)
         if verb not in verbs():
-            raise UsageError(f"unknown verb '{verb}'; use one of: {', '.join(verbs() + ('report', 'list'))} "
+            raise UsageError(f"unknown verb '{verb}'; use one of: {', '.join(verbs() + tuple(READERS))} "
                              f"(hiresrun --help)")
         args = verb_forms(verb, args) + [f"task={verb}"]
     return flags_first(list_selection([a[1:] if any(a.startswith(f"+{g}=") for g in ADDABLE) else a for a in args]))
@@ -311,24 +393,22 @@ def main() -> None:
     import logging  # a full disk fails every log write: the one error line says so, not a traceback per record
 
     logging.raiseExceptions = False
-    if sys.argv[1:2] == ["list"]:  # not a Hydra task: the options, and which pairs run on a model (hiresrun/listing.py)
-        from hiresrun.listing import main as listing
+    if sys.argv[1:2] and sys.argv[1] in READERS:  # not Hydra tasks: they read options or finished runs
+        from importlib import import_module
 
         try:
-            sys.exit(listing(sys.argv[2:]))
-        except UsageError as e:
-            fail(str(e), 2)
-    if sys.argv[1:2] == ["report"]:  # not a Hydra task: it reads a finished sweep (hiresrun/report.py)
-        from hiresrun.report import main as report
-
-        try:
-            sys.exit(report(sys.argv[2:]))
+            sys.exit(import_module(READERS[sys.argv[1]]).main(sys.argv[2:]))
         except UsageError as e:
             fail(str(e), 2)
     if "-sc" in sys.argv or "--shell-completion" in sys.argv:
         _completion_without_verb()
+    if any(a in ("--help", "-h") for a in sys.argv[1:]):
+        print(help_text())
+        sys.exit(0)
     try:
         args = normalise(sys.argv[1:])
+        if _cfg_job(args):
+            sys.exit(0)
         check_grammar(args)
         overrides = plain_overrides(args)
         if overrides is not None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from hiresrun.errors import UsageError
+from hiresrun.naming import job_number
 
 LOWER_BETTER = ("fid", "kid", "swd", "patch_fid", "fd_digits", "lpips_to_ref")
 HIGHER_BETTER = ("digit_acc", "digit_conf", "psnr_to_ref", "ssim_to_ref")
@@ -61,15 +62,16 @@ def _json(path: Path) -> dict:
 
 
 def job_folders(sweep: Path) -> list[Path]:
-    """Hydra's numbered job folders (any sub-folder with .hydra, metrics.json or status.json), in job order;
+    """Hydra's numbered job folders (`3`, `3-method=upsample`: naming.job_dir; any sub-folder with .hydra, metrics.json or status.json), in job order;
     the folder itself when it is a single run; none when `sweep` is not a folder."""
     if not sweep.is_dir():
         return []
     if (sweep / ".hydra").is_dir() or (sweep / "metrics.json").is_file():
         return [sweep]
     marks = (".hydra", "metrics.json", "status.json")
-    found = [p for p in sweep.iterdir() if p.is_dir() and (p.name.isdigit() or any((p / m).exists() for m in marks))]
-    return sorted(found, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
+    found = [p for p in sweep.iterdir() if p.is_dir() and (job_number(p) is not None
+                                                            or any((p / m).exists() for m in marks))]
+    return sorted(found, key=lambda p: (job_number(p) is None, job_number(p) or 0, p.name))
 
 
 def failure_reason(folder: Path) -> str:
@@ -138,9 +140,10 @@ def load_sweep(sweep: Path) -> list[dict]:
     """Every job of a sweep, with expected jobs that have no folder appended as `missing`."""
     sweep = Path(sweep)
     runs = [load_job(f, f.name if f != sweep else sweep.name) for f in job_folders(sweep)]
-    seen, names = {frozenset(r["overrides"]) for r in runs}, {r["run"] for r in runs}
+    seen = {frozenset(r["overrides"]) for r in runs}
+    numbers = {job_number(r["path"]) for r in runs if r["path"] is not None}
     for i, overrides in enumerate(expected_jobs(sweep)):
-        if frozenset(overrides) not in seen and str(i) not in names:
+        if frozenset(overrides) not in seen and i not in numbers:
             runs.append({"run": str(i), "status": "missing", "task": None, "metrics": {}, "config": {},
                          "overrides": overrides, "path": None, "method": None, "accelerator": None,
                          "sampler": None, "steps": None, "reason": "no job folder (the sweep stopped before it)"})

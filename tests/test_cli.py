@@ -27,6 +27,36 @@ def test_help_lists_verbs_and_groups(tmp_path):
         assert name in methods.split(":", 1)[1].replace(",", " ").split()
 
 
+def test_help_shows_the_groups_a_user_picks_from_and_no_internal_one(tmp_path):
+    from hiresrun.cli import help_text
+    from hiresrun.listing import options
+
+    out = help_text()
+    assert "schema" not in out and "parts" not in out and "$APP_CONFIG_GROUPS" not in out
+    lines = {line.split(":", 1)[0].strip(): line.split(":", 1)[1] for line in out.splitlines()
+             if line.startswith("  ") and ":" in line and line.split(":", 1)[0].strip().replace("/", "").isalpha()}
+    for group in ("model", "method", "accelerator", "sampler", "data", "metrics", "trainer", "logger"):
+        assert lines[group].replace(",", " ").split() == options(group), group
+    assert "runs" in out and "hydra/launcher" in lines
+
+
+def test_cfg_job_of_a_verb_prints_only_the_keys_that_verb_reads(tmp_path):
+    from hydra import initialize_config_module
+
+    from hiresrun import cli as command_line
+
+    with initialize_config_module("hiresrun.conf", version_base="1.3"):
+        for verb, keys in command_line.VERB_KEYS.items():
+            composed = command_line.compose([f"task={verb}"])
+            assert set(keys) <= set(composed) - {"hydra"}, verb  # every key named is a key of the config
+    train = cli("train", "+method=finetune", "--cfg", "job", cwd=tmp_path).stdout
+    sample = cli("sample", "+method=upsample", "--cfg", "job", "--resolve", "data.resolution=32", cwd=tmp_path).stdout
+    top = lambda text: {line.split(":")[0] for line in text.splitlines() if line and not line[0].isspace()}  # noqa
+    assert top(train) == set(command_line.VERB_KEYS["train"]) and "optimizer" in top(train)
+    assert top(sample) == set(command_line.VERB_KEYS["sample"]) and not top(sample) & {"train", "optimizer", "target"}
+    assert "  resolution: 32" in sample  # --resolve resolves
+
+
 def test_the_verbs_are_the_task_table_and_help_or_a_refused_key_imports_no_torch(tmp_path):
     """cli.VERBS is run.TASKS's list (written out so the command line composes without importing run.py), and
     `--help` or a mistyped key never imports torch, Lightning or diffusers (hiresrun/schema.py reads the constructors'
@@ -121,7 +151,9 @@ def test_multirun_sweeps_plus_method(tiny_model_dir, tmp_path):
                "data.resolution=16", "sampler.num_steps=2", "sample.num_samples=2", "logger=none",
                "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    methods = sorted(json.loads((tmp_path / "sweep" / str(i) / "metrics.json").read_text())["method"] for i in (0, 1))
+    jobs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert jobs == ["0-method=none", "1-method=upsample"]  # job number, then the overrides the sweep varies
+    methods = sorted(json.loads((tmp_path / "sweep" / j / "metrics.json").read_text())["method"] for j in jobs)
     assert methods == ["none", "upsample"]
 
 
