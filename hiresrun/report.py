@@ -62,8 +62,9 @@ def _json(path: Path) -> dict:
 
 
 def job_folders(sweep: Path) -> list[Path]:
-    """Hydra's numbered job folders (`3`, `3-method=upsample`: naming.job_dir; any sub-folder with .hydra, metrics.json or status.json), in job order;
-    the folder itself when it is a single run; none when `sweep` is not a folder."""
+    """Hydra's numbered job folders (`3`, `3-method=upsample`: naming.job_dir; any sub-folder with .hydra,
+    metrics.json or status.json), in job order; the folder itself when it is a single run; none when `sweep` is not
+    a folder."""
     if not sweep.is_dir():
         return []
     if (sweep / ".hydra").is_dir() or (sweep / "metrics.json").is_file():
