@@ -128,6 +128,9 @@ def build_logger(cfg: DictConfig, resume: bool = False):
         if previous.get("target") == target:
             extra = ({"id": previous["version"], "resume": "allow"} if target.endswith("WandbLogger")
                      else {"version": previous["version"]})
+    from hiresrun import logs
+
+    extra = {**logs.logger_arguments(cfg), **extra}  # wandb: the run's name, tags, sweep group; quiet console
     if target == "lightning.pytorch.loggers.CSVLogger":
         from hiresrun.lit import CSVLogger
 
@@ -135,10 +138,15 @@ def build_logger(cfg: DictConfig, resume: bool = False):
         logger = CSVLogger(**{**config, **extra})
     else:
         logger = instantiate(cfg.logger, **extra)
+        # Lightning's WandbLogger always hands wandb.init `anonymous` (None unless asked), which current wandb answers
+        # with a deprecation warning on every run; the run is the same without the key.
+        if getattr(logger, "_wandb_init", {}).get("anonymous", 0) is None:
+            logger._wandb_init.pop("anonymous")
     if cfg.task in ("train", "pretrain") and int(os.environ.get("LOCAL_RANK", "0")) == 0:
         record.parent.mkdir(parents=True, exist_ok=True)
         version = logger.experiment.id if target.endswith("WandbLogger") else logger.version  # wandb: starts it
         outputs.write_json(record, {"target": target, "version": version})
+    logs.log_config(logger, cfg)
     return logger
 
 

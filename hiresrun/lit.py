@@ -270,9 +270,11 @@ class LitModule(L.LightningModule):
             from hiresrun.outputs import save_grid
 
             path = Path(self.grid_dir) / f"step_{self.global_step:07d}.png"
-            save_grid(gathered["images"], path)
-            if hasattr(self.logger, "log_image"):
-                self.logger.log_image("val/grid", [str(path)], step=self.global_step)
+            save_grid(gathered["images"], path, [f"seed {s}" for s in gathered["seeds"].tolist()])
+            if self.logger:
+                from hiresrun.logs import log_grid
+
+                log_grid(self.logger, "val/grid", path, f"EMA samples at step {self.global_step}", self.global_step)
         if self.trainer.is_global_zero and gathered is not None and self.val_metric is not None and self.logger:
             self.logger.log_metrics(self.val_metric(gathered["images"]), step=self.global_step)
 

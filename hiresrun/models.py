@@ -418,8 +418,10 @@ def load_model(path: str, revision: str | None = None, init: str = "pretrained",
     `conditioning=auto`: text when the folder is a text-to-image pipeline, class when the UNet has a class
     embedding, else none. `resolution`: the native size a model file states (data.resolution's default), refused
     when the weights say otherwise; `trained_on`: the data the weights learned (recorded; run.py checks metrics);
-    `denoiser` / `space`: the released model's denoiser class and sample space, which the support checks read while its
-    files are not on this machine (support.model_facts), refused when the files say otherwise."""
+    `denoiser` / `space`: what the option's released model is (denoiser class, pixel or latent), read by the support
+    checks only while no config file of the model is on this machine (support.model_facts); the files always win,
+    so `model.path=` pointing elsewhere needs no change to them."""
+    del denoiser, space  # declarations for support.model_facts; loading reads the files
     if init not in ("pretrained", "scratch"):
         raise UsageError(f"model.init={init}: choose pretrained or scratch")
     if parametrization not in ("standard", "edm"):
@@ -438,13 +440,6 @@ def load_model(path: str, revision: str | None = None, init: str = "pretrained",
         raise UsageError(f"model.path={path}: no diffusers UNet or transformer config.json in {root}, {root}/unet "
                          f"or {root}/transformer; point model.path at a folder written by save_pretrained")
     cls = _unet_class(_read_json(unet_dir / "config.json"), f"model.path={path}: {unet_dir / 'config.json'}")
-    if space not in (None, "pixel", "latent"):
-        raise UsageError(f"model.space={space}: choose pixel, latent or null (read from the folder)")
-    found_space = "latent" if (Path(vae) if vae else root / "vae").joinpath("config.json").is_file() else "pixel"
-    for key, declared, found in (("denoiser", denoiser, cls.__name__), ("space", space, found_space)):
-        if declared is not None and declared != found:
-            raise UsageError(f"model.{key}={declared}, but the model at {path} is {found}; set model.{key}={found} "
-                             f"(or null: read from the folder)")
     if init == "scratch":
         unet, digest = cls.from_config(cls.load_config(unet_dir)), "scratch"
     else:

@@ -136,9 +136,52 @@ def grid(images: Tensor, pad: int = 1) -> Tensor:
     return out
 
 
-def save_grid(images: Tensor, path: Path) -> None:
+GRID_WIDTH = 512   # a grid narrower than this is enlarged by a whole factor, nearest neighbour (pixels stay pixels)
+CAPTION_PX = 11    # caption font size
+
+
+def captioned_grid(images: Tensor, captions: list[str] | None = None, min_width: int = GRID_WIDTH,
+                   pad: int = 2) -> Image.Image:
+    """uint8 (N, C, H, W) -> a square-ish RGB grid, each tile enlarged by the smallest whole factor that makes the
+    grid at least `min_width` px wide (nearest neighbour) and captioned under it, cut to the tile's width."""
+    from PIL import ImageDraw, ImageFont
+
+    n, c, h, w = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    k = max(1, math.ceil(min_width / (cols * w)))
+    font = ImageFont.load_default(size=CAPTION_PX)
+    strip = CAPTION_PX + 4 if captions else 0
+    tw, th = w * k, h * k
+    canvas = Image.new("RGB", (cols * (tw + pad) + pad, rows * (th + strip + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, im in enumerate(images):
+        r, q = divmod(i, cols)
+        x, y = pad + q * (tw + pad), pad + r * (th + strip + pad)
+        a = im.permute(1, 2, 0).numpy()
+        canvas.paste(Image.fromarray(a[..., 0] if c == 1 else a).convert("RGB").resize((tw, th), Image.NEAREST), (x, y))
+        if captions:
+            text = captions[i]
+            while text and draw.textlength(text, font=font) > tw:
+                text = text[:-2] + "…" if len(text) > 1 else ""
+            draw.text((x, y + th + 1), text, fill="black", font=font)
+    return canvas
+
+
+def captions(seeds: list[int], prompts: list[str] | None = None, labels: list[int] | None = None) -> list[str]:
+    """What each image's caption says: its seed, and its prompt or class label."""
+    if prompts is not None:
+        return [f"{s}: {p}" for s, p in zip(seeds, prompts)]
+    if labels is not None:
+        return [f"{s}: class {lab}" for s, lab in zip(seeds, labels)]
+    return [f"seed {s}" for s in seeds]
+
+
+def save_grid(images: Tensor, path: Path, captions: list[str] | None = None) -> None:
+    """The grid as a PNG: enlarged to at least GRID_WIDTH px and captioned (seeds, prompts or labels) when given."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_png(grid(images), path)
+    im = captioned_grid(images, captions)
+    atomic(path, lambda tmp: im.save(tmp, format="PNG"))
 
 
 def side_by_side(grids: list[tuple[str, Path]], path: Path, top: int = 18, pad: int = 8) -> None:

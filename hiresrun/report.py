@@ -310,6 +310,19 @@ def report(runs: list[dict], quality: str | None, out: Path, title: str) -> str:
     return "\n".join(text)
 
 
+def write_html(runs: list[dict], text: str, quality: str | None, out: Path, title: str) -> None:
+    """report.html beside report.md (hiresrun/report_html.py): the same tables and plots, and the images."""
+    from hiresrun import report_html
+
+    done = [r for r in runs if r["status"] == "ok"]
+    swept = varied(runs, shown=("method", "accelerator", "task"))  # a column's name: the pair and what else varies
+    names = {r["run"]: " ".join([pair_name(r), *swept[r["run"]]]) for r in runs}
+    plots = [out / f"{quality}_vs_{x}.png" for x in ("sec_per_image", "nfe") if quality and f"{quality}_vs_{x}.png"
+             in text]
+    report_html.write(runs, text, [markdown_table(runs) if done else "", problems_table(runs)], plots, names, title,
+                      out / "report.html")
+
+
 def main(argv: list[str] | None = None) -> int:
     """`hiresrun report <multirun dir> [...] [--out DIR] [--quality fid]`: write report.md and the plots into
     the sweep folder (or --out) and print the report."""
@@ -335,10 +348,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         raise UsageError(f"report: cannot write into {out} ({e.strerror or e}); pass --out <a writable folder>") \
             from None
-    text = report(runs, pick_quality(runs, args.quality), out, ", ".join(map(str, args.sweeps)))
+    quality, title = pick_quality(runs, args.quality), ", ".join(map(str, args.sweeps))
+    text = report(runs, quality, out, title)
     (out / "report.md").write_text(text)
+    write_html(runs, text, quality, out, title)
     print(text)
-    print(f"hiresrun: report of {len(runs)} runs -> {out / 'report.md'}", file=sys.stderr)
+    print(f"hiresrun: report of {len(runs)} runs -> {out / 'report.md'}, {out / 'report.html'}", file=sys.stderr)
     return 0
 
 

@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from hiresrun import checkpoint, outputs, progress, sampling, store, support, validate
+from hiresrun import checkpoint, logs, outputs, progress, sampling, store, support, validate
 from hiresrun.build import (
     build_accelerator,
     build_conditioner,
@@ -251,7 +251,8 @@ def finish(info: dict, folders: list[Path], out_dir: Path, logger=None, batches=
     if summary:
         outputs.write_json(out_dir / "skip_masks.json", summary[0])
         metrics.update(summary[1])
-    outputs.save_grid(images[:64], out_dir / "grid.png")
+    captions = outputs.captions(seed_list, texts, labels)
+    outputs.save_grid(images[:64], out_dir / "grid.png", captions[:64])
     if shard is not None:
         metrics["shard"] = f"{shard[0]}/{shard[1]}"
         metrics["protocol"]["shard"] = (f"shard {shard[0]} of {shard[1]}: batches {shard[0]}, {shard[0]} + "
@@ -278,7 +279,12 @@ def finish(info: dict, folders: list[Path], out_dir: Path, logger=None, batches=
     outputs.write_json(out_dir / "manifest.json", outputs.manifest(b["weights_sha256"], b["source"]))
     if logger:
         logger.log_metrics({f"sample/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        logs.log_grid(logger, "sample/grid", out_dir / "grid.png", f"seeds {outputs.seed_ranges(seed_list[:64])}")
+        nfe = [float(per[s]["accelerator"][str(s)].get("nfe", metrics["nfe_per_image"])) if "accelerator" in per[s]
+               else metrics["nfe_per_image"] for s in seed_list[:logs.TABLE_ROWS]]
+        logs.log_samples(logger, images, seed_list, nfe, texts, labels)
         logger.finalize("success")
+        logs.close(logger)
     what = f"shard {shard[0]}/{shard[1]}: " if shard else ""
     print(f"hiresrun: {what}{metrics['num_samples']} images at {metrics['resolution']}px, "
           f"{metrics['nfe_per_image']:.1f} NFE and {metrics['sec_per_image']:.3f} s per image -> {out_dir}")
@@ -368,6 +374,7 @@ def _fit(cfg: DictConfig, base, method, data, task: str):
                 weights_only=True)
     if logger:
         logger.log_metrics({"train/trainable_params": trainable})
+        logs.close(logger)
     return trainer, net, {"trainable_params": trainable, "train_seconds": clock.seconds()}
 
 

@@ -103,6 +103,19 @@ def test_model_facts_come_from_config_files_and_latent_models_refuse_pagoda(tmp_
         support.check(compose(common + ["method=pagoda"], tmp_path / "r"), "pagoda", None)
 
 
+def test_a_named_models_declared_facts_stand_in_for_absent_files_and_the_files_win(tmp_path, tiny_sd_dir):
+    """model=sdxl without its files on this machine: the option file's denoiser / space / conditioning are what the
+    checks read (cache needs a transformer: refused up front); model.path= to real files reads those instead."""
+    sdxl = compose(["model=sdxl"], tmp_path / "r").model
+    assert support.model_facts(sdxl) == ("UNet2DConditionModel", "latent", True, False)
+    with pytest.raises(Unsupported, match="accelerator=cache needs a DiTTransformer2DModel"):
+        support.check(compose(["model=sdxl", "accelerator=cache"], tmp_path / "r"), "none", "cache")
+    dit = compose(["model=dit"], tmp_path / "r").model
+    assert support.model_facts(dit) == ("DiTTransformer2DModel", "latent", False, False)
+    pointed = compose(["model=tiny-mnist", f"model.path={tiny_sd_dir}"], tmp_path / "r").model
+    assert support.model_facts(pointed)[:2] == ("UNet2DConditionModel", "latent")  # not tiny-mnist's declaration
+
+
 def test_a_method_that_trains_is_refused_before_the_model_loads(tmp_path):
     cfg = compose(["method=simple", "model=diffusers", "model.path=/no/such/model"], tmp_path / "r")
     with pytest.raises(UsageError, match="samples with trained weights: pass ckpt_path"):

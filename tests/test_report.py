@@ -150,3 +150,58 @@ def test_a_malformed_or_unwritable_sweep_is_one_line(sweep, tmp_path):
         report.main([str(sweep), "--out", "/proc/hiresrun-report"])
     proc = cli("report", str(broken), cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def with_images(sweep, side_of=lambda num: 32):
+    """samples/<seed>.png for the finished jobs: seeds 0-9 for jobs 0 and 1, 0-4 for job 3."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for num, count in ((0, 10), (1, 10), (3, 5)):
+        folder = sweep / str(num) / "samples"
+        folder.mkdir()
+        for seed in range(count):
+            side = side_of(num)
+            Image.fromarray(rng.integers(0, 256, (side, side), dtype=np.uint8)).save(folder / f"{seed:06d}.png")
+    return sweep
+
+
+def test_report_html_is_one_offline_file_with_the_table_plots_and_images_side_by_side(sweep):
+    import re
+
+    with_images(sweep, lambda num: 512 if num == 3 else 32)
+    assert report.main([str(sweep)]) == 0
+    page = (sweep / "report.html").read_text()
+    assert "<script" not in page and not re.search(r'(src|href)="(?!data:)', page)  # nothing fetched, no code
+    assert "freeu needs a UNet2DConditionModel" in page and page.count("<table>") == 3  # results, problems, images
+    rows = re.findall(r"<tr><td class=name>(\d+)</td>(.*?)</tr>", page.split("<h2>Samples")[1])
+    assert [seed for seed, _ in rows] == ["0", "1", "2", "3", "4"]  # the seeds every run has
+    for _, cells in rows:
+        assert cells.count("<td>") == 3 and cells.count("centre crop") == 1  # one column per run; 512 px: zoomed
+    assert page.count('alt="fid_vs_sec_per_image"') == 1 and page.count('alt="fid_vs_nfe"') == 1
+
+
+@pytest.mark.slow
+def test_report_html_opens_in_headless_chromium_without_console_errors(sweep, tmp_path):
+    """A real browser (Debian's chromium: `apt-get install chromium`) loads the page offline; the screenshot shows the
+    page (not blank) and the browser logs no console error."""
+    import shutil
+    import subprocess
+
+    import numpy as np
+    from PIL import Image
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert browser, "needs Debian's chromium: apt-get install chromium"
+    with_images(sweep)
+    report.main([str(sweep)])
+    shot = tmp_path / "report.png"
+    done = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                           "--window-size=1300,1500", "--enable-logging=stderr", "--v=0", f"--screenshot={shot}",
+                           (sweep / "report.html").as_uri()], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    console = [line for line in done.stderr.splitlines() if "CONSOLE" in line]
+    assert not console, console
+    pixels = np.asarray(Image.open(shot).convert("L"))
+    assert pixels.shape == (1500, 1300) and pixels.std() > 20  # text, plots and samples drawn, not a blank page
