@@ -384,7 +384,9 @@ def _quiet_known_warnings() -> None:
     """Third-party deprecation notices that say nothing to a hiresrun user (they fill every run's console)."""
     import warnings
 
-    for text in (".*isinstance\\(treespec, LeafSpec\\).*", ".*set_vital.*", ".*does not have many workers.*"):
+    # the frozen base is in eval mode on purpose (methods train only what they add): Lightning's count says nothing
+    for text in (".*isinstance\\(treespec, LeafSpec\\).*", ".*set_vital.*", ".*does not have many workers.*",
+                 ".*module\\(s\\) in eval mode at the start of training.*"):
         warnings.filterwarnings("ignore", message=text)
 
 
