@@ -12,7 +12,7 @@ from pathlib import Path
 from PIL import Image
 
 SEEDS = 8          # rows of the image comparison: the first seeds every run has
-SHOWN = 256        # px: an image is shown at this size (enlarged nearest neighbour, or reduced when larger)
+SHOWN = 192        # px: an image is shown at this size (enlarged nearest neighbour, or reduced when larger)
 ZOOM_ABOVE = 256   # px: larger images also show their centre crop at native pixels, enlarged
 
 STYLE = """
@@ -22,7 +22,7 @@ th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; font-size:
 th { background: #f3f3f3; }
 td.name, th.name { text-align: left; }
 img.pix { image-rendering: pixelated; display: block; }
-.caption { font-size: 11px; color: #555; text-align: left; max-width: 256px; }
+.caption { font-size: 11px; color: #555; text-align: left; max-width: 192px; }
 .plots img { margin-right: 12px; max-width: 48%; }
 """
 

@@ -26,7 +26,9 @@ def start_training(tmp_path: Path, model_dir: Path) -> subprocess.Popen:
                             env={**os.environ, "HIRESRUN_OUTPUTS": str(tmp_path / "outputs"), "OMP_NUM_THREADS": "1"})
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+# SIGTERM (what SLURM sends) in the fast suite; SIGINT takes the same path and runs with the slow tests
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143),
+                                          pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow)])
 def test_a_signal_saves_the_step_it_stops_at_and_says_how_to_resume(signum, code, tmp_path, tiny_model_dir):
     proc = start_training(tmp_path, tiny_model_dir)
     line = proc.stdout.readline()

@@ -42,7 +42,8 @@ def train(folder: Path, data: Path, run_dir: Path, method: str, *extra: str) -> 
     return run_dir
 
 
-@pytest.fixture(scope="module", params=["sd", "sdxl"])
+# SD in the fast suite; SDXL (the same pairs, its own conditioning checked in tests/test_text.py) with the slow tests
+@pytest.fixture(scope="module", params=["sd", pytest.param("sdxl", marks=pytest.mark.slow)])
 def trained(request, tiny_sd_dir, tiny_sdxl_dir, tmp_path_factory):
     folder = tiny_sdxl_dir if request.param == "sdxl" else tiny_sd_dir
     root = tmp_path_factory.mktemp(f"matrix-{request.param}")
