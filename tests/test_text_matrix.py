@@ -91,7 +91,7 @@ def test_pagoda_refusal_on_a_text_model_says_why(tiny_sd_dir, tmp_path):
 
 
 @pytest.mark.parametrize("name,family", [("selfcascade-sdxl", "sdxl"), ("selfcascade-sd21", "sd"),
-                                         ("adaptive-sdxl", "sdxl")])
+                                         ("adaptive-sdxl", "sdxl"), ("attnsf-sd21", "sd")])
 def test_fullscale_text_settings_run_end_to_end_on_the_tiny_folders(name, family, tiny_sd_dir, tiny_sdxl_dir,
                                                                     tmp_path):
     """The paper settings as composed, with only what a CPU test must change: the tiny folder for the weights,
@@ -113,11 +113,13 @@ def test_fullscale_text_settings_run_end_to_end_on_the_tiny_folders(name, family
                    "sample.num_samples=2", "sample.batch_size=2", *scale, *ckpt], tmp_path / "sample")
     metrics = run.run(cfg)
     assert metrics["num_samples"] == 2 and metrics["resolution"] == 32
-    released = {"selfcascade-sdxl": 7.5, "selfcascade-sd21": 7.5, "adaptive-sdxl": 5.0}  # the papers' drivers
+    released = {"selfcascade-sdxl": 7.5, "selfcascade-sd21": 7.5, "adaptive-sdxl": 5.0, "attnsf-sd21": 7.5}
     assert metrics["protocol"]["text"]["guidance_scale"] == released[name]
     assert (metrics["protocol"]["text"]["negative_prompt"] is None) == (name == "adaptive-sdxl")
     if name == "adaptive-sdxl":
         assert metrics["nfe_per_image"] <= 4
+    if name == "attnsf-sd21":
+        assert metrics["method"] == "attnsf"
 
 
 def test_calibrate_on_a_text_model_keys_the_guidance(tiny_sd_dir, tmp_path):
