@@ -437,7 +437,8 @@ def pretrain(cfg: DictConfig) -> None:
 
 def _finish_training(cfg: DictConfig, trainer, net, base, stats: dict) -> None:
     run_dir = Path(cfg.paths.run_dir)
-    if hasattr(net, "save_pretrained"):  # the whole UNet was trained: export it in diffusers format
+    if hasattr(net, "save_pretrained") and all(p.requires_grad for p in net.parameters()):
+        # the whole UNet was trained (not an adapter on a frozen one): export it in diffusers format
         save_pipeline(net, base.scheduler_config, run_dir / "model")
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
     outputs.write_metrics(run_dir, cfg.task, {"steps": trainer.global_step, **stats, **logged})

@@ -48,7 +48,7 @@ def trained(request, tiny_sd_dir, tiny_sdxl_dir, tmp_path_factory):
     folder = tiny_sdxl_dir if request.param == "sdxl" else tiny_sd_dir
     root = tmp_path_factory.mktemp(f"matrix-{request.param}")
     data = captioned_folder(root / "data")
-    ckpts = {m: train(folder, data, root / "train" / m, m) for m in ("finetune", "simple", "selfcascade")}
+    ckpts = {m: train(folder, data, root / "train" / m, m) for m in ("finetune", "simple", "selfcascade", "lora")}
     return request.param, folder, root, ckpts
 
 
@@ -91,7 +91,7 @@ def test_pagoda_refusal_on_a_text_model_says_why(tiny_sd_dir, tmp_path):
 
 
 @pytest.mark.parametrize("name,family", [("selfcascade-sdxl", "sdxl"), ("selfcascade-sd21", "sd"),
-                                         ("adaptive-sdxl", "sdxl"), ("attnsf-sd21", "sd")])
+                                         ("adaptive-sdxl", "sdxl"), ("attnsf-sd21", "sd"), ("lora-sd21", "sd")])
 def test_fullscale_text_settings_run_end_to_end_on_the_tiny_folders(name, family, tiny_sd_dir, tiny_sdxl_dir,
                                                                     tmp_path):
     """The paper settings as composed, with only what a CPU test must change: the tiny folder for the weights,
@@ -103,17 +103,19 @@ def test_fullscale_text_settings_run_end_to_end_on_the_tiny_folders(name, family
              "trainer=cpu", "trainer.precision=32-true", "trainer.accelerator=cpu", "trainer.devices=1",
              "sampler.num_steps=4", "metrics=none", *FAST[:2]]
     ckpt = []
-    if name.startswith("selfcascade"):
+    if name.startswith(("selfcascade", "lora")):  # the rows that train first
+        cascade = ["method.pivot_steps=3"] if name.startswith("selfcascade") else []
         train_cfg = compose([f"experiment=fullscale/{name}", "task=train", "trainer.max_steps=2", "data.batch_size=2",
-                             "train.grid_every=0", "method.pivot_steps=3", *scale], tmp_path / "train")
-        assert train_cfg.method.mode == "tuned"
+                             "train.grid_every=0", *cascade, *scale], tmp_path / "train")
+        assert train_cfg.method.get("mode", "tuned") == "tuned"
         run.run(train_cfg)
         ckpt = [f"ckpt_path={tmp_path / 'train'}"]
     cfg = compose([f"experiment=fullscale/{name}", "task=sample", f"prompts={tmp_path / 'prompts.txt'}",
                    "sample.num_samples=2", "sample.batch_size=2", *scale, *ckpt], tmp_path / "sample")
     metrics = run.run(cfg)
     assert metrics["num_samples"] == 2 and metrics["resolution"] == 32
-    released = {"selfcascade-sdxl": 7.5, "selfcascade-sd21": 7.5, "adaptive-sdxl": 5.0, "attnsf-sd21": 7.5}
+    released = {"selfcascade-sdxl": 7.5, "selfcascade-sd21": 7.5, "adaptive-sdxl": 5.0, "attnsf-sd21": 7.5,
+                "lora-sd21": 7.5}
     assert metrics["protocol"]["text"]["guidance_scale"] == released[name]
     assert (metrics["protocol"]["text"]["negative_prompt"] is None) == (name == "adaptive-sdxl")
     if name == "adaptive-sdxl":

@@ -169,7 +169,7 @@ def test_ckpt_path_last_follows_the_method_and_another_methods_checkpoint_is_ref
 
 
 @pytest.mark.parametrize("stop", [3, 2])
-@pytest.mark.parametrize("method", ["finetune", "selfcascade", "simple", "pagoda"])
+@pytest.mark.parametrize("method", ["finetune", "selfcascade", "simple", "pagoda", "lora"])
 def test_resume_is_exact_across_two_epoch_boundaries(method, stop, tiny_model_dir, tmp_path):
     """8 images at batch 4 = 2 steps per epoch: stop at step 3 (mid-epoch 2) or at step 2 (the checkpoint written on
     epoch 1's last batch), resume to 7 (crossing the later boundaries). PaGoDA: stage=base (G and D steps alternate,
