@@ -105,7 +105,9 @@ def log_samples(logger, images, seeds: list[int], nfe: list[float], prompts: lis
 def close(logger) -> None:
     """End the run's wandb run (the next run of a sweep in this process starts its own) after one line saying where
     it is and how to upload it (an online one: its page). Other loggers: nothing to do."""
-    if not _is(logger, "WandbLogger") or int(os.environ.get("LOCAL_RANK", "0")) != 0:
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if not _is(logger, "WandbLogger") or rank_zero_only.rank != 0:  # other ranks hold a stand-in experiment
         return
     run = logger.experiment
     folder = Path(run.dir).parent if getattr(run, "dir", None) else None
