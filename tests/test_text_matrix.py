@@ -91,7 +91,8 @@ def test_pagoda_refusal_on_a_text_model_says_why(tiny_sd_dir, tmp_path):
 
 
 @pytest.mark.parametrize("name,family", [("selfcascade-sdxl", "sdxl"), ("selfcascade-sd21", "sd"),
-                                         ("adaptive-sdxl", "sdxl"), ("attnsf-sd21", "sd"), ("lora-sd21", "sd")])
+                                         ("adaptive-sdxl", "sdxl"), ("attnsf-sd21", "sd"), ("lora-sd21", "sd"),
+                                         ("finetune-sd21", "sd")])
 def test_fullscale_text_settings_run_end_to_end_on_the_tiny_folders(name, family, tiny_sd_dir, tiny_sdxl_dir,
                                                                     tmp_path):
     """The paper settings as composed, with only what a CPU test must change: the tiny folder for the weights,
@@ -103,7 +104,7 @@ def test_fullscale_text_settings_run_end_to_end_on_the_tiny_folders(name, family
              "trainer=cpu", "trainer.precision=32-true", "trainer.accelerator=cpu", "trainer.devices=1",
              "sampler.num_steps=4", "metrics=none", *FAST[:2]]
     ckpt = []
-    if name.startswith(("selfcascade", "lora")):  # the rows that train first
+    if name.startswith(("selfcascade", "lora", "finetune")):  # the rows that train first
         cascade = ["method.pivot_steps=3"] if name.startswith("selfcascade") else []
         train_cfg = compose([f"experiment=fullscale/{name}", "task=train", "trainer.max_steps=2", "data.batch_size=2",
                              "train.grid_every=0", *cascade, *scale], tmp_path / "train")
@@ -115,7 +116,7 @@ def test_fullscale_text_settings_run_end_to_end_on_the_tiny_folders(name, family
     metrics = run.run(cfg)
     assert metrics["num_samples"] == 2 and metrics["resolution"] == 32
     released = {"selfcascade-sdxl": 7.5, "selfcascade-sd21": 7.5, "adaptive-sdxl": 5.0, "attnsf-sd21": 7.5,
-                "lora-sd21": 7.5}
+                "lora-sd21": 7.5, "finetune-sd21": 7.5}
     assert metrics["protocol"]["text"]["guidance_scale"] == released[name]
     assert (metrics["protocol"]["text"]["negative_prompt"] is None) == (name == "adaptive-sdxl")
     if name == "adaptive-sdxl":
