@@ -168,6 +168,7 @@ FULLSCALE = {  # experiment -> (model.path, data.resolution, method, accelerator
     "attnsf-sd21": ("stabilityai/stable-diffusion-2-1-base", 1024, "attnsf", "none", "ddim", 50),
     "lora-sd21": ("stabilityai/stable-diffusion-2-1-base", 1024, "lora", "none", "ddim", 50),
     "finetune-sd21": ("stabilityai/stable-diffusion-2-1-base", 1024, "finetune", "none", "ddim", 50),
+    "scalecrafter-sd21": ("stabilityai/stable-diffusion-2-1-base", 1024, "scalecrafter", "none", "ddim", 50),
 }
 
 
@@ -175,6 +176,7 @@ NEGATIVE = "blurry, ugly, duplicate, poorly drawn, deformed, mosaic"  # Self-Cas
 GUIDANCE = {  # experiment -> (sample.guidance_scale, sample.negative_prompt) of the paper's own driver
     "selfcascade-sdxl": (7.5, NEGATIVE), "selfcascade-sd21": (7.5, NEGATIVE), "adaptive-sdxl": (5.0, None),
     "attnsf-sd21": (7.5, NEGATIVE), "lora-sd21": (7.5, NEGATIVE), "finetune-sd21": (7.5, NEGATIVE),
+    "scalecrafter-sd21": (7.5, NEGATIVE),
     "pagoda-imagenet": (None, None), "simple-imagenet": (None, None), "skiptuning-edm64": (1.0, None),
 }
 

@@ -1,0 +1,97 @@
+"""method=scalecrafter (hiresrun/methods/scalecrafter.py): a re-dilated convolution against F.conv2d with dilation d
+(and, for a fractional factor, the resize around it written out), the neutral settings as `none` bit for bit, the
+re-dilated window, the authors' presets against the SD UNet's layer names, the progressive decay, one-line refusals."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hiresrun
+from hiresrun.methods.scalecrafter import PRESETS, ScaleCrafter, redilate, redilated_conv
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_an_integer_factor_is_conv2d_with_that_dilation_and_matching_padding(stride):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 5, 3, stride=stride, padding=1)
+    x = torch.randn(2, 3, 16, 16)
+    expected = F.conv2d(x, conv.weight, conv.bias, stride, 2, 2)
+    assert torch.allclose(redilated_conv(conv, 2.0, x), expected, atol=1e-6)
+    assert redilated_conv(conv, 2.0, x).shape == conv(x).shape
+
+
+def test_a_fractional_factor_resizes_around_the_next_integer_dilation():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.randn(1, 3, 12, 12)
+    up = F.interpolate(x, size=(16, 16), mode="bilinear")  # d = 2 = ceil(1.5): 12 * 2 / 1.5 = 16
+    expected = F.interpolate(F.conv2d(up, conv.weight, conv.bias, 1, 2, 2), size=(12, 12), mode="bilinear")
+    assert torch.allclose(redilated_conv(conv, 1.5, x), expected, atol=1e-6)
+
+
+def test_redilate_leaves_the_class_forward_when_done():
+    unet = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 3, padding=1))
+    x = torch.randn(1, 1, 8, 8)
+    plain = unet(x)
+    with redilate(unet, {"0": 2.0}):
+        assert not torch.equal(unet(x), plain)
+    assert "forward" not in unet[0].__dict__ and torch.equal(unet(x), plain)
+
+
+def test_neutral_settings_are_none_bit_for_bit_and_the_default_differs():
+    seeds, common = [0, 1], {"data__resolution": 32, "sampler__num_steps": 4}
+    plain = hiresrun.load("+method=none", **common)(seeds)
+    for neutral in ({"method__dilation": 1.0}, {"method__share": 0.0}):
+        assert torch.equal(hiresrun.load("+method=scalecrafter", **common, **neutral)(seeds), plain)
+    sampler = hiresrun.load("+method=scalecrafter", **common)
+    assert not torch.equal(sampler(seeds), plain)
+    assert all("forward" not in m.__dict__ for m in sampler.method.base.unet.modules())
+
+
+def test_the_first_share_of_the_steps_is_redilated_at_the_scale(monkeypatch):
+    from hiresrun.methods import scalecrafter
+
+    seen = []
+    real = scalecrafter.redilate
+
+    def spy(unet, layers, mode="bilinear"):
+        seen.append(sorted(set(layers.values())))
+        return real(unet, layers, mode)
+
+    monkeypatch.setattr(scalecrafter, "redilate", spy)
+    sampler = hiresrun.load("+method=scalecrafter", method__share=0.5, data__resolution=32, sampler__num_steps=6)
+    sampler([0])
+    assert seen == [[2.0]] * 3  # 3 of 6 steps, at 32 / 16
+    layers = sampler.method.layers(sampler.method.base.unet)
+    assert layers and all(n.startswith(("down_blocks.2.", "mid_block.", "up_blocks.0.")) for n in layers)
+
+
+def test_the_presets_name_the_sd_unets_convolutions_and_decay_as_the_authors_do():
+    from diffusers import UNet2DConditionModel
+
+    sd_layout = UNet2DConditionModel(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, cross_attention_dim=8,
+                                     attention_head_dim=2, layers_per_block=2, sample_size=8)  # SD 1.5/2.1's layout
+    for name, preset in PRESETS.items():
+        method = ScaleCrafter(64, preset=name)
+        assert method.layers(sd_layout) == preset["layers"], name
+    assert len(PRESETS["sd15-1024"]["layers"]) == 15 and len(PRESETS["sd21-2048"]["layers"]) == 40
+    progressive = ScaleCrafter(64, preset="sd21-2048")
+    n = round(37 / 50 * 50)
+    assert [progressive.factor_at(4, i, n) for i in (0, 10, 20, 30, 36)] == [
+        max(math.ceil(4 * (n - i) / n), 2) for i in (0, 10, 20, 30, 36)] == [4, 3, 2, 2, 2]
+    assert ScaleCrafter(64, preset="sd15-1024").factor_at(2, 20, 30) == 2  # not progressive
+
+
+@pytest.mark.parametrize("override, says", [
+    ("method.dilation=0.5", "method.dilation=0.5: a factor of at least 1"),
+    ("method.share=1.5", r"method.share=1.5: the share of the steps re-dilated, in \[0, 1\]"),
+    ("method.preset=sdxl", "method.preset=sdxl: choose one of sd15-1024, sd21-2048"),
+    ("method.preset=sd21-2048", "method.preset=sd21-2048 names convolutions this UNet2DModel lacks"),
+])
+def test_nonsense_is_one_line(override, says):
+    with pytest.raises(hiresrun.HiresrunError, match=says):
+        hiresrun.load("+method=scalecrafter", override, data__resolution=32)
