@@ -27,7 +27,7 @@ def identity(cfg: DictConfig) -> dict:
     """The run's name (its folder's), tags and sweep group, from Hydra's record of the choices."""
     from hydra.core.hydra_config import HydraConfig
 
-    from hiresrun.naming import accelerator_name
+    from hiresrun.naming import accelerator_name, model_name
 
     choices, group = {}, None
     if HydraConfig.initialized():
@@ -37,9 +37,7 @@ def identity(cfg: DictConfig) -> dict:
             sweep = Path(str(hc.sweep.dir))
             dated = re.fullmatch(r"\d{4}-\d{2}-\d{2}", sweep.parent.name)
             group = f"{sweep.parent.name}/{sweep.name}" if dated else sweep.name
-    model = str(choices.get("model") or "model")
-    if model == "diffusers":
-        model = Path(str(cfg.model.path).rstrip("/")).name
+    model = model_name(cfg, choices)
     tags = [str(cfg.task), model, f"method={choices.get('method') or 'none'}",
             f"accelerator={accelerator_name(cfg, choices) or 'none'}" if choices else "accelerator=none",
             f"sampler={choices.get('sampler') or 'ddim'}"]

@@ -30,6 +30,15 @@ def accelerator_name(cfg: DictConfig, choices: DictConfig) -> str | None:
     return "-".join(ordered(member_nodes(cfg.accelerator))) or None
 
 
+def model_name(cfg: DictConfig, choices: DictConfig) -> str:
+    """The model option, or for `model=diffusers` the name of the folder (or hub id) it loads."""
+    model = str(choices.get("model") or "model")
+    if model == "diffusers":
+        path = OmegaConf.select(cfg, "model.path", default=None, throw_on_missing=False)
+        model = Path(str(path).rstrip("/")).name if path else model
+    return model
+
+
 def run_name(_root_: DictConfig) -> str:
     """`<model>-<method>[-<accelerator>]` for sample, train and calibrate; the model for pretrain; the scored
     folder's name for eval and merge. A `model=diffusers` run is named by its folder's name."""
@@ -39,10 +48,7 @@ def run_name(_root_: DictConfig) -> str:
         gen = OmegaConf.select(_root_, f"{task}.gen", default=None, throw_on_missing=False)
         gen = gen[0] if isinstance(gen, (list, tuple)) or OmegaConf.is_list(gen) else gen
         return _safe(Path(str(gen)).name) if gen else task
-    model = str(choices.get("model") or "model")
-    if model == "diffusers":
-        path = OmegaConf.select(_root_, "model.path", default=None, throw_on_missing=False)
-        model = Path(str(path).rstrip("/")).name if path else model
+    model = model_name(_root_, choices)
     if task == "pretrain":
         return _safe(model)
     parts = [model, str(choices.get("method") or "none"), accelerator_name(_root_, choices)]

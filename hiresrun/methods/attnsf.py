@@ -54,14 +54,11 @@ def scale_queries(net: nn.Module, area_ratio: float) -> list:
         return []
     handles = []
     for layer in self_attention_layers(net):
-        if layer.norm_q is not None:  # queries of shape (B, heads, N, d), normalised: scale after the norm
-            def scale(module, inputs, out: Tensor) -> Tensor:
-                return out * attention_scale(out.shape[-2], area_ratio)
-            handles.append(layer.norm_q.register_forward_hook(scale))
-        else:  # the projection's output (B, N, heads * d)
-            def scale(module, inputs, out: Tensor) -> Tensor:
-                return out * attention_scale(out.shape[1], area_ratio)
-            handles.append(layer.to_q.register_forward_hook(scale))
+        # the query right before the scores: after norm_q (B, heads, N, d) where the layer normalises it, else the
+        # projection's output (B, N, heads * d)
+        module, axis = (layer.norm_q, -2) if layer.norm_q is not None else (layer.to_q, 1)
+        handles.append(module.register_forward_hook(
+            lambda m, inputs, out, axis=axis: out * attention_scale(out.shape[axis], area_ratio)))
     return handles
 
 

@@ -42,16 +42,13 @@ class LoRA(Finetune):
         self.targets = list(targets) if targets is not None else list(ATTENTION)
 
     def wrap(self, base: BaseModel) -> nn.Module:
-        from diffusers import DDPMScheduler
         from peft import LoraConfig, inject_adapter_in_model
 
-        self.base = base
-        self.train_scheduler = DDPMScheduler.from_config(base.scheduler_config)
-        unet = base.unet.requires_grad_(False)
+        unet = super().wrap(base).requires_grad_(False)  # finetune's training scheduler, the base frozen
         if not any(n == t or n.endswith("." + t) for n, _ in unet.named_modules() for t in self.targets):
             raise UsageError(f"method.targets={self.targets}: no module of the {type(unet).__name__} is named so; "
                              f"the attention projections are {ATTENTION}")
         # peft's own injection (UNet2DModel has no diffusers add_adapter); only the adapters are trainable
         inject_adapter_in_model(LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
                                            target_modules=self.targets, init_lora_weights=True), unet)
-        return unet.train()
+        return unet
