@@ -66,12 +66,14 @@ Wrap = Callable[[ModelFn, Step], ModelFn]
 def sample(model_fn: ModelFn, x: Tensor, scheduler, num_steps: int, start_step: int = 0,
            gens: Sequence[torch.Generator] | None = None, wrap: Wrap = lambda f, step: f,
            callback: Callable[[int, Tensor, Tensor], None] | None = None, renoise: Tensor | None = None,
-           cond: dict | None = None) -> Tensor:
+           cond: dict | None = None, prepare: Callable[[int, Tensor, Tensor], Tensor] | None = None) -> Tensor:
     """Integrate from `x` down to t = 0. `x` is pure noise when start_step = 0; otherwise a latent already
     noised to the start step's level, or, with `renoise` (an eps of x's shape), a clean sample the loop noises
     to the first kept timestep with the scheduler's own `add_noise` (SDEdit-style starts: Self-Cascade).
     `callback(i, t, x)` observes each step; it must not change `x`. `cond`: the rows of conditioning every model
-    call gets (text embeddings, class labels, guidance settings, a method's per-image tensors)."""
+    call gets (text embeddings, class labels, guidance settings, a method's per-image tensors). `prepare(i, t, x)`:
+    the latent step i starts from instead of x (DemoFusion's skip residual mixes a noised low-resolution sample in);
+    None keeps x."""
     cond = {} if cond is None else cond
     scheduler.set_timesteps(num_steps, device=x.device)
     timesteps = scheduler.timesteps[start_step * scheduler.order:]
@@ -90,6 +92,8 @@ def sample(model_fn: ModelFn, x: Tensor, scheduler, num_steps: int, start_step: 
     extra = {"generator": list(gens)} if gens is not None and _takes_generator(scheduler) else {}
     for i, t in enumerate(timesteps):
         step.index = i
+        if prepare is not None:
+            x = prepare(i, t, x)
         out = f(x, t, cond)
         x = scheduler.step(out, t, x, **extra).prev_sample
         if callback is not None:
@@ -112,9 +116,11 @@ class Loop:
     resize: Callable[[dict, int], dict] = lambda cond, resolution: cond   # cond at another resolution (pixels)
 
     def __call__(self, model_fn: ModelFn, x: Tensor, start_step: int = 0, renoise: Tensor | None = None,
-                 cond: dict | None = None, callback: Callable[[int, Tensor, Tensor], None] | None = None) -> Tensor:
+                 cond: dict | None = None, callback: Callable[[int, Tensor, Tensor], None] | None = None,
+                 prepare: Callable[[int, Tensor, Tensor], Tensor] | None = None) -> Tensor:
         return sample(model_fn, x, self.scheduler, self.num_steps, start_step=start_step, gens=self.gens,
-                      wrap=self.wrap, callback=callback, renoise=renoise, cond=self.cond if cond is None else cond)
+                      wrap=self.wrap, callback=callback, renoise=renoise, cond=self.cond if cond is None else cond,
+                      prepare=prepare)
 
     def at(self, resolution: int) -> Loop:
         """The same loop, its conditioning built for a pass at `resolution` pixels."""

@@ -180,7 +180,8 @@ def test_every_pair_on_an_edm_network_runs_or_is_refused_up_front(edm_dir, tmp_p
                 continue
             assert run.run(cfg)["num_samples"] == 2
             ran.add((method, accelerator))
-    assert {m for m, a in refused if a == "none"} == {"finetune", "lora", "simple"}  # DDPM's loss: not on EDM
+    # DDPM's loss and DemoFusion's t / T cosine factors: not on EDM
+    assert {m for m, a in refused if a == "none"} == {"finetune", "lora", "simple", "demofusion"}
     assert {m for m, _ in ran} == {"none", "upsample", "attnsf", "scalecrafter", "selfcascade"}
     assert ("pagoda", "none") in trained
     assert ("none", "freeu") in refused and ("none", "skiptuning") in ran and ("selfcascade", "adaptive") in ran

@@ -31,10 +31,13 @@ def declared(group: str, name: str) -> support.Support:
 
 def expected_refusal(method: str, accelerator: str) -> str | None:
     """What the declarations must say on the embedded model (a pixel UNet2DModel), derived from them: a one-step
-    method with an accelerator that acts between steps, then whichever of the two does not drive a UNet2DModel."""
+    method with an accelerator that acts between steps, a method calling the model on views with an accelerator that
+    keeps state across calls, then whichever of the two does not drive a UNet2DModel."""
     m, a = declared("method", method), declared("accelerator", accelerator)
     if m.one_step and a.needs_steps:
         return ONE_STEP
+    if m.views and a.level in ("steps", "blocks"):
+        return "calls the model on several views of each image per sampler step"
     for kind, name, s in (("method", method, m), ("accelerator", accelerator, a)):
         if "UNet2DModel" not in s.unets:
             return f"{kind}={name} needs a {' or '.join(s.unets)}"
@@ -169,6 +172,8 @@ FULLSCALE = {  # experiment -> (model.path, data.resolution, method, accelerator
     "lora-sd21": ("stabilityai/stable-diffusion-2-1-base", 1024, "lora", "none", "ddim", 50),
     "finetune-sd21": ("stabilityai/stable-diffusion-2-1-base", 1024, "finetune", "none", "ddim", 50),
     "scalecrafter-sd21": ("stabilityai/stable-diffusion-2-1-base", 1024, "scalecrafter", "none", "ddim", 50),
+    "demofusion-sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", 2048, "demofusion", "none", "euler", 50),
+    "demofusion-sd21": ("stabilityai/stable-diffusion-2-1-base", 1024, "demofusion", "none", "ddim", 50),
 }
 
 
@@ -176,7 +181,7 @@ NEGATIVE = "blurry, ugly, duplicate, poorly drawn, deformed, mosaic"  # Self-Cas
 GUIDANCE = {  # experiment -> (sample.guidance_scale, sample.negative_prompt) of the paper's own driver
     "selfcascade-sdxl": (7.5, NEGATIVE), "selfcascade-sd21": (7.5, NEGATIVE), "adaptive-sdxl": (5.0, None),
     "attnsf-sd21": (7.5, NEGATIVE), "lora-sd21": (7.5, NEGATIVE), "finetune-sd21": (7.5, NEGATIVE),
-    "scalecrafter-sd21": (7.5, NEGATIVE),
+    "scalecrafter-sd21": (7.5, NEGATIVE), "demofusion-sdxl": (7.5, None), "demofusion-sd21": (7.5, NEGATIVE),
     "pagoda-imagenet": (None, None), "simple-imagenet": (None, None), "skiptuning-edm64": (1.0, None),
 }
 
