@@ -182,6 +182,7 @@ def test_every_pair_on_an_edm_network_runs_or_is_refused_up_front(edm_dir, tmp_p
             ran.add((method, accelerator))
     # DDPM's loss and DemoFusion's t / T cosine factors: not on EDM
     assert {m for m, a in refused if a == "none"} == {"finetune", "lora", "simple", "demofusion"}
-    assert {m for m, _ in ran} == {"none", "upsample", "attnsf", "scalecrafter", "selfcascade"}
+    assert {m for m, _ in ran} == {"none", "upsample", "attnsf", "scalecrafter", "hidiffusion",
+                                         "selfcascade"}
     assert ("pagoda", "none") in trained
     assert ("none", "freeu") in refused and ("none", "skiptuning") in ran and ("selfcascade", "adaptive") in ran

@@ -174,6 +174,8 @@ FULLSCALE = {  # experiment -> (model.path, data.resolution, method, accelerator
     "scalecrafter-sd21": ("stabilityai/stable-diffusion-2-1-base", 1024, "scalecrafter", "none", "ddim", 50),
     "demofusion-sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", 2048, "demofusion", "none", "euler", 50),
     "demofusion-sd21": ("stabilityai/stable-diffusion-2-1-base", 1024, "demofusion", "none", "ddim", 50),
+    "hidiffusion-sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", 2048, "hidiffusion", "none", "ddim", 50),
+    "hidiffusion-sd21": ("stabilityai/stable-diffusion-2-1-base", 1024, "hidiffusion", "none", "ddim", 50),
 }
 
 
@@ -182,6 +184,8 @@ GUIDANCE = {  # experiment -> (sample.guidance_scale, sample.negative_prompt) of
     "selfcascade-sdxl": (7.5, NEGATIVE), "selfcascade-sd21": (7.5, NEGATIVE), "adaptive-sdxl": (5.0, None),
     "attnsf-sd21": (7.5, NEGATIVE), "lora-sd21": (7.5, NEGATIVE), "finetune-sd21": (7.5, NEGATIVE),
     "scalecrafter-sd21": (7.5, NEGATIVE), "demofusion-sdxl": (7.5, None), "demofusion-sd21": (7.5, NEGATIVE),
+    "hidiffusion-sdxl": (7.5, "blurry, ugly, duplicate, poorly drawn face, deformed, mosaic, artifacts, bad limbs"),
+    "hidiffusion-sd21": (7.5, NEGATIVE),
     "pagoda-imagenet": (None, None), "simple-imagenet": (None, None), "skiptuning-edm64": (1.0, None),
 }
 

@@ -97,7 +97,8 @@ def test_pagoda_refusal_on_a_text_model_says_why(tiny_sd_dir, tmp_path):
 
 @pytest.mark.parametrize("name,family", [("selfcascade-sdxl", "sdxl"), ("selfcascade-sd21", "sd"),
                                          ("adaptive-sdxl", "sdxl"), ("attnsf-sd21", "sd"), ("lora-sd21", "sd"),
-                                         ("finetune-sd21", "sd"), ("demofusion-sdxl", "sdxl")])
+                                         ("finetune-sd21", "sd"), ("demofusion-sdxl", "sdxl"),
+                                         ("hidiffusion-sd21", "sd")])
 def test_fullscale_text_settings_run_end_to_end_on_the_tiny_folders(name, family, tiny_sd_dir, tiny_sdxl_dir,
                                                                     tmp_path):
     """The paper settings as composed, with only what a CPU test must change: the tiny folder for the weights,
@@ -123,7 +124,7 @@ def test_fullscale_text_settings_run_end_to_end_on_the_tiny_folders(name, family
     metrics = run.run(cfg)
     assert metrics["num_samples"] == 2 and metrics["resolution"] == 32
     released = {"selfcascade-sdxl": 7.5, "selfcascade-sd21": 7.5, "adaptive-sdxl": 5.0, "attnsf-sd21": 7.5,
-                "lora-sd21": 7.5, "finetune-sd21": 7.5, "demofusion-sdxl": 7.5}
+                "lora-sd21": 7.5, "finetune-sd21": 7.5, "demofusion-sdxl": 7.5, "hidiffusion-sd21": 7.5}
     assert metrics["protocol"]["text"]["guidance_scale"] == released[name]
     assert (metrics["protocol"]["text"]["negative_prompt"] is None) == (name in ("adaptive-sdxl", "demofusion-sdxl"))
     if name == "adaptive-sdxl":
