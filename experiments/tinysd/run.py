@@ -135,24 +135,45 @@ def selfcascade_arms(steps: int) -> list[dict]:
     rows += [dict(name=f"tuning-free, strength {s}",
                   sample=["+method=selfcascade", "method.mode=tuning_free", f"method.strength={s}"])
              for s in (0.1, 0.3, 0.5, 0.7)]
+    # the comparison rows of the papers (training-free, at the target size)
+    rows += [dict(name="Attn-SF (scaled self-attention)", sample=["+method=attnsf"]),
+             dict(name="ScaleCrafter (re-dilated lowest blocks, 2x)", sample=["+method=scalecrafter"]),
+             dict(name="DemoFusion (16 px, then windows + dilated)", sample=["+method=demofusion"]),
+             dict(name="HiDiffusion (RAU-Net + MSW-MSA)", sample=["+method=hidiffusion"])]
     rows += [dict(name=f"tuned {u}, {steps} steps", train=[*tuned, f"method.upsampler={u}"],
                   sample=["+method=selfcascade", f"method.upsampler={u}"]) for u in ("light", "resblock")]
     rows += [dict(name=f"finetune (all weights), {steps} steps", train=["+method=finetune"],
                   sample=["+method=finetune"]),
              dict(name=f"simple (shifted schedule), {steps} steps", train=["+method=simple"],
                   sample=["+method=simple"])]
+    rows += [dict(name=f"LoRA r{r}, {steps} steps", train=["+method=lora", f"method.rank={r}", "optimizer.lr=1e-3"],
+                  sample=["+method=lora", f"method.rank={r}"]) for r in (4, 32)]
     return rows
 
 
 SC_COLUMNS = ("fid", "kid", "prompt_acc", "digit_acc", "fd_digits", "nfe_per_image", "sec_per_image")
 
 
+def recorded(study: str, n: int) -> dict:
+    """The arms of `study` already in results.json at this n, by name (kept by --arms runs)."""
+    path = DEST["dir"] / "results.json"
+    record = json.loads(path.read_text()).get(study, {}) if path.is_file() else {}
+    return {a["arm"]: a for a in record.get("arms", [])} if record.get("n") == n else {}
+
+
 def selfcascade(args) -> None:
     out = Path(args.out) / "selfcascade"
     rows, record = [], []
+    done = recorded("selfcascade", args.n)
     for a in selfcascade_arms(args.steps):
         slug = a["name"].split(" (")[0].replace(", ", "-").replace(" ", "_")
         ckpt, t = [], {}
+        if args.arms and not any(k.lower() in a["name"].lower() for k in args.arms) and a["name"] in done:
+            r = done[a["name"]]  # not selected: its recorded row stands
+            rows.append([a["name"], *(r.get(c) for c in SC_COLUMNS), r.get("trainable_params", 0),
+                         round(r.get("train_seconds", 0))])
+            record.append(r)
+            continue
         try:
             if "train" in a:
                 t = arm(out / f"{slug}-train", "train", *TRAIN, *a["train"], f"trainer.max_steps={args.steps}",
@@ -337,6 +358,9 @@ def main() -> None:
     p.add_argument("--out", default="runs/tinysd")
     p.add_argument("--record-dir", type=Path, default=HERE, help="folder of the results.json and README.md to update")
     p.add_argument("--tables-only", action="store_true", help="run nothing: tables from the arms already done")
+    p.add_argument("--arms", nargs="*", default=[],
+                   help="selfcascade: run only the arms whose names contain one of these; the others keep their rows "
+                        "in results.json (same n)")
     args = p.parse_args()
     DEST["dir"], DEST["tables_only"] = args.record_dir, args.tables_only
     STUDIES[args.study](args)
