@@ -28,7 +28,8 @@ VERBS = ("pretrain", "train", "sample", "eval", "calibrate", "merge")
 
 # The commands that are not Hydra tasks, and the module whose main(argv) runs each: `list` the options and which pairs
 # run on a model, `report` a finished sweep, `runs` the run folders under a folder.
-READERS = {"list": "hiresrun.listing", "report": "hiresrun.report", "runs": "hiresrun.runs"}
+READERS = {"list": "hiresrun.listing", "report": "hiresrun.report", "runs": "hiresrun.runs",
+           "convert": "hiresrun.convert"}
 
 
 def verbs() -> tuple[str, ...]:

@@ -116,6 +116,8 @@ def support_table() -> str:
         if len(ok) == len(accelerators):
             return "all"
         off = [a for a in accelerators if a not in ok]
+        if not ok:
+            return "no accelerator"
         return ("+ " + ", ".join(ok)) if len(ok) <= len(off) else "all but " + ", ".join(off)
 
     lines = ["| model | " + " | ".join(f"`{m}`" for m in methods) + " |", "|---" * (len(methods) + 1) + "|"]

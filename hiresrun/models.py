@@ -218,12 +218,12 @@ def model_fn(unet: nn.Module) -> ModelFn:
         return transformer_fn(unet)
 
     def call(x: Tensor, t: Tensor, cond: dict) -> Tensor:
-        kwargs = unet_kwargs(cond)
+        kwargs, channels = unet_kwargs(cond), x.shape[1]  # ADM's learned-variance channels dropped: samplers take eps
         if not guided(cond):
-            return unet(x, t, **kwargs).sample
+            return unet(x, t, **kwargs).sample[:, :channels]
         both = cat_rows(cond["negative"], kwargs)
         tt = torch.cat([t, t]) if isinstance(t, Tensor) and t.ndim and t.shape[0] == x.shape[0] else t
-        uncond, text = unet(torch.cat([x, x]), tt, **both).sample.chunk(2)
+        uncond, text = unet(torch.cat([x, x]), tt, **both).sample[:, :channels].chunk(2)
         return guide(uncond, text, cond)
 
     return call
@@ -470,6 +470,17 @@ def load_model(path: str, revision: str | None = None, init: str = "pretrained",
         from hiresrun.conditioning import TextEncoder
 
         text = TextEncoder.load(root, unet, autoencoder, _scheduler_config(root))
+    facts = _read_json(root / "hiresrun.json") if (root / "hiresrun.json").is_file() else {}  # hiresrun convert's
+    said = facts.get("parametrization")
+    if said is not None and said != parametrization:
+        raise UsageError(f"model.parametrization={parametrization}, but {root}/hiresrun.json says the network is "
+                         f"{'EDM' + chr(39) + 's F' if said == 'edm' else 'a standard eps network'} (converted from "
+                         f"{facts.get('source')}); set model.parametrization={said}")
+    if said == "edm" and float(facts.get("sigma_data", sigma_data)) != float(sigma_data):
+        raise UsageError(f"model.sigma_data={sigma_data}, but {root}/hiresrun.json says the network was trained with "
+                         f"sigma_data={facts['sigma_data']}; set model.sigma_data={facts['sigma_data']}")
+    if float(facts.get("timestep_scale", 1.0)) != 1.0:  # the network reads k t (consistency models' EDM teacher)
+        unet.time_proj.scale = float(facts["timestep_scale"])
     schedule = _scheduler_config(root)
     if parametrization == "edm":  # EDM's preconditioning lives in the EDM schedulers (hiresrun/edm.py)
         from hiresrun import edm
