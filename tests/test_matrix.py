@@ -176,6 +176,7 @@ FULLSCALE = {  # experiment -> (model.path, data.resolution, method, accelerator
     "demofusion-sd21": ("stabilityai/stable-diffusion-2-1-base", 1024, "demofusion", "none", "ddim", 50),
     "hidiffusion-sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", 2048, "hidiffusion", "none", "ddim", 50),
     "hidiffusion-sd21": ("stabilityai/stable-diffusion-2-1-base", 1024, "hidiffusion", "none", "ddim", 50),
+    "scalecrafter-sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", 2048, "scalecrafter", "none", "ddim", 50),
 }
 
 
@@ -185,7 +186,7 @@ GUIDANCE = {  # experiment -> (sample.guidance_scale, sample.negative_prompt) of
     "attnsf-sd21": (7.5, NEGATIVE), "lora-sd21": (7.5, NEGATIVE), "finetune-sd21": (7.5, NEGATIVE),
     "scalecrafter-sd21": (7.5, NEGATIVE), "demofusion-sdxl": (7.5, None), "demofusion-sd21": (7.5, NEGATIVE),
     "hidiffusion-sdxl": (7.5, "blurry, ugly, duplicate, poorly drawn face, deformed, mosaic, artifacts, bad limbs"),
-    "hidiffusion-sd21": (7.5, NEGATIVE),
+    "hidiffusion-sd21": (7.5, NEGATIVE), "scalecrafter-sdxl": (5.0, None),
     "pagoda-imagenet": (None, None), "simple-imagenet": (None, None), "skiptuning-edm64": (1.0, None),
 }
 

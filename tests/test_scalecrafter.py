@@ -75,10 +75,19 @@ def test_the_presets_name_the_sd_unets_convolutions_and_decay_as_the_authors_do(
 
     sd_layout = UNet2DConditionModel(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, cross_attention_dim=8,
                                      attention_head_dim=2, layers_per_block=2, sample_size=8)  # SD 1.5/2.1's layout
+    xl_layout = UNet2DConditionModel(  # SDXL's: three levels, the first without attention
+        block_out_channels=(8, 8, 8), norm_num_groups=4, cross_attention_dim=8, attention_head_dim=2,
+        layers_per_block=2, sample_size=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D",
+                                                             "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
     for name, preset in PRESETS.items():
         method = ScaleCrafter(64, preset=name)
-        assert method.layers(sd_layout) == preset["layers"], name
-    assert len(PRESETS["sd15-1024"]["layers"]) == 15 and len(PRESETS["sd21-2048"]["layers"]) == 40
+        assert method.layers(xl_layout if name.startswith("sdxl") else sd_layout) == preset["layers"], name
+    # the authors' files: 39 layers at 2 for SD 1.5 / 2.1 at 1024 px (30 and 20 of 50 steps), 40 at 2-4 for SD 2.1
+    # at 2048 px, and of SDXL's 2048 px file the 11 layers SDXL has
+    assert [len(PRESETS[p]["layers"]) for p in ("sd15-1024", "sd21-1024", "sd21-2048", "sdxl-2048")] == [39, 39, 40, 11]
+    assert [round(PRESETS[p]["share"] * 50) for p in ("sd15-1024", "sd21-1024", "sd21-2048", "sdxl-2048")] == [
+        30, 20, 37, 30]
     progressive = ScaleCrafter(64, preset="sd21-2048")
     n = round(37 / 50 * 50)
     assert [progressive.factor_at(4, i, n) for i in (0, 10, 20, 30, 36)] == [
@@ -89,7 +98,7 @@ def test_the_presets_name_the_sd_unets_convolutions_and_decay_as_the_authors_do(
 @pytest.mark.parametrize("override, says", [
     ("method.dilation=0.5", "method.dilation=0.5: a factor of at least 1"),
     ("method.share=1.5", r"method.share=1.5: the share of the steps re-dilated, in \[0, 1\]"),
-    ("method.preset=sdxl", "method.preset=sdxl: choose one of sd15-1024, sd21-2048"),
+    ("method.preset=sdxl", "method.preset=sdxl: choose one of sd15-1024, sd21-1024, sd21-2048, sdxl-2048"),
     ("method.preset=sd21-2048", "method.preset=sd21-2048 names convolutions this UNet2DModel lacks"),
 ])
 def test_nonsense_is_one_line(override, says):

@@ -7,7 +7,8 @@ the first, high-noise share of the sampling steps: a k x k kernel reads its inpu
 keeps the size). A fractional factor f runs at d = ceil(f): the input is resized by d / f (bilinear), convolved with
 dilation d, and the output resized back to the size the plain convolution gives.
 
-The layers and factors: a named preset of the authors' published per-layer settings (`method.preset`), or every
+The layers and factors: a named preset of the authors' published per-layer settings (`method.preset`: sd15-1024,
+sd21-1024, sd21-2048, sdxl-2048), or every
 convolution of the lowest-resolution blocks (the deepest down block, the mid block, the first up block; what the
 authors' SD 1.5 1024 px setting dilates) by `method.dilation` (default target / base). `method.progressive` lowers the
 factor step by step as the authors' SD 2.1 2048 px setting does: max(ceil(d (n - i) / n), 2) at step i of the n
@@ -38,18 +39,27 @@ def _layers(blocks: dict[str, float], names: list[str]) -> dict[str, float]:
 
 _RES2 = ["resnets.0.conv1", "resnets.0.conv2", "resnets.1.conv1", "resnets.1.conv2"]
 _RES3 = _RES2 + ["resnets.2.conv1", "resnets.2.conv2"]
-# The authors' published settings (their assets/dilate_settings and configs): layer -> factor, the share of a 50-step
-# loop re-dilated (dilate_tau / 50) and whether the factor decays. SD 1.5 and SD 2.1 share the UNet's layout.
+# The authors' published settings (their assets/dilate_settings/*.txt and configs/*.yaml): layer -> factor, the share
+# of a 50-step loop re-dilated (dilate_tau / 50) and whether the factor decays. SD 1.5 and SD 2.1 share the UNet's
+# layout; at 1024 px both re-dilate every level below the first by 2 (39 layers), for 30 and 20 of 50 steps.
+_BELOW_FIRST = {**_layers({"down_blocks.1": 2, "down_blocks.2": 2, "down_blocks.3": 2, "mid_block": 2}, _RES2),
+                "down_blocks.1.downsamplers.0.conv": 2, "down_blocks.2.downsamplers.0.conv": 2,
+                **_layers({"up_blocks.0": 2, "up_blocks.1": 2, "up_blocks.2": 2}, _RES3),
+                "up_blocks.0.upsamplers.0.conv": 2, "up_blocks.1.upsamplers.0.conv": 2,
+                "up_blocks.2.upsamplers.0.conv": 2}
 PRESETS = {
-    "sd15-1024": {"share": 30 / 50, "progressive": False, "layers": {
-        **_layers({"down_blocks.3": 2, "mid_block": 2}, _RES2), **_layers({"up_blocks.0": 2}, _RES3),
-        "up_blocks.0.upsamplers.0.conv": 2}},
+    "sd15-1024": {"share": 30 / 50, "progressive": False, "layers": dict(_BELOW_FIRST)},
+    "sd21-1024": {"share": 20 / 50, "progressive": False, "layers": dict(_BELOW_FIRST)},
     "sd21-2048": {"share": 37 / 50, "progressive": True, "layers": {
         **_layers({"down_blocks.2": 3}, _RES2), "down_blocks.2.downsamplers.0.conv": 4,
         **_layers({"down_blocks.3": 4, "mid_block": 4}, _RES2),
         **_layers({"up_blocks.0": 4, "up_blocks.1": 4}, _RES3), "up_blocks.0.upsamplers.0.conv": 4,
         "up_blocks.1.upsamplers.0.conv": 4, **_layers({"up_blocks.2": 3}, _RES3), "up_blocks.2.upsamplers.0.conv": 3,
         **_layers({"up_blocks.3": 2}, _RES3)}},
+    # SDXL's UNet has three levels: the authors' file also lists down_blocks.3, which SDXL lacks and their code skips
+    # (it re-dilates the named modules that exist), so what runs is the mid block and the first up block
+    "sdxl-2048": {"share": 30 / 50, "progressive": False, "layers": {
+        **_layers({"mid_block": 2}, _RES2), **_layers({"up_blocks.0": 2}, _RES3), "up_blocks.0.upsamplers.0.conv": 2}},
 }
 
 
