@@ -8,8 +8,9 @@ every point of each family's knob grid on the calibration seeds against the 50-s
 the settings taking turns batch by batch in one process (wall-clock measured side by side), cost per image in full
 network evaluations (DeepCache's partial calls at their FLOP share), PSNR / SSIM / LPIPS-alex to the full-step
 images. Families: fewer steps of DDIM, DPM-Solver++ and Euler (the peers' "fewer steps" arm, 50 steps included),
-DeepCache alone (the peer), stepskip, AdaptiveDiffusion, and the compositions adaptive-deepcache and
-stepskip-deepcache. Then, for the full run and each family's fastest setting meeting the target (PSNR >= 32 dB and
+DeepCache alone (the peer), stepskip, AdaptiveDiffusion, the compositions adaptive-deepcache and
+stepskip-deepcache, and on tinysd16 ToMe (tomesd's token merging: the pixel UNet2DModel has no transformer block to
+merge in). Then, for the full run and each family's fastest setting meeting the target (PSNR >= 32 dB and
 LPIPS <= 0.05), `hiresrun sample` with that setting's overrides on seeds 0..n-1 with `metrics=default` (FID/KID
 against the held-out digits). Writes results.json, one plot per model (PSNR against wall speed-up, each family's
 front) and the README tables between their markers. Every step is a printed `hiresrun` command; a folder that
@@ -35,16 +36,21 @@ MODELS = {"pixel16": ["data.resolution=16"],                    # tiny-mnist at 
           "tinysd16": ["experiment=tinysd/sample16"]}           # the latent text-to-image base, guidance 3
 FAMILIES = ["steps", "steps:dpmsolver", "steps:euler", "deepcache", "stepskip", "adaptive", "adaptive-deepcache",
             "stepskip-deepcache"]
+EXTRA = {"tinysd16": ["tome"]}  # families only a UNet2DConditionModel serves (ToMe through tomesd)
 PEERS = ("steps", "steps:dpmsolver", "steps:euler", "deepcache")  # what a user has without hiresrun
 GRID = ["calibrate.grid.steps.num_steps=[50,30,20,15,10,8,6,5,4]", "calibrate.grid.adaptive.delta=[0.01,0.02,0.05,0.1]",
         "calibrate.grid.deepcache.interval=[2,3,4,6]", "calibrate.grid.stepskip.every=[2,3]",
         "calibrate.grid.adaptive-deepcache.adaptive.delta=[0.01,0.05,0.2]",
         "calibrate.grid.adaptive-deepcache.deepcache.interval=[2,3]",
         "calibrate.grid.stepskip-deepcache.stepskip.every=[2]",
-        "calibrate.grid.stepskip-deepcache.deepcache.interval=[2,3]"]
+        "calibrate.grid.stepskip-deepcache.deepcache.interval=[2,3]", "calibrate.grid.tome.ratio=[0.3,0.5,0.7]"]
 PSNR, LPIPS = 32.0, 0.05                    # the issue's fidelity target
 GOAL_PEER, GOAL_DDIM = 1.3, 3.0             # hiresrun's best vs the best peer, and vs 50-step DDIM (wall)
 FID_COLUMNS = ("fid", "kid", "digit_acc", "prompt_acc", "nfe_per_image", "cost_per_image")
+
+
+def families(model: str) -> list[str]:
+    return FAMILIES + EXTRA.get(model, [])
 
 
 def hiresrun(*args: str) -> None:
@@ -82,7 +88,7 @@ def study(name: str, args, out: Path) -> dict:
     front_dir = folder / "front"
     if not (front_dir / "front.json").is_file():
         hiresrun("calibrate", *model, *QUIET, "sampler=ddim", "sampler.num_steps=50", f"target.psnr={PSNR}",
-                 f"calibrate.families=[{','.join(FAMILIES)}]", *GRID, f"calibrate.seeds={args.seeds}",
+                 f"calibrate.families=[{','.join(families(name))}]", *GRID, f"calibrate.seeds={args.seeds}",
                  f"sample.batch_size={args.batch}", f"hydra.run.dir={front_dir}")
     front = json.loads((front_dir / "front.json").read_text())
     points = front["points"]
@@ -124,7 +130,7 @@ def plot(name: str, r: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.6, 4.8), dpi=100)
-    for fam in FAMILIES:
+    for fam in families(name):
         ps = [p for p in r["points"] if p["family"] == fam]
         keep = pareto([{**p, "cost_per_image": 1 / p["speedup_wall"]} for p in ps], "psnr_to_ref", True)
         line = sorted((ps[i] for i in keep), key=lambda p: p["speedup_wall"])
@@ -150,7 +156,7 @@ def table(name: str, r: dict) -> str:
     full = r["fid"].get("DDIM 50 (full)", {})
     lines.append(f"| DDIM 50 (full) | `sampler=ddim sampler.num_steps=50` | 1.00 | 1.00 | - | - | "
                  f"{full.get('fid', float('nan')):.2f} | {full.get('kid', float('nan')):.4f} |")
-    for fam in FAMILIES:
+    for fam in r["protocol"].get("families", FAMILIES):
         p = r["best"].get(fam)
         if p is None:
             lines.append(f"| {fam} | none meets it | | | | | | |")
@@ -184,7 +190,7 @@ def main() -> int:
             results[name]["protocol"] = {
                 "reference": "50-step DDIM of the same seeds", "target": {"psnr": PSNR, "lpips": LPIPS},
                 "fid": f"n = {args.n_fid}, seeds 0..{args.n_fid - 1}, Inception pool3, clean resize, vs the 1,000 "
-                       f"held-out digits at the model's size", "families": FAMILIES, "grid": GRID}
+                       f"held-out digits at the model's size", "families": families(name), "grid": GRID}
             path.write_text(json.dumps(results, indent=2) + "\n")
     for name, r in results.items():
         plot(name, r, HERE / f"front_{name}.png")
