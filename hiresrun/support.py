@@ -39,7 +39,8 @@ class Support:
     why_edm: str = ""                             # the code behind edm=False
     sub_batches: bool = False                     # accelerator: calls the model on a subset of a batch's images
     whole_batches: bool = False                   # accelerator: keeps state per whole batch (a feature cache)
-    views: bool = False                           # method: calls the model on several views of the image per step
+    views: bool = False                           # method: calls the model several times per step (DemoFusion's
+                                                  # views, ScaleCrafter's damped guidance)
 
 
 def refusal(method: str, m: Support, accelerator: str | None, a: Support, model: str,
@@ -52,9 +53,9 @@ def refusal(method: str, m: Support, accelerator: str | None, a: Support, model:
         return (f"{pair}: accelerator={accelerator} acts between sampler steps ({a.why}) and method={method} samples "
                 f"with one network evaluation; use accelerator=none or skiptuning")
     if m.views and a.level in ("steps", "blocks"):
-        return (f"{pair}: method={method} calls the model on several views of each image per sampler step and "
-                f"accelerator={accelerator} keeps state from one call to the next ({a.why}); use an accelerator that "
-                f"changes what the blocks compute (freeu, skiptuning, tome) or accelerator=none")
+        return (f"{pair}: method={method} calls the model several times per sampler step (views of the image, extra "
+                f"guidance passes) and accelerator={accelerator} keeps state from one call to the next ({a.why}); use "
+                f"an accelerator that changes what the blocks compute (freeu, skiptuning, tome) or accelerator=none")
     for kind, name, s in (("method", method, m), ("accelerator", accelerator, a)):
         if edm and not s.edm:
             return (f"{pair}: {kind}={name} does not drive EDM-preconditioned networks ({s.why_edm}); {model} has "

@@ -75,7 +75,7 @@ CASES = [
     (["method=pagoda", "method.flips=[2]"], r"method.flips=\[2\]: a non-empty subset of \[0, 1\]"),
     (["method=pagoda", "accelerator=adaptive"], r"method=pagoda with accelerator=adaptive is not supported"),
     (["method=demofusion", "data.resolution=20"], r"grows the image by whole multiples of the base.s 8 px"),
-    (["method=demofusion", "accelerator=deepcache"], r"calls the model on several views of each image per sampler"),
+    (["method=demofusion", "accelerator=deepcache"], r"calls the model several times per sampler step"),
     (["method=hidiffusion", "method.t1=2"], r"method.t1=2.*: a share of the steps, in \[0, 1\]"),
     (["method=scalecrafter", "method.preset=sdxl-2048"], r"names convolutions this UNet2DModel lacks"),
     (["accelerator=freeu"], r"accelerator=freeu needs a UNet2DConditionModel"),

@@ -147,8 +147,8 @@ def test_the_gaussian_filter_is_the_normalised_separable_kernel():
     ("method.stride=17", "method.stride=17: local windows are 16 latent pixels wide"),
     ("method.sigma=0", "method.sigma=0: the Gaussian's standard deviation, above 0"),
     ("method.cosine_scale_1=-1", "method.cosine_scale_1=-1: an exponent of the cosine factor"),
-    ("+accelerator=stepskip", "calls the model on several views of each image per sampler step"),
-    ("+accelerator=deepcache", "calls the model on several views of each image per sampler step"),
+    ("+accelerator=stepskip", "calls the model several times per sampler step"),
+    ("+accelerator=deepcache", "calls the model several times per sampler step"),
 ])
 def test_nonsense_is_one_line(override, says):
     with pytest.raises(hiresrun.HiresrunError, match=says):

@@ -37,7 +37,7 @@ def expected_refusal(method: str, accelerator: str) -> str | None:
     if m.one_step and a.needs_steps:
         return ONE_STEP
     if m.views and a.level in ("steps", "blocks"):
-        return "calls the model on several views of each image per sampler step"
+        return "calls the model several times per sampler step"
     for kind, name, s in (("method", method, m), ("accelerator", accelerator, a)):
         if "UNet2DModel" not in s.unets:
             return f"{kind}={name} needs a {' or '.join(s.unets)}"

@@ -104,3 +104,72 @@ def test_the_presets_name_the_sd_unets_convolutions_and_decay_as_the_authors_do(
 def test_nonsense_is_one_line(override, says):
     with pytest.raises(hiresrun.HiresrunError, match=says):
         hiresrun.load("+method=scalecrafter", override, data__resolution=32)
+
+
+TEST_PRESET = {"share": 0.5, "progressive": False,  # the authors' form, on the tiny SD folder's two levels
+               "layers": {"down_blocks.1.resnets.0.conv1": 2, "up_blocks.0.resnets.0.conv1": 2,
+                          "up_blocks.1.resnets.0.conv1": 2},
+               "ndcfg": {"share": 0.5, "without": ("up_blocks.1.",)}}
+
+
+def test_noise_damped_guidance_is_the_authors_formula_with_three_counted_passes(tiny_sd_dir, monkeypatch):
+    """eps = eps_u' + w (eps_c - eps_u) in the damped share of the steps, eps_u' from the unconditional input under
+    the preset's ndcfg layers, written out here with direct UNet calls inside a plain sampling loop."""
+    from hiresrun import sampling
+    from hiresrun.methods import scalecrafter
+    from hiresrun.models import unet_kwargs
+
+    monkeypatch.setitem(scalecrafter.PRESETS, "test-nd", TEST_PRESET)
+    sampler = hiresrun.load("model=diffusers", f"model.path={tiny_sd_dir}", "+method=scalecrafter",
+                            "method.preset=test-nd", "sample.prompt=a cat", "sample.guidance_scale=3",
+                            data__resolution=32, sampler__num_steps=4)
+    assert sampler.method.ndcfg
+    counter = sampling.Counter()
+    loop = sampler.loop([0, 1], counter, torch.device("cpu"))
+    with torch.no_grad():
+        ours = sampler.method.sample(sampler.net, loop.gens, loop)
+    assert counter.evals == 2 * (2 * 3 + 2 * 1)  # per image: 3 calls in the 2 damped steps, 1 guided call after
+
+    unet, base = sampler.method.base.unet, sampler.method.base
+    main = {k: float(v) for k, v in TEST_PRESET["layers"].items()}
+    damped = {k: v for k, v in main.items() if not k.startswith("up_blocks.1.")}
+    cond, w = loop.cond, float(loop.cond["guidance_scale"])
+
+    def wrap(f, step):
+        def call(x, t, c):
+            x = sampler.scheduler.scale_model_input(x, t)
+            if step.full_step >= 2:
+                return f(x, t, c)
+            with redilate(unet, main):
+                text = unet(x, t, **unet_kwargs(c)).sample
+                uncond = unet(x, t, **c["negative"]).sample
+            with redilate(unet, damped):
+                uncond_damped = unet(x, t, **c["negative"]).sample
+            return uncond_damped + w * (text - uncond)
+        return call
+
+    from hiresrun.models import model_fn
+
+    gens = sampling.generators([0, 1])
+    x_T = sampling.noise(gens, sampler.method.latent_shape(32))
+    with torch.no_grad():
+        ref = base.decode(sampling.sample(lambda x, t, c: model_fn(unet)(x, t, c), x_T, sampler.scheduler, 4,
+                                          gens=gens, cond=cond,
+                                          wrap=lambda f, step: wrap(lambda x, t, c: f(x, t, c), step)))
+    assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
+
+
+def test_noise_damped_guidance_refuses_stateful_accelerators_and_needs_its_preset(tiny_sd_dir, monkeypatch):
+    from hiresrun.methods import scalecrafter
+
+    monkeypatch.setitem(scalecrafter.PRESETS, "test-nd", TEST_PRESET)
+    common = ["model=diffusers", f"model.path={tiny_sd_dir}", "+method=scalecrafter", "sample.prompt=a cat"]
+    with pytest.raises(hiresrun.HiresrunError, match="calls the model several times per sampler step"):
+        hiresrun.load(*common, "method.preset=test-nd", "+accelerator=adaptive", data__resolution=32)
+    hiresrun.load(*common, "method.preset=test-nd", "method.ndcfg=false", "+accelerator=adaptive",
+                  data__resolution=32)  # without damping the pair runs
+    with pytest.raises(hiresrun.HiresrunError, match="method.ndcfg=true needs a preset"):
+        hiresrun.load(*common, "method.ndcfg=true", data__resolution=32)
+    assert PRESETS["sd21-2048"]["ndcfg"]["share"] == 37 / 50
+    sd_layers = PRESETS["sd21-2048"]["layers"]
+    assert len({k for k in sd_layers if not k.startswith("up_blocks.3.")}) == 34  # the authors' ndcfg file

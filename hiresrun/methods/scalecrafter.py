@@ -12,7 +12,11 @@ sd21-1024, sd21-2048, sdxl-2048), or every
 convolution of the lowest-resolution blocks (the deepest down block, the mid block, the first up block; what the
 authors' SD 1.5 1024 px setting dilates) by `method.dilation` (default target / base). `method.progressive` lowers the
 factor step by step as the authors' SD 2.1 2048 px setting does: max(ceil(d (n - i) / n), 2) at step i of the n
-re-dilated steps. Not built: dispersed convolution and noise-damped guidance (the authors' 2048+ px settings).
+re-dilated steps. Noise-damped guidance (`method.ndcfg`, the authors' SD 2.1 2048 px setting) replaces, during its
+share of the steps, the unconditional prediction guidance starts from by one computed with a second re-dilation
+setting: eps = eps_u' + w (eps_c - eps_u), eps_u' from the same latent re-dilated by the preset's `ndcfg` layers.
+It costs a third network pass in those steps, counted (the conditional, unconditional and damped passes are three
+calls). Not built: dispersed convolution (the authors solve its kernel transform offline and do not publish it).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from torch import Tensor, nn
 from hiresrun import sampling
 from hiresrun.errors import UsageError
 from hiresrun.methods.none import NoneMethod
-from hiresrun.models import model_fn
+from hiresrun.models import guided, model_fn, unet_kwargs
 from hiresrun.support import ANY_UNET, Support
 
 
@@ -55,7 +59,9 @@ PRESETS = {
         **_layers({"down_blocks.3": 4, "mid_block": 4}, _RES2),
         **_layers({"up_blocks.0": 4, "up_blocks.1": 4}, _RES3), "up_blocks.0.upsamplers.0.conv": 4,
         "up_blocks.1.upsamplers.0.conv": 4, **_layers({"up_blocks.2": 3}, _RES3), "up_blocks.2.upsamplers.0.conv": 3,
-        **_layers({"up_blocks.3": 2}, _RES3)}},
+        **_layers({"up_blocks.3": 2}, _RES3)},
+        # noise-damped guidance: the unconditional pass that guidance starts from, re-dilated without the last level
+        "ndcfg": {"share": 37 / 50, "without": ("up_blocks.3.",)}},
     # SDXL's UNet has three levels: the authors' file also lists down_blocks.3, which SDXL lacks and their code skips
     # (it re-dilates the named modules that exist), so what runs is the mid block and the first up block
     "sdxl-2048": {"share": 30 / 50, "progressive": False, "layers": {
@@ -100,13 +106,24 @@ class ScaleCrafter(NoneMethod):
 
     supports = Support(unets=ANY_UNET, why="it re-dilates a UNet's convolutions; a transformer has none to dilate")
 
+    @classmethod
+    def declared(cls, config) -> Support:
+        """With noise-damped guidance each guided step makes three calls: accelerators that keep state from one call
+        to the next cannot follow them."""
+        preset = PRESETS.get(config.get("preset"), {})
+        ndcfg = config.get("ndcfg")
+        if (ndcfg if ndcfg is not None else "ndcfg" in preset):
+            return replace(cls.supports, views=True)
+        return cls.supports
+
     def __init__(self, resolution: int,
                  preset: str | None = None,        # the authors' per-layer setting (PRESETS); null = the rule below
                  dilation: float | None = None,    # the rule's factor for the lowest-resolution blocks; null = scale
                  share: float | None = None,       # share of the steps, from the first, re-dilated; null = preset's
                                                    # or 0.6 (the authors' 1024 px SD 1.5 setting: 30 of 50)
                  progressive: bool | None = None,  # lower the factor step by step; null = the preset's (or off)
-                 mode: str = "bilinear"):          # resize for fractional factors
+                 mode: str = "bilinear",           # resize for fractional factors
+                 ndcfg: bool | None = None):       # noise-damped guidance; null = the preset's (sd21-2048: on)
         super().__init__(resolution)
         if preset is not None and preset not in PRESETS:
             raise UsageError(f"method.preset={preset}: choose one of {', '.join(PRESETS)}, or null for the "
@@ -122,6 +139,10 @@ class ScaleCrafter(NoneMethod):
         self.preset, self.dilation, self.mode = preset, dilation, mode
         self.share = float(share if share is not None else chosen.get("share", 0.6))
         self.progressive = bool(progressive if progressive is not None else chosen.get("progressive", False))
+        self.ndcfg = bool(ndcfg if ndcfg is not None else "ndcfg" in chosen)
+        if self.ndcfg and "ndcfg" not in chosen:
+            raise UsageError(f"method.ndcfg=true needs a preset with the authors' damped-guidance setting "
+                             f"(sd21-2048); method.preset={preset} has none")
 
     def layers(self, unet: nn.Module) -> dict[str, float]:
         """layer name -> factor for this UNet: the preset's, or every k > 1 convolution of the lowest-resolution
@@ -139,6 +160,11 @@ class ScaleCrafter(NoneMethod):
         deepest = (f"down_blocks.{len(unet.down_blocks) - 1}.", "mid_block.", "up_blocks.0.")
         return {n: factor for n in sorted(convs) if n.startswith(deepest)}
 
+    def ndcfg_layers(self, unet: nn.Module) -> dict[str, float]:
+        """The damped unconditional pass's layers: the preset's, without the levels its `ndcfg` entry leaves out."""
+        skip = PRESETS[self.preset]["ndcfg"]["without"]
+        return {k: v for k, v in self.layers(unet).items() if not k.startswith(skip)}
+
     def wrap(self, base) -> nn.Module:
         net = super().wrap(base)
         self.layers(net)  # a preset for another UNet is refused before any image
@@ -153,17 +179,46 @@ class ScaleCrafter(NoneMethod):
         layers = self.layers(net)
         if self.share == 0 or all(f == 1 for f in layers.values()):
             return self.base.decode(loop(model_fn(net), x_T))
+        damped = {"on": False}  # set while the damped unconditional pass runs
+        nd_layers = self.ndcfg_layers(net) if self.ndcfg else {}
 
         def dilating(f, step):
             n = round(self.share * len(step.timesteps) / step.order)
+            n_nd = round(PRESETS[self.preset]["ndcfg"]["share"] * len(step.timesteps) / step.order) if nd_layers else 0
 
             def call(x, t, cond):
                 i = step.full_step
-                if i >= n:
+                chosen, last = (nd_layers, n_nd) if damped["on"] else (layers, n)
+                if i >= last:
                     return f(x, t, cond)
-                with redilate(net, {k: self.factor_at(v, i, n) for k, v in layers.items()}, self.mode):
+                with redilate(net, {k: self.factor_at(v, i, last) for k, v in chosen.items()}, self.mode):
                     return f(x, t, cond)
             return call
 
+        def damping(f, step):  # outside the accelerator and counter: each of the three passes is a counted call
+            n_nd = round(PRESETS[self.preset]["ndcfg"]["share"] * len(step.timesteps) / step.order)
+
+            def call(x, t, cond):
+                if step.full_step >= n_nd or not guided(cond):
+                    return f(x, t, cond)
+                text = f(x, t, unet_kwargs(cond))
+                uncond = f(x, t, cond["negative"])
+                damped["on"] = True
+                try:
+                    uncond_damped = f(x, t, cond["negative"])
+                finally:
+                    damped["on"] = False
+                out = uncond_damped + float(cond["guidance_scale"]) * (text - uncond)
+                if float(cond.get("guidance_rescale", 0.0)) > 0:
+                    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+                    out = rescale_noise_cfg(out, text, guidance_rescale=float(cond["guidance_rescale"]))
+                return out
+            return call
+
         outer = loop.wrap
-        return self.base.decode(replace(loop, wrap=lambda f, step: outer(dilating(f, step), step))(model_fn(net), x_T))
+        if nd_layers:
+            wrap = lambda f, step: damping(outer(dilating(f, step), step), step)  # noqa: E731
+        else:
+            wrap = lambda f, step: outer(dilating(f, step), step)  # noqa: E731
+        return self.base.decode(replace(loop, wrap=wrap)(model_fn(net), x_T))
