@@ -16,6 +16,7 @@ import hiresrun
 from hiresrun import api
 
 
+@pytest.mark.slow  # two fresh interpreters (12 s); the in-process API tests below stay in the fast suite
 def test_a_fresh_python_samples_twice_and_equals_the_command_line(tmp_path, tiny_model_dir):
     """From a plain `python -c`: two runs in one process (keyword and string forms), each returning its folder, metrics
     and images; the images equal the command line's for the same overrides, byte for byte."""

@@ -258,7 +258,7 @@ def test_dit_pairs_run_or_are_refused_by_their_declarations(tiny_dit_dir, tmp_pa
                 extra = [f"method.mode={mode}"] if mode else []
                 cfg = compose(["model=diffusers", f"model.path={tiny_dit_dir}", f"method={method}",
                                f"accelerator={accelerator}", "data.resolution=32", "sample.num_samples=2",
-                               "sampler.num_steps=6", "logger=none", "trainer.enable_progress_bar=false",
+                               "sampler.num_steps=3", "logger=none", "trainer.enable_progress_bar=false",
                                "ckpt_path=/nonexistent", *extra], tmp_path / name / accelerator)
                 m = get_class(cfg.method._target_).declared(cfg.method)
                 a = get_class(cfg.accelerator._target_).supports

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import subprocess
 import sys
 from pathlib import Path
 
@@ -176,9 +175,11 @@ def test_an_existing_folder_is_kept_unless_forced(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["edm.pkl", "out"]  # no temporary folder left
 
 
-def test_the_command_line_prints_how_to_sample(tmp_path):
+def test_the_command_line_prints_how_to_sample(tmp_path, capsys):
     src = edm_file(tmp_path)
-    proc = subprocess.run([str(Path(sys.executable).with_name("hiresrun")), "convert", "edm", str(src),
-                           str(tmp_path / "out")], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert f"model.path={tmp_path / 'out'} model.conditioning=class model.parametrization=edm" in proc.stdout
+    assert convert.main(["edm", str(src), str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert f"model.path={tmp_path / 'out'} model.conditioning=class model.parametrization=edm" in out
+    from hiresrun import cli
+
+    assert cli.READERS["convert"] == "hiresrun.convert"  # `hiresrun convert ...` reaches this main

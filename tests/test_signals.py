@@ -66,6 +66,7 @@ def test_a_failed_checkpoint_write_leaves_nothing_and_keeps_the_old_file(tmp_pat
     assert load(path)["global_step"] == 1
 
 
+@pytest.mark.slow  # 20 s of subprocesses; the fast suite keeps the signal-resume test above
 def test_sigterm_then_a_slurm_requeue_resumes_bit_exactly_in_the_same_folder_and_logger_run(tmp_path, tiny_model_dir):
     """What SLURM does to a preempted job: SIGTERM, then the same command again with SLURM_RESTART_COUNT=1."""
     from conftest import in_process

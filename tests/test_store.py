@@ -81,7 +81,8 @@ def test_a_rerun_of_a_finished_run_generates_nothing_and_a_corrupt_image_is_redo
     assert images_bytes(tmp_path / "run") == first and len(record_lines(tmp_path / "run")) == 4
 
 
-@pytest.mark.parametrize("shared", [False, True], ids=["own folders", "one shared folder"])
+@pytest.mark.parametrize("shared", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["own folders", "one shared folder"])
 def test_three_shards_merged_equal_one_run_images_and_fid(shared, tiny_model_dir, tmp_path):
     args = common(tiny_model_dir, "sampler.num_steps=2", "sample.num_samples=7", "sample.batch_size=2",
                   "metrics=default", "metrics.patch_fid=false", "metrics.num_reference=6",
