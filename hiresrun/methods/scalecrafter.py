@@ -16,7 +16,8 @@ re-dilated steps. Noise-damped guidance (`method.ndcfg`, the authors' SD 2.1 204
 share of the steps, the unconditional prediction guidance starts from by one computed with a second re-dilation
 setting: eps = eps_u' + w (eps_c - eps_u), eps_u' from the same latent re-dilated by the preset's `ndcfg` layers.
 It costs a third network pass in those steps, counted (the conditional, unconditional and damped passes are three
-calls). Not built: dispersed convolution (the authors solve its kernel transform offline and do not publish it).
+calls). Not built: dispersed convolution, which every released config of the authors switches off (inflate_tau 0)
+and whose solved transform they do not publish (docs/scalecrafter.md).
 """
 
 from __future__ import annotations
