@@ -473,7 +473,7 @@ def ddpm_schedule(beta_schedule: str, learned: bool) -> dict:
             "variance_type": "learned_range" if learned else "fixed_small", "clip_sample": True}
 
 
-def convert_adm(src: Path, dest: Path, head_channels: int | None, num_heads: int | None, attention_order: str,
+def convert_adm(src: Path, head_channels: int | None, num_heads: int | None, attention_order: str,
                 image_size: int, time: str, beta_schedule: str = "linear") -> dict:
     try:
         sd = torch.load(src, map_location="cpu", weights_only=True)
@@ -512,7 +512,7 @@ def convert_adm(src: Path, dest: Path, head_channels: int | None, num_heads: int
     return {"unet": unet, "schedule": schedule, "facts": facts}
 
 
-def convert_edm(src: Path, dest: Path) -> dict:
+def convert_edm(src: Path) -> dict:
     model, kwargs = edm_network(load_network_pickle(src), str(src))
     config, state = edm_state(model, str(src))
     unet = build_unet(config, state, str(src))
@@ -575,11 +575,11 @@ def main(argv: list[str]) -> int:
                 if key not in flags:
                     raise UsageError(f"give --{key.replace('_', '-')} (the tensors do not say it), or a --preset "
                                      f"({', '.join(sorted(PRESETS))})")
-            out = convert_adm(args.source, args.dest, flags.get("head_channels"), flags.get("num_heads"),
+            out = convert_adm(args.source, flags.get("head_channels"), flags.get("num_heads"),
                               flags["attention_order"], int(flags["image_size"]), flags.get("time", "ddpm"),
                               flags.get("beta_schedule", "linear"))
         else:
-            out = convert_edm(args.source, args.dest)
+            out = convert_edm(args.source)
         write_folder(out["unet"], out["schedule"], out["facts"], args.dest, args.force)
     except Exception as e:
         error = as_error(e)

@@ -229,10 +229,11 @@ def model_fn(unet: nn.Module) -> ModelFn:
     return call
 
 
-def guide(uncond: Tensor, text: Tensor, cond: dict) -> Tensor:
+def guide(uncond: Tensor, text: Tensor, cond: dict, start: Tensor | None = None) -> Tensor:
     """Classifier-free guidance eps_u + w (eps_c - eps_u), rescaled by phi = `guidance_rescale` when it is set (Lin et
-    al. 2023, diffusers' `rescale_noise_cfg`: the guided output's std per image brought towards the conditional's)."""
-    out = uncond + float(cond["guidance_scale"]) * (text - uncond)
+    al. 2023, diffusers' `rescale_noise_cfg`: the guided output's std per image brought towards the conditional's).
+    `start`: the prediction guidance starts from instead of eps_u (ScaleCrafter's noise-damped guidance)."""
+    out = (uncond if start is None else start) + float(cond["guidance_scale"]) * (text - uncond)
     if float(cond.get("guidance_rescale", 0.0)) > 0:
         from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
@@ -473,9 +474,9 @@ def load_model(path: str, revision: str | None = None, init: str = "pretrained",
     facts = _read_json(root / "hiresrun.json") if (root / "hiresrun.json").is_file() else {}  # hiresrun convert's
     said = facts.get("parametrization")
     if said is not None and said != parametrization:
+        network = "EDM's F" if said == "edm" else "a standard eps network"
         raise UsageError(f"model.parametrization={parametrization}, but {root}/hiresrun.json says the network is "
-                         f"{'EDM' + chr(39) + 's F' if said == 'edm' else 'a standard eps network'} (converted from "
-                         f"{facts.get('source')}); set model.parametrization={said}")
+                         f"{network} (converted from {facts.get('source')}); set model.parametrization={said}")
     if said == "edm" and float(facts.get("sigma_data", sigma_data)) != float(sigma_data):
         raise UsageError(f"model.sigma_data={sigma_data}, but {root}/hiresrun.json says the network was trained with "
                          f"sigma_data={facts['sigma_data']}; set model.sigma_data={facts['sigma_data']}")

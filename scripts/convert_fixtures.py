@@ -117,7 +117,7 @@ def edm(repo: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "network-snapshot.pkl"
         path.write_bytes(pickle.dumps({"ema": net, "dataset_kwargs": {"resolution": 16}}))
-        out = convert.convert_edm(path, Path(tmp) / "out")
+        out = convert.convert_edm(path)
         with torch.no_grad():
             mine = out["unet"](c_in * x, c_noise.flatten(), class_labels=torch.tensor([3, 7])).sample
         err = float((mine - F_x).abs().max())

@@ -86,18 +86,23 @@ def _float_images(sampler, seeds):
         return sampler.method.sample(sampler.net, loop.gens, loop), counter
 
 
-def test_it_equals_the_authors_loop_that_steps_every_view():
+@pytest.mark.parametrize("knobs", [{}, {"stride": 4, "s1": 1.0, "s2": 2.0, "s3": 0.5, "sigma": 0.6}],
+                         ids=["defaults", "other knobs"])
+def test_it_equals_the_authors_loop_that_steps_every_view(knobs):
+    names = {"stride": "stride", "s1": "cosine_scale_1", "s2": "cosine_scale_2", "s3": "cosine_scale_3",
+             "sigma": "sigma"}
     sampler = hiresrun.load("+method=demofusion", "sampler=ddim", data__resolution=32, sampler__num_steps=4,
-                            method__jitter=False)
+                            method__jitter=False, **{f"method__{names[k]}": v for k, v in knobs.items()})
     # the embedded base's DDPM config clamps x0 (clip_sample): a step affine in (x, eps) needs it off, as in SD's
     sampler.scheduler = type(sampler.scheduler).from_config(sampler.scheduler.config, clip_sample=False)
-    ours, _ = _float_images(sampler, SEEDS)
+    seeds = SEEDS if not knobs else SEEDS[:1]
+    ours, _ = _float_images(sampler, seeds)
     unet = sampler.method.base.unet
-    for i, seed in enumerate(SEEDS):
+    for i, seed in enumerate(seeds):
         gens = sampling.generators([seed])
         x_T, eps = sampling.noise(gens, (1, 16, 16)), sampling.noise(gens, (1, 32, 32))
         with torch.no_grad():
-            ref = _reference(unet, sampler.scheduler, x_T, eps, steps=4)
+            ref = _reference(unet, sampler.scheduler, x_T, eps, steps=4, **knobs)
         assert torch.allclose(ours[i:i + 1], ref, atol=1e-4), (ours[i:i + 1] - ref).abs().max()
 
 

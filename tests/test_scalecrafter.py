@@ -173,3 +173,20 @@ def test_noise_damped_guidance_refuses_stateful_accelerators_and_needs_its_prese
     assert PRESETS["sd21-2048"]["ndcfg"]["share"] == 37 / 50
     sd_layers = PRESETS["sd21-2048"]["layers"]
     assert len({k for k in sd_layers if not k.startswith("up_blocks.3.")}) == 34  # the authors' ndcfg file
+
+
+def test_damped_guidance_with_the_main_layers_is_plain_guidance(tiny_sd_dir, monkeypatch):
+    """ndcfg's neutral setting: damped layers equal to the main ones make eps_u' = eps_u, i.e. ScaleCrafter without
+    damping (to float rounding: the unconditional pass runs alone instead of in the doubled batch)."""
+    from hiresrun.methods import scalecrafter
+
+    same = {**TEST_PRESET, "ndcfg": {"share": 0.5, "without": ()}}
+    monkeypatch.setitem(scalecrafter.PRESETS, "test-same", same)
+    common = ["model=diffusers", f"model.path={tiny_sd_dir}", "+method=scalecrafter", "method.preset=test-same",
+              "sample.prompt=a cat", "sample.guidance_scale=3"]
+    damped = hiresrun.load(*common, data__resolution=32, sampler__num_steps=4)
+    plain = hiresrun.load(*common, "method.ndcfg=false", data__resolution=32, sampler__num_steps=4)
+    assert damped.method.ndcfg and not plain.method.ndcfg
+    a, b = damped.generate([0, 1]), plain.generate([0, 1])
+    assert (a["images"].int() - b["images"].int()).abs().max() <= 1
+    assert a["evals"] > b["evals"]  # the damped steps' extra calls are counted

@@ -213,6 +213,7 @@ class HiDiffusion(NoneMethod):
         level = next((k for k, b in enumerate(unet.down_blocks) if blocks(b)), None)
         if level is None:
             return []
+        names = {m: name for name, m in unet.named_modules()}
         handles = []
         for outer in (unet.down_blocks[level], unet.up_blocks[n - 1 - level]):
             for transformer in [m for m in outer.modules() if hasattr(m, "transformer_blocks")]:
@@ -220,8 +221,7 @@ class HiDiffusion(NoneMethod):
                 handles.append(transformer.register_forward_pre_hook(
                     lambda m, args, size=size: size.__setitem__("map", tuple(args[0].shape[-2:]))))
                 for tb in blocks(transformer):
-                    name = next(n for n, m in unet.named_modules() if m is tb)
-                    draw = lambda name=name: random.Random(f"{self.seed}/{now['call']}/{name}").random()  # noqa: E731
+                    draw = lambda name=names[tb]: random.Random(f"{self.seed}/{now['call']}/{name}").random()  # noqa: E731
                     handles += _windowed(tb.attn1, size, draw)
         return handles
 

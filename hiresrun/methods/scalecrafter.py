@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from hiresrun import sampling
 from hiresrun.errors import UsageError
 from hiresrun.methods.none import NoneMethod
-from hiresrun.models import guided, model_fn, unet_kwargs
+from hiresrun.models import guide, guided, model_fn, unet_kwargs
 from hiresrun.support import ANY_UNET, Support
 
 
@@ -182,10 +182,11 @@ class ScaleCrafter(NoneMethod):
             return self.base.decode(loop(model_fn(net), x_T))
         damped = {"on": False}  # set while the damped unconditional pass runs
         nd_layers = self.ndcfg_layers(net) if self.ndcfg else {}
+        nd_share = PRESETS[self.preset]["ndcfg"]["share"] if nd_layers else 0.0
+        steps_of = lambda share, step: round(share * len(step.timesteps) / step.order)  # noqa: E731
 
         def dilating(f, step):
-            n = round(self.share * len(step.timesteps) / step.order)
-            n_nd = round(PRESETS[self.preset]["ndcfg"]["share"] * len(step.timesteps) / step.order) if nd_layers else 0
+            n, n_nd = steps_of(self.share, step), steps_of(nd_share, step)
 
             def call(x, t, cond):
                 i = step.full_step
@@ -197,7 +198,7 @@ class ScaleCrafter(NoneMethod):
             return call
 
         def damping(f, step):  # outside the accelerator and counter: each of the three passes is a counted call
-            n_nd = round(PRESETS[self.preset]["ndcfg"]["share"] * len(step.timesteps) / step.order)
+            n_nd = steps_of(nd_share, step)
 
             def call(x, t, cond):
                 if step.full_step >= n_nd or not guided(cond):
@@ -209,12 +210,7 @@ class ScaleCrafter(NoneMethod):
                     uncond_damped = f(x, t, cond["negative"])
                 finally:
                     damped["on"] = False
-                out = uncond_damped + float(cond["guidance_scale"]) * (text - uncond)
-                if float(cond.get("guidance_rescale", 0.0)) > 0:
-                    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
-
-                    out = rescale_noise_cfg(out, text, guidance_rescale=float(cond["guidance_rescale"]))
-                return out
+                return guide(uncond, text, cond, start=uncond_damped)
             return call
 
         outer = loop.wrap
