@@ -200,7 +200,8 @@ def build_conditioner(cfg: DictConfig, base, for_grids: bool = False):
     if labels is not None:
         labels = parse_seeds(labels, 0) if isinstance(labels, (str, int)) else [int(c) for c in labels]
     return Conditioner(base, prompts, s.get("negative_prompt"), s.get("guidance_scale"), s.get("guidance_rescale", 0.0),
-                       size=int(cfg.data.resolution), micro=micro, class_labels=labels)
+                       size=int(cfg.data.resolution), micro=micro, class_labels=labels,
+                       true_cfg_scale=s.get("true_cfg_scale", 1.0), max_sequence_length=s.get("max_sequence_length"))
 
 
 def seed_loader(seeds: list[int], batch_size: int) -> DataLoader:
@@ -214,7 +215,15 @@ def sampler_scheduler(cfg: DictConfig, base, method=None):
     if base.parametrization != "edm" and trained and int(cfg.sampler.num_steps) > trained:
         raise UsageError(f"sampler.num_steps={cfg.sampler.num_steps}: the model's schedule has {trained} training "
                          f"timesteps; sample with at most {trained} steps")
+    from hiresrun import flow
+
+    if base.flow and not flow.type_is_flow(config):
+        raise UsageError(f"{type(base.unet).__name__} is a flow-matching model, but the method's schedule is "
+                         f"{config.get('_class_name')}; it samples on the model's own flow schedule")
     scheduler = instantiate(cfg.sampler.scheduler)(config)
+    if base.flow and not flow.is_flow_scheduler(scheduler):
+        raise UsageError(f"sampler={choice(cfg, 'sampler')} integrates a VP (eps/v) model; {type(base.unet).__name__} "
+                         f"is a flow-matching model: use sampler=flow_euler, flow_dpmsolver or flow_unipc")
     edm_sampler = type(scheduler).__name__.startswith("EDM")
     if base.parametrization == "edm" and not edm_sampler:
         raise UsageError(f"model.parametrization=edm needs an EDM sampler (sampler=edm_heun, edm_euler or "

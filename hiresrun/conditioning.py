@@ -24,8 +24,11 @@ from hiresrun.errors import UsageError
 from hiresrun.models import library_class
 
 SHIPPED = Path(__file__).parent / "assets" / "prompts"  # prompt sets shipped for tests and smoke runs
-TEXT_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
-DEFAULT_GUIDANCE = {"StableDiffusionPipeline": 7.5, "StableDiffusionXLPipeline": 5.0}  # the pipelines' defaults
+TEXT_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
+# The pipelines' default guidance scales (FLUX.1-dev's is the embedded scale; a model without the embedding: none)
+DEFAULT_GUIDANCE = {"StableDiffusionPipeline": 7.5, "StableDiffusionXLPipeline": 5.0, "StableDiffusion3Pipeline": 7.0,
+                    "FluxPipeline": 3.5}
+MAX_SEQUENCE = {"StableDiffusion3Pipeline": 256, "FluxPipeline": 512}  # the pipelines' default T5 sequence lengths
 
 
 # -- prompts ----------------------------------------------------------------------------------------------------
@@ -122,14 +125,18 @@ class Prompts:
 
 # -- text encoders -------------------------------------------------------------------------------------------------
 class TextEncoder:
-    """The text side of a diffusers SD / SDXL pipeline folder, encoding through the pipeline's `encode_prompt`."""
+    """The text side of a diffusers SD / SDXL / SD3 / FLUX pipeline folder, encoding through the pipeline's
+    `encode_prompt` (SD3: two CLIPs and T5, CLIP pooled; FLUX: CLIP pooled and T5)."""
 
     def __init__(self, pipe):
         self.pipe = pipe
         self.kind = type(pipe).__name__
         self.xl = self.kind == "StableDiffusionXLPipeline"
-        self.tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
-        self.encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
+        self.flow = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}.get(self.kind)
+        names = ("tokenizer", "tokenizer_2", "tokenizer_3")
+        self.tokenizers = [t for t in (getattr(pipe, n, None) for n in names) if t is not None]
+        self.encoders = [e for e in (getattr(pipe, f"text_encoder{n[9:]}", None) for n in names) if e is not None]
+        self.max_sequence_length = MAX_SEQUENCE.get(self.kind)  # T5's tokens (sample.max_sequence_length)
 
     @classmethod
     def load(cls, root: Path, unet, vae, scheduler_config: dict) -> TextEncoder:
@@ -141,7 +148,7 @@ class TextEncoder:
             raise UsageError(f"model.path={root}: a {kind} pipeline; hiresrun drives text models of the kinds "
                              f"{', '.join(TEXT_PIPELINES)}")
         parts = {}
-        for name in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
             library, class_name = (index.get(name) or [None, None])[:2]
             if library is None:
                 continue
@@ -149,7 +156,10 @@ class TextEncoder:
             part = loader.from_pretrained(root / name)
             parts[name] = part.eval().requires_grad_(False) if name.startswith("text_encoder") else part
         scheduler = diffusers.DDIMScheduler.from_config(scheduler_config)
-        if kind == "StableDiffusionXLPipeline":
+        if kind in ("StableDiffusion3Pipeline", "FluxPipeline"):  # encode_prompt only: the loop is hiresrun's
+            flow = diffusers.FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+            pipe = getattr(diffusers, kind)(vae=vae, transformer=unet, scheduler=flow, **parts)
+        elif kind == "StableDiffusionXLPipeline":
             pipe = diffusers.StableDiffusionXLPipeline(
                 vae=vae, unet=unet, scheduler=scheduler, add_watermarker=False,
                 force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True), **parts)
@@ -160,24 +170,45 @@ class TextEncoder:
         return cls(pipe)
 
     @property
+    def embedded_guidance(self) -> bool:
+        """FLUX.1-dev: the guidance scale is an input of the transformer (guidance distillation), not two passes."""
+        return self.flow == "flux" and bool(self.pipe.transformer.config.guidance_embeds)
+
+    @property
     def default_guidance(self) -> float:
+        if self.flow == "flux" and not self.embedded_guidance:  # FLUX.1-schnell: no guidance input at all
+            return 1.0
         return DEFAULT_GUIDANCE[self.kind]
 
     @property
     def max_length(self) -> int:
         return int(self.tokenizers[0].model_max_length)
 
+    @property
+    def t5_limit(self) -> int | None:
+        """The T5 tokenizer's own limit (model_max_length): the longest `max_sequence_length` it takes; None without
+        T5."""
+        return int(self.tokenizers[-1].model_max_length) if self.flow else None
+
     def too_long(self, prompt: str) -> bool:
-        return any(len(t(prompt).input_ids) > t.model_max_length for t in self.tokenizers)
+        """Longer than a CLIP tokenizer's window or, on flow models, than the T5 sequence: truncated either way."""
+        limits = [t.model_max_length for t in self.tokenizers]
+        if self.flow:
+            limits[-1] = self.max_sequence_length
+        return any(len(t(prompt).input_ids) > m for t, m in zip(self.tokenizers, limits))
 
     @torch.no_grad()
     def encode(self, prompts: list[str], device, negative: list[str] | None = None, guidance: bool = False,
-               size: int | None = None, micro: dict | None = None) -> dict:
+               size: int | None = None, micro: dict | None = None, embedded: float | None = None) -> dict:
         """UNet keyword arguments for `prompts` (and, with `guidance`, a `negative` entry for the unconditional
         rows). SDXL adds `added_cond_kwargs`: the pooled text embedding and the micro-conditioning time ids
-        (original_size, crops_coords_top_left, target_size; all from `size` unless `micro` overrides)."""
+        (original_size, crops_coords_top_left, target_size; all from `size` unless `micro` overrides). SD3 and FLUX:
+        the T5 sequence and the pooled CLIP projection; FLUX.1-dev adds `guidance`, the embedded scale (`embedded`,
+        default the pipeline's 3.5) per row."""
         for e in self.encoders:
             e.to(device)
+        if self.flow:
+            return self._encode_flow(prompts, device, negative, guidance, embedded)
         if self.xl:
             pe, ne, pooled, npooled = self.pipe.encode_prompt(prompt=prompts, device=device,
                                                                num_images_per_prompt=1,
@@ -193,6 +224,31 @@ class TextEncoder:
         cond = {"encoder_hidden_states": pe}
         if guidance:
             cond["negative"] = {"encoder_hidden_states": ne}
+        return cond
+
+    def _encode_flow(self, prompts, device, negative, guidance: bool, embedded: float | None) -> dict:
+        n = len(prompts)
+        if self.flow == "sd3":
+            pe, ne, pooled, npooled = self.pipe.encode_prompt(
+                prompt=prompts, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
+                do_classifier_free_guidance=guidance, negative_prompt=negative,
+                max_sequence_length=self.max_sequence_length)
+            cond = {"encoder_hidden_states": pe, "pooled_projections": pooled}
+            if guidance:
+                cond["negative"] = {"encoder_hidden_states": ne, "pooled_projections": npooled}
+            return cond
+        pe, pooled, _ = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device, num_images_per_prompt=1,
+                                                max_sequence_length=self.max_sequence_length)
+        cond = {"encoder_hidden_states": pe, "pooled_projections": pooled}
+        if self.embedded_guidance:  # float32, as FluxPipeline makes it
+            scale = DEFAULT_GUIDANCE[self.kind] if embedded is None else float(embedded)
+            cond["guidance"] = torch.full((n,), scale, device=device, dtype=torch.float32)
+        if guidance:  # true CFG: the negative prompt's rows, the same embedded scale
+            ne, npooled, _ = self.pipe.encode_prompt(prompt=negative or [""] * n, prompt_2=None, device=device,
+                                                     num_images_per_prompt=1,
+                                                     max_sequence_length=self.max_sequence_length)
+            cond["negative"] = {"encoder_hidden_states": ne, "pooled_projections": npooled,
+                                **({"guidance": cond["guidance"]} if "guidance" in cond else {})}
         return cond
 
     @staticmethod
@@ -211,13 +267,41 @@ class Conditioner:
 
     def __init__(self, base, prompts: Prompts | None = None, negative_prompt: str | None = None,
                  guidance_scale: float | None = None, guidance_rescale: float = 0.0, size: int | None = None,
-                 micro: dict | None = None, class_labels: list[int] | None = None):
+                 micro: dict | None = None, class_labels: list[int] | None = None, true_cfg_scale: float = 1.0,
+                 max_sequence_length: int | None = None):
         self.base, self.prompts, self.negative_prompt = base, prompts, negative_prompt
         self.class_labels = class_labels
         self.size, self.micro = size or base.resolution, micro or {}
         text = base.text
+        flux = text is not None and text.flow == "flux"
         self.guidance_scale = float(guidance_scale if guidance_scale is not None else base.default_guidance)
         self.guidance_rescale = float(guidance_rescale)
+        self.true_cfg_scale = float(true_cfg_scale)
+        if flux and guidance_scale is not None and not text.embedded_guidance:
+            raise UsageError(f"sample.guidance_scale={guidance_scale}: this FLUX model (FLUX.1-schnell) has no "
+                             f"guidance input and would ignore it; drop it (true CFG: sample.true_cfg_scale with "
+                             f"sample.negative_prompt)")
+        if not flux and self.true_cfg_scale != 1.0:
+            raise UsageError(f"sample.true_cfg_scale={true_cfg_scale} is FLUX's true classifier-free guidance; "
+                             f"model.path={base.source} guides with sample.guidance_scale: use that")
+        if flux and (not math.isfinite(self.true_cfg_scale) or self.true_cfg_scale < 1):
+            raise UsageError(f"sample.true_cfg_scale={true_cfg_scale}: must be a number >= 1 (1 = off)")
+        if flux and self.true_cfg_scale > 1 and negative_prompt is None:
+            raise UsageError(f"sample.true_cfg_scale={true_cfg_scale} needs a negative prompt to guide away from (as "
+                             f"FluxPipeline): set sample.negative_prompt=\"...\" (\"\" for the empty prompt)")
+        if max_sequence_length is not None:
+            limit = text.t5_limit if text is not None else None
+            if limit is None:
+                raise UsageError(f"sample.max_sequence_length={max_sequence_length} sets the T5 prompt length of SD3 / "
+                                 f"FLUX; model.path={base.source} has no T5 encoder: drop it")
+            if not 1 <= int(max_sequence_length) <= limit:
+                raise UsageError(f"sample.max_sequence_length={max_sequence_length}: the T5 tokenizer takes 1 .. "
+                                 f"{limit} tokens; pick one in that range (the pipeline's default: "
+                                 f"{MAX_SEQUENCE[text.kind]})")
+            text.max_sequence_length = int(max_sequence_length)
+        elif text is not None and text.flow and text.max_sequence_length > text.t5_limit:
+            raise UsageError(f"the pipeline's default T5 length {text.max_sequence_length} exceeds this model's T5 "
+                             f"tokenizer ({text.t5_limit} tokens); set sample.max_sequence_length<={text.t5_limit}")
         if not math.isfinite(self.guidance_scale) or self.guidance_scale < 1:
             raise UsageError(f"sample.guidance_scale={guidance_scale}: must be a number >= 1 (1 = no guidance, one "
                              f"UNet pass per step; Stable Diffusion's default 7.5)")
@@ -250,7 +334,14 @@ class Conditioner:
                              f"micro-conditioning, but model.path={base.source} is not an SDXL model; drop it")
 
     @property
+    def flux(self) -> bool:
+        return self.base.text is not None and self.base.text.flow == "flux"
+
+    @property
     def guided(self) -> bool:
+        """Two passes per step: classifier-free guidance (FLUX: true CFG; its guidance_scale is an input)."""
+        if self.flux:
+            return self.true_cfg_scale > 1
         return self.base.conditioning in ("text", "class") and self.guidance_scale > 1
 
     def labels_of(self, seeds: list[int], gens: list[torch.Generator]) -> Tensor:
@@ -306,8 +397,9 @@ class Conditioner:
         elif base.conditioning == "text":
             negative = None if self.negative_prompt is None else [self.negative_prompt] * len(seeds)
             cond.update(base.text.encode(self.prompts_of(seeds), device, negative=negative, guidance=self.guided,
-                                         size=self.size, micro=self.micro))
+                                         size=self.size, micro=self.micro,
+                                         embedded=self.guidance_scale if self.flux else None))
             if self.guided:
-                cond["guidance_scale"] = self.guidance_scale
+                cond["guidance_scale"] = self.true_cfg_scale if self.flux else self.guidance_scale
                 cond["guidance_rescale"] = self.guidance_rescale
         return cond

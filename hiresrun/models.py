@@ -54,9 +54,26 @@ class BaseModel:
     trained_on: str | None = None        # the data the weights learned (mnist, laion, imagenet); None: not stated
 
     @property
+    def flow(self) -> str | None:
+        """"sd3" | "flux" for a flow-matching transformer base (hiresrun/flow.py), None for eps/v/x0 and EDM bases."""
+        from hiresrun import flow
+
+        return flow.family(self.unet)
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the sample space the loop integrates (a FLUX transformer reads four of them per packed token)."""
+        from hiresrun import flow
+
+        return flow.latent_channels(self.unet)
+
+    @property
     def downsample_factor(self) -> int:
-        """Spatial size must be divisible by this (2 per down block that downsamples; a transformer's patch)."""
-        if _is_transformer(self.unet):
+        """Spatial size must be divisible by this (2 per down block that downsamples; a transformer's patch; FLUX's
+        2x2 packing)."""
+        if self.flow == "flux":
+            return 2
+        if _is_transformer(self.unet) or self.flow:
             return int(self.unet.config.patch_size)
         return 2 ** (len(self.unet.config.block_out_channels) - 1)
 
@@ -73,6 +90,9 @@ class BaseModel:
             ok = [r for r in (resolution - resolution % step, resolution - resolution % step + step) if r > 0]
             raise UsageError(f"data.resolution={resolution} is not divisible by {step}, the model's downsampling "
                              f"factor; use e.g. data.resolution={ok[-1]}")
+        from hiresrun import flow
+
+        flow.check_size(self.unet, resolution // self.latent_factor, resolution)
 
     @property
     def default_guidance(self) -> float:
@@ -216,6 +236,10 @@ def model_fn(unet: nn.Module) -> ModelFn:
     A DiT transformer goes through `transformer_fn`."""
     if _is_transformer(unet):
         return transformer_fn(unet)
+    from hiresrun import flow
+
+    if flow.family(unet):
+        return flow.model_fn(unet)
 
     def call(x: Tensor, t: Tensor, cond: dict) -> Tensor:
         kwargs, channels = unet_kwargs(cond), x.shape[1]  # ADM's learned-variance channels dropped: samplers take eps
@@ -354,10 +378,20 @@ def native_resolution(path: str, revision: str | None = None, vae: str | None = 
     config = denoiser_dir(root) / "config.json" if root is not None else None
     if config is None or not config.is_file():
         return None
-    size = _read_json(config).get("sample_size")
-    size = size[0] if isinstance(size, (list, tuple)) else size
     vae_config = (Path(vae) if vae else root / "vae") / "config.json"
     factor = 2 ** (len(_read_json(vae_config).get("block_out_channels", [0])) - 1) if vae_config.is_file() else 1
+    return _native(root, _read_json(config), factor)
+
+
+def _native(root: Path, config: dict, factor: int) -> int | None:
+    """The native image side: the folder's own statement (hiresrun.json `resolution`, written by hiresrun.tiny), else
+    the denoiser's sample_size times the VAE's factor; FLUX's transformer states no sample size, so its pipeline's
+    default (128 latent pixels, 1024 px for the released VAE) stands in."""
+    facts = _read_json(root / "hiresrun.json") if (root / "hiresrun.json").is_file() else {}
+    if isinstance(facts.get("resolution"), int):
+        return int(facts["resolution"])
+    size = config.get("sample_size", 128 if config.get("_class_name") == "FluxTransformer2DModel" else None)
+    size = size[0] if isinstance(size, (list, tuple)) else size
     return int(size) * factor if isinstance(size, int) else None
 
 
@@ -414,14 +448,16 @@ def load_model(path: str, revision: str | None = None, init: str = "pretrained",
                vae_tile_above: int | None = None, null_class: int | None = None, parametrization: str = "standard",
                sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0,
                prompts: str | None = None, resolution: int | None = None,
-               trained_on: str | None = None, denoiser: str | None = None, space: str | None = None) -> BaseModel:
+               trained_on: str | None = None, denoiser: str | None = None, space: str | None = None,
+               positions: str = "extrapolate") -> BaseModel:
     """Load the base model. `init=scratch` builds the same architecture with fresh weights (pretrain).
     `conditioning=auto`: text when the folder is a text-to-image pipeline, class when the UNet has a class
     embedding, else none. `resolution`: the native size a model file states (data.resolution's default), refused
     when the weights say otherwise; `trained_on`: the data the weights learned (recorded; run.py checks metrics);
     `denoiser` / `space`: what the option's released model is (denoiser class, pixel or latent), read by the support
     checks only while no config file of the model is on this machine (support.model_facts); the files always win,
-    so `model.path=` pointing elsewhere needs no change to them."""
+    so `model.path=` pointing elsewhere needs no change to them. `positions`: how a flow transformer places tokens
+    above its native size (hiresrun/flow.py; extrapolate | interpolate | ntk)."""
     del denoiser, space  # declarations for support.model_facts; loading reads the files
     if init not in ("pretrained", "scratch"):
         raise UsageError(f"model.init={init}: choose pretrained or scratch")
@@ -450,9 +486,8 @@ def load_model(path: str, revision: str | None = None, init: str = "pretrained",
     scale = vae_scale if vae_scale is not None else getattr(config, "scaling_factor", 1.0)
     shift = getattr(config, "shift_factor", None) or 0.0
     channels = autoencoder.config.in_channels if autoencoder is not None else unet.config.in_channels
-    size = unet.config.sample_size
-    native = (size if isinstance(size, int) else size[0]) * (1 if autoencoder is None else
-                                                              2 ** (len(autoencoder.config.block_out_channels) - 1))
+    native = _native(root, dict(unet.config), 1 if autoencoder is None else
+                     2 ** (len(autoencoder.config.block_out_channels) - 1))
     if resolution is not None and int(resolution) != native:
         raise UsageError(f"model.resolution={resolution}, but the weights at {path} are {native} px; set "
                          f"model.resolution={native} (or null: read from the weights)")
@@ -495,6 +530,13 @@ def load_model(path: str, revision: str | None = None, init: str = "pretrained",
         if text is None:
             raise UsageError(f"model.prompts={prompts}: {path} takes no text; drop it")
         base.default_prompts = str(prompts)
+    from hiresrun import flow
+
+    if flow.family(unet):
+        flow.configure(unet, str(positions), resolution // base.latent_factor)
+    elif positions != "extrapolate":
+        raise UsageError(f"model.positions={positions}: position handling applies to flow transformers (SD3, FLUX); "
+                         f"{path} has a {type(unet).__name__}; drop it")
     if _is_transformer(unet) and conditioning == "class":  # DiT's label embedding keeps its null row last
         base.null_class = base.class_table - 1
     if null_class is not None:

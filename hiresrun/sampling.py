@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from hiresrun import flow
 from hiresrun.models import ModelFn, guided
 from hiresrun.validate import TRAINING_SEEDS  # training draws' seed space (validate.py says why)
 
@@ -75,20 +76,22 @@ def sample(model_fn: ModelFn, x: Tensor, scheduler, num_steps: int, start_step: 
     the latent step i starts from instead of x (DemoFusion's skip residual mixes a noised low-resolution sample in);
     None keeps x."""
     cond = {} if cond is None else cond
-    scheduler.set_timesteps(num_steps, device=x.device)
+    flow.set_timesteps(scheduler, num_steps, x)  # FLUX's shift depends on x's size (hiresrun/flow.py)
     timesteps = scheduler.timesteps[start_step * scheduler.order:]
     if hasattr(scheduler, "set_begin_index"):  # multistep/Karras schedulers index their state from here
         scheduler.set_begin_index(start_step * scheduler.order)
     if start_step == 0:
-        x = x * scheduler.init_noise_sigma
-    elif renoise is not None and len(timesteps):
-        x = scheduler.add_noise(x, renoise, timesteps[:1])
+        x = x * getattr(scheduler, "init_noise_sigma", 1.0)  # flow-matching schedulers start at sigma 1
+    elif renoise is not None and len(timesteps):  # flow matching: x = (1 - sigma) x0 + sigma eps (scale_noise)
+        x = (scheduler.add_noise if hasattr(scheduler, "add_noise") else scheduler.scale_noise)(x, renoise,
+                                                                                                timesteps[:1])
     # The accelerator sees the scheduler's own latent x_t: Euler-type samplers rescale the model input
     # (x_t / sqrt(sigma^2 + 1)), and a step-level accelerator must measure x_t, not that.
     edm = type(scheduler).__name__.startswith("EDM")
     step = Step(timesteps=timesteps, order=int(getattr(scheduler, "order", 1)),
                 sigma_max=float(scheduler.config.sigma_max) if edm else None)
-    f = wrap(lambda z, t, c: model_fn(scheduler.scale_model_input(z, t), t, c), step)
+    scale = getattr(scheduler, "scale_model_input", lambda z, t: z)  # flow-matching schedulers scale nothing
+    f = wrap(lambda z, t, c: model_fn(scale(z, t), t, c), step)
     extra = {"generator": list(gens)} if gens is not None and _takes_generator(scheduler) else {}
     for i, t in enumerate(timesteps):
         step.index = i

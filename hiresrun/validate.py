@@ -25,7 +25,7 @@ PRECISIONS = ("64", "64-true", "32", "32-true", "16", "16-mixed", "16-true", "bf
 COUNTS = {  # key -> smallest value (whole numbers; None: the model checks the size, naming its own step)
     "sampler.num_steps": 1, "data.batch_size": 1, "sample.batch_size": 1, "train.checkpoint_every": 1,
     "sample.num_samples": 1, "data.resolution": None, "seed": 0, "sample.progress_every": 0, "trainer.max_steps": -1,
-    "train.grid_every": 0, "train.grid_seeds": 1,
+    "train.grid_every": 0, "train.grid_seeds": 1, "sample.max_sequence_length": 1,
 }
 HINTS = {"sampler.num_steps": " (e.g. sampler.num_steps=50)",
          "sample.num_samples": ", or give the images explicitly with sample.seeds=0-99",
@@ -143,8 +143,8 @@ def check_plain_values(cfg: DictConfig) -> None:
     if cfg.task in ("train", "pretrain") and lr is not None and not (
             isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0):
         raise UsageError(f"optimizer.lr={lr}: must be a positive finite number (e.g. optimizer.lr=2e-4)")
-    for key in ("sample.guidance_scale", "sample.guidance_rescale", "train.ema_decay", "train.caption_dropout",
-                "train.label_dropout"):
+    for key in ("sample.guidance_scale", "sample.guidance_rescale", "sample.true_cfg_scale", "train.ema_decay",
+                "train.caption_dropout", "train.label_dropout"):
         if select(key) is not None:
             finite(key, select(key))
     trainer = cfg.get("trainer") or {}

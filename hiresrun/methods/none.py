@@ -18,7 +18,7 @@ class NoneMethod(Method):
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         size = resolution // self.base.latent_factor
-        return (self.base.unet.config.in_channels, size, size)
+        return (self.base.latent_channels, size, size)
 
     def sample(self, net: nn.Module, gens: list[torch.Generator], loop) -> Tensor:
         x_T = sampling.noise(gens, self.latent_shape(self.resolution), net.device)

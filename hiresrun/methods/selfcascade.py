@@ -212,7 +212,7 @@ class SelfCascade(NoneMethod):
         only the final eps (= what `method=none` draws); strength 0 only the base noise (= `method=upsample`)."""
         unet, f = self._unet(net), self.base.latent_factor
         sizes = [self.base.resolution * 2 ** s // f for s in range(self.stages + 1)]
-        shape = lambda s: (unet.config.in_channels, sizes[s], sizes[s])
+        shape = lambda s: (self.base.latent_channels, sizes[s], sizes[s])
         num_steps = loop.num_steps
         start = num_steps - int(num_steps * self.strength)
         if start == 0:  # strength 1: a pure-noise start; the pivot is never needed
@@ -285,7 +285,7 @@ class SelfCascade(NoneMethod):
                                                   size=self.base.resolution),
                         torch.tensor(todo))
             size = self.base.resolution // self.base.latent_factor
-            x = sampling.noise(gens, (unet.config.in_channels, size, size), unet.device)
+            x = sampling.noise(gens, (self.base.latent_channels, size, size), unet.device)
             scheduler = DDIMScheduler.from_config(self.base.scheduler_config)
             x = sampling.sample(model_fn(unet), x, scheduler, self.pivot_steps, gens=gens, cond=cond)
             self.pivots.update({index[i]: p.cpu() for i, p in zip(todo, x)})
