@@ -83,8 +83,8 @@ def sample(model_fn: ModelFn, x: Tensor, scheduler, num_steps: int, start_step: 
     if start_step == 0:
         x = x * getattr(scheduler, "init_noise_sigma", 1.0)  # flow-matching schedulers start at sigma 1
     elif renoise is not None and len(timesteps):  # flow matching: x = (1 - sigma) x0 + sigma eps (scale_noise)
-        x = (scheduler.add_noise if hasattr(scheduler, "add_noise") else scheduler.scale_noise)(x, renoise,
-                                                                                                timesteps[:1])
+        x = scheduler.add_noise(x, renoise, timesteps[:1]) if hasattr(scheduler, "add_noise") else \
+            scheduler.scale_noise(x, timesteps[:1], renoise)
     # The accelerator sees the scheduler's own latent x_t: Euler-type samplers rescale the model input
     # (x_t / sqrt(sigma^2 + 1)), and a step-level accelerator must measure x_t, not that.
     edm = type(scheduler).__name__.startswith("EDM")

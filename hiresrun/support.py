@@ -15,7 +15,8 @@ from hiresrun.errors import Unsupported
 PIXEL_AND_LATENT = ("pixel", "latent")
 ANY_UNET = ("UNet2DModel", "UNet2DConditionModel")
 TRANSFORMERS = ("DiTTransformer2DModel", "Transformer2DModel")  # models.TRANSFORMERS
-ANY_DENOISER = ANY_UNET + TRANSFORMERS
+FLOW_TRANSFORMERS = ("SD3Transformer2DModel", "FluxTransformer2DModel")  # flow.FLOW_TRANSFORMERS
+ANY_DENOISER = ANY_UNET + TRANSFORMERS + FLOW_TRANSFORMERS
 # An accelerator list (`+accelerator=[adaptive,deepcache]`) applies its members outermost first in this order: which
 # steps call the model at all, which blocks run inside a call, how the running blocks compute. Two members compose
 # when they declare different levels; one level holds at most one member.
@@ -34,9 +35,11 @@ class Support:
     level: str = ""                               # accelerator: what it decides (LEVELS); "" composes with nothing
     text: bool = True                             # works with text-to-image bases (prompts, guidance)
     edm: bool = True                              # works with EDM-preconditioned bases (model.parametrization=edm)
+    flow: bool = False                            # works with flow-matching transformers (SD3, FLUX: hiresrun/flow.py)
     why: str = ""                                 # the code behind a restriction, shown in the refusal
     why_text: str = ""                            # the code behind text=False
     why_edm: str = ""                             # the code behind edm=False
+    why_flow: str = ""                            # the code behind flow=False (where the denoiser check passes)
     sub_batches: bool = False                     # accelerator: calls the model on a subset of a batch's images
     whole_batches: bool = False                   # accelerator: keeps state per whole batch (a feature cache)
     views: bool = False                           # method: calls the model several times per step (DemoFusion's
@@ -67,6 +70,10 @@ def refusal(method: str, m: Support, accelerator: str | None, a: Support, model:
             return f"{pair}: {kind}={name} works on {' and '.join(s.spaces)} models only ({s.why}); {model} is {space}"
         if unet is not None and unet not in s.unets:
             return f"{pair}: {kind}={name} needs a {' or '.join(s.unets)} ({s.why}); {model} has a {unet}"
+        if unet in FLOW_TRANSFORMERS and not s.flow:
+            why = s.why_flow or "it is not built for them"
+            return (f"{pair}: {kind}={name} does not drive flow-matching transformers ({why}); {model} has a "
+                    f"{unet}")
     return None
 
 

@@ -186,11 +186,10 @@ def _finish(folder: Path, scratch: Path, native: int) -> Path:
     return folder
 
 
-def sd3(folder: str | Path, sample_size: int = 8, max_length: int = 32) -> Path:
+def sd3(folder: str | Path, sample_size: int = 8, max_length: int = 512) -> Path:
     """A tiny random Stable Diffusion 3 pipeline folder: SD3Transformer2DModel (patch 2, joint attention), two CLIP
     encoders with projections and a T5 encoder, a 16-channel VAE with shift, the flow-matching Euler scheduler with
-    SD3's shift 3. The T5 tokenizer's limit is `max_length` tokens (the released model's is 512; the pipeline's default
-    sequence is 256, so tiny runs pass sample.max_sequence_length)."""
+    SD3's shift 3. The T5 tokenizer's limit is `max_length` tokens (512, as the released models')."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     folder = Path(folder)
@@ -212,7 +211,7 @@ def sd3(folder: str | Path, sample_size: int = 8, max_length: int = 32) -> Path:
     return _finish(folder, scratch, 2 * sample_size)
 
 
-def flux(folder: str | Path, sample_size: int = 8, guidance_embeds: bool = True, max_length: int = 32) -> Path:
+def flux(folder: str | Path, sample_size: int = 8, guidance_embeds: bool = True, max_length: int = 512) -> Path:
     """A tiny random FLUX.1 pipeline folder: FluxTransformer2DModel (double- and single-stream blocks, 3-axis RoPE,
     guidance embedding as FLUX.1-dev; `guidance_embeds=False` as -schnell) over 2x2-packed latents, a CLIP encoder
     (pooled) and a T5 encoder, a VAE with shift, the flow-matching Euler scheduler with FLUX's resolution-dependent

@@ -165,3 +165,27 @@ def tiny_dit_dir(tmp_path_factory) -> Path:
     from hiresrun.tiny import dit
 
     return dit(tmp_path_factory.mktemp("tiny-dit") / "dit")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory) -> Path:
+    """A random tiny FLUX.1-dev-shaped pipeline folder (hiresrun/tiny.py): 16 px native, guidance embedding."""
+    from hiresrun.tiny import flux
+
+    return flux(tmp_path_factory.mktemp("tiny-flux") / "flux")
+
+
+@pytest.fixture(scope="session")
+def tiny_schnell_dir(tmp_path_factory) -> Path:
+    """The FLUX.1-schnell shape: no guidance embedding."""
+    from hiresrun.tiny import flux
+
+    return flux(tmp_path_factory.mktemp("tiny-schnell") / "schnell", guidance_embeds=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory) -> Path:
+    """A random tiny Stable Diffusion 3 pipeline folder: 16 px native, position grid of 32 patches."""
+    from hiresrun.tiny import sd3
+
+    return sd3(tmp_path_factory.mktemp("tiny-sd3") / "sd3")

@@ -110,7 +110,7 @@ class Accelerator:
     index. Per-call state lives in the closure it builds, so nothing needs resetting between sampling calls.
     """
 
-    supports = Support()  # what a subclass works with (hiresrun/support.py); the base works with everything
+    supports = Support(flow=True)  # what a subclass works with (hiresrun/support.py); the base: everything
     # One record per sampling call (which images or blocks ran), for `mark` / `per_image`; None: it keeps none.
     records: list[dict] | None = None
 

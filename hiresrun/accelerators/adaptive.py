@@ -65,7 +65,8 @@ class AdaptiveDiffusion(Accelerator):
     """Per full step: run the model, or feed the scheduler the previous raw output (its counter and multistep
     history advance as usual). Decided from the last three latent-change magnitudes; first `warmup` steps run."""
 
-    supports = Support(level="steps", needs_steps=True, why="it reuses the last step's output after 4 warm-up steps")
+    supports = Support(level="steps", needs_steps=True, flow=True,  # reuses an output: any parametrization
+                       why="it reuses the last step's output after 4 warm-up steps")
 
     def __init__(self, delta: float = 0.01,              # threshold of the skip rule; 0 = never reuse (identity)
                  c_max: int = 4,                       # C_max: most reuses in a row (see `cap`)

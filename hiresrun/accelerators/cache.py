@@ -32,7 +32,7 @@ from torch import nn
 from hiresrun.accelerators import Accelerator, FlopShare
 from hiresrun.errors import UsageError
 from hiresrun.models import ModelFn
-from hiresrun.support import TRANSFORMERS, Support
+from hiresrun.support import FLOW_TRANSFORMERS, TRANSFORMERS, Support
 
 KINDS = {"first_block": ("FirstBlockCacheConfig", "apply_first_block_cache"),
          "taylorseer": ("TaylorSeerCacheConfig", "apply_taylorseer_cache"),
@@ -60,7 +60,8 @@ class _Handle:
 class DiffusersCache(Accelerator):
     """One of diffusers' cache configs on the transformer, with a cache context per call."""
 
-    supports = Support(unets=TRANSFORMERS, needs_steps=True, level="blocks", whole_batches=True,  # one batch's state
+    supports = Support(unets=TRANSFORMERS + FLOW_TRANSFORMERS, needs_steps=True, level="blocks", flow=True,
+                       whole_batches=True,  # one batch's state
                        why="diffusers' cache hooks wrap a transformer's blocks")
 
     def __init__(self, kind: str = "first_block",   # first_block | taylorseer | magcache | pab
@@ -116,8 +117,9 @@ class DiffusersCache(Accelerator):
         if self.neutral:
             return []
         transformer = getattr(net, "unet", net)
-        if type(transformer).__name__ not in TRANSFORMERS:
-            raise UsageError(f"accelerator=cache needs a transformer base ({' or '.join(TRANSFORMERS)}); got "
+        kinds = TRANSFORMERS + FLOW_TRANSFORMERS
+        if type(transformer).__name__ not in kinds:
+            raise UsageError(f"accelerator=cache needs a transformer base ({' or '.join(kinds)}); got "
                              f"{type(transformer).__name__}: use accelerator=deepcache on UNets")
         self.transformer = transformer
         return [_Handle(self)]

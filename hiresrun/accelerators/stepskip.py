@@ -20,7 +20,8 @@ from hiresrun.support import Support
 class StepSkip(Accelerator):
     """Compute full step k where `mask[k]` (or k % every == 0), else reuse the last computed output."""
 
-    supports = Support(level="steps", needs_steps=True, why="a step schedule: a one-step method has no steps to skip")
+    supports = Support(level="steps", needs_steps=True, flow=True,
+                       why="a step schedule: a one-step method has no steps to skip")
 
     def __init__(self, every: int = 1,                       # compute every k-th full step; 1 = every step (neutral)
                  mask: list[int] | str | None = None):       # explicit 1 (compute) / 0 (reuse) per full step, as a

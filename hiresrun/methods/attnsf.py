@@ -66,7 +66,8 @@ class AttnSF(NoneMethod):
     """The frozen base sampled directly at the target size with each self-attention layer's logits scaled by
     sqrt(log_{N_base} N)."""
 
-    supports = Support(why="it scales the self-attention layers of a diffusers UNet or transformer")
+    supports = Support(why="it scales the self-attention layers of a diffusers UNet or transformer",
+                       why_flow="its processor scales self-attention, not SD3's / FLUX's joint text-image attention")
 
     def wrap(self, base) -> nn.Module:
         net = super().wrap(base)

@@ -92,7 +92,9 @@ class DemoFusion(NoneMethod):
     patches and dilated sampling."""
 
     supports = Support(views=True, edm=False, why_edm="its cosine factors read the discrete timestep t / T",
-                       why="it runs the base on base-size views of the image")
+                       why="it runs the base on base-size views of the image",
+                       why_flow="its skip residual noises the low-resolution sample on the VP schedule and its cosine "
+                                "factors read the VP timestep")
 
     def __init__(self, resolution: int,
                  stride: int | None = None,        # local windows' spacing in latent pixels; null = half a window

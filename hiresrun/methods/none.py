@@ -14,7 +14,7 @@ from hiresrun.support import Support
 class NoneMethod(Method):
     """Zero-shot: the convolutional base UNet run at a resolution it was never trained on."""
 
-    supports = Support()  # pixel and latent, any diffusers UNet, any sampler, text or not
+    supports = Support(flow=True)  # pixel and latent, any diffusers denoiser (flow transformers too), text or not
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         size = resolution // self.base.latent_factor
