@@ -136,7 +136,9 @@ class TextEncoder:
         names = ("tokenizer", "tokenizer_2", "tokenizer_3")
         self.tokenizers = [t for t in (getattr(pipe, n, None) for n in names) if t is not None]
         self.encoders = [e for e in (getattr(pipe, f"text_encoder{n[9:]}", None) for n in names) if e is not None]
-        self.max_sequence_length = MAX_SEQUENCE.get(self.kind)  # T5's tokens (sample.max_sequence_length)
+        # T5's tokens (sample.max_sequence_length): the pipeline's default, or the T5 tokenizer's own limit where that
+        # is shorter (the embedded tiny-flux-mnist's word-level tokenizer takes 16)
+        self.max_sequence_length = min(MAX_SEQUENCE[self.kind], self.t5_limit) if self.flow else None
 
     @classmethod
     def load(cls, root: Path, unet, vae, scheduler_config: dict) -> TextEncoder:
@@ -299,9 +301,6 @@ class Conditioner:
                                  f"{limit} tokens; pick one in that range (the pipeline's default: "
                                  f"{MAX_SEQUENCE[text.kind]})")
             text.max_sequence_length = int(max_sequence_length)
-        elif text is not None and text.flow and text.max_sequence_length > text.t5_limit:
-            raise UsageError(f"the pipeline's default T5 length {text.max_sequence_length} exceeds this model's T5 "
-                             f"tokenizer ({text.t5_limit} tokens); set sample.max_sequence_length<={text.t5_limit}")
         if not math.isfinite(self.guidance_scale) or self.guidance_scale < 1:
             raise UsageError(f"sample.guidance_scale={guidance_scale}: must be a number >= 1 (1 = no guidance, one "
                              f"UNet pass per step; Stable Diffusion's default 7.5)")

@@ -240,3 +240,29 @@ def scheduler_from(kind: str):
 def type_is_flow(config: dict) -> bool:
     """Whether a scheduler config is a flow-matching model's (its class, or diffusers' flow mode)."""
     return str(config.get("_class_name", "")).startswith("FlowMatch") or bool(config.get("use_flow_sigmas"))
+
+
+# -- training -------------------------------------------------------------------------------------------------------
+def training_scheduler(config: dict):
+    """The flow-matching training grid: the model's FlowMatchEulerDiscreteScheduler as built from its config (SD3: its
+    1000 sigmas shifted by 3; FLUX: unshifted, as diffusers' FLUX training scripts draw from it)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler.from_config(config)
+
+
+def training_loss(net: nn.Module, scheduler, x0: Tensor, cond: dict | None = None) -> Tensor:
+    """The rectified-flow loss of SD3 (Esser et al. 2024) as diffusers' SD3 / FLUX training scripts compute it: u
+    from the logit-normal density (mean 0, std 1: SD3's default sampling), the training grid's sigma at index
+    floor(u T), x_sigma = (1 - sigma) x0 + sigma eps, and the MSE of the predicted velocity against eps - x0 (uniform
+    weighting). Randomness from the global RNG, which the training loop seeds per step (exact resume)."""
+    import torch.nn.functional as F
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    eps = torch.randn_like(x0)
+    u = compute_density_for_timestep_sampling("logit_normal", batch_size=x0.shape[0], logit_mean=0.0, logit_std=1.0)
+    index = (u * scheduler.config.num_train_timesteps).long().clamp(max=len(scheduler.timesteps) - 1)
+    sigma = scheduler.sigmas[index].to(x0.device, x0.dtype).view(-1, *[1] * (x0.ndim - 1))
+    x_t = (1 - sigma) * x0 + sigma * eps
+    pred = model_fn(net)(x_t, scheduler.timesteps[index].to(x0.device), cond or {})
+    return F.mse_loss(pred.float(), (eps - x0).float())

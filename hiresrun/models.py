@@ -589,8 +589,17 @@ def count_params(module: nn.Module, trainable: bool = True) -> int:
 @torch.no_grad()
 def save_pipeline(unet: nn.Module, scheduler_config: dict, folder: Path) -> None:
     """Write a diffusers pipeline folder (model_index.json, unet/, scheduler/) that `load_model` and
-    diffusers' own DDPMPipeline.from_pretrained both read."""
+    diffusers' own DDPMPipeline.from_pretrained both read; a flow transformer goes to transformer/ beside its
+    scheduler/ (the parts a FLUX / SD3 pipeline folder takes it from)."""
     from diffusers import DDPMPipeline, DDPMScheduler
+
+    from hiresrun import flow
+
+    if flow.family(unet):
+        unet.save_pretrained(folder / "transformer")
+        (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=1) + "\n")
+        return
 
     pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(scheduler_config))
     pipe.save_pretrained(folder)

@@ -59,7 +59,7 @@ def refusal(method: str, m: Support, accelerator: str | None, a: Support, model:
         return (f"{pair}: method={method} calls the model several times per sampler step (views of the image, extra "
                 f"guidance passes) and accelerator={accelerator} keeps state from one call to the next ({a.why}); use "
                 f"an accelerator that changes what the blocks compute (freeu, skiptuning, tome) or accelerator=none")
-    for kind, name, s in (("method", method, m), ("accelerator", accelerator, a)):
+    for kind, name, s in (("method", method, m), ("accelerator", accelerator, a))[:2 if accelerator else 1]:
         if edm and not s.edm:
             return (f"{pair}: {kind}={name} does not drive EDM-preconditioned networks ({s.why_edm}); {model} has "
                     f"model.parametrization=edm")

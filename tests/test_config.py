@@ -34,8 +34,12 @@ def test_every_group_has_a_default_and_is_documented():
 
 @pytest.mark.parametrize("group,option", [o for o in OPTIONS if o[0] != "experiment"])
 def test_option_composes_and_instantiates(group, option, tiny_model_dir, tiny_sd_dir, tiny_sdxl_dir, tiny_dit_dir,
-                                         tmp_path):
+                                         tiny_flux_dir, tiny_schnell_dir, tiny_sd3_dir, tmp_path):
     overrides = [f"{group}={option}"] + {("model", "diffusers"): [f"model.path={tiny_model_dir}"],
+                                         ("model", "flux-dev"): [f"model.path={tiny_flux_dir}"],
+                                         ("model", "flux-schnell"): [f"model.path={tiny_schnell_dir}"],
+                                         ("model", "sd3"): [f"model.path={tiny_sd3_dir}"],
+                                         ("model", "sd35"): [f"model.path={tiny_sd3_dir}"],
                                          ("model", "sd15"): [f"model.path={tiny_sd_dir}"],
                                          ("model", "sd21"): [f"model.path={tiny_sd_dir}"],
                                          ("model", "sdxl"): [f"model.path={tiny_sdxl_dir}"],
@@ -43,7 +47,7 @@ def test_option_composes_and_instantiates(group, option, tiny_model_dir, tiny_sd
                                          ("data", "folder"): [f"data.root={tmp_path}"]}.get((group, option), [])
     if group == "model":
         overrides.append("model.init=scratch")  # the architecture is enough; weights are tested elsewhere
-        if option in ("sd15", "sd21", "sdxl", "dit"):
+        if option in ("sd15", "sd21", "sdxl", "dit", "sd3", "sd35", "flux-dev", "flux-schnell"):
             overrides.append("model.resolution=null")  # the preset's native size is not the tiny folder's
     if (group, option) == ("accelerator", "chain"):  # a list's node: the members under their names
         overrides = ["accelerator=[stepskip,deepcache]"]
@@ -56,13 +60,18 @@ def test_option_composes_and_instantiates(group, option, tiny_model_dir, tiny_sd
     if "_target_" not in node and group != "sampler":
         assert group in ("logger", "metrics", "paths"), f"{group}={option} builds nothing"
         return
-    if group == "sampler":
-        built = instantiate(node.scheduler)(json.loads((tiny_model_dir / "scheduler" / "scheduler_config.json")
-                                                       .read_text()))
+    if group == "sampler":  # a flow sampler from a flow model's schedule (SD3's: fixed shift), the others a VP one
+        folder = tiny_sd3_dir if option.startswith("flow_") else tiny_model_dir
+        built = instantiate(node.scheduler)(json.loads((folder / "scheduler" / "scheduler_config.json").read_text()))
     else:  # an accelerator through its one builder (a list: the Chain of its members)
         built = build_accelerator(cfg) if group == "accelerator" else instantiate(node)
     # what was built is what the option names: its class, or (model) what load_model returns
     target = str(node.scheduler._target_).removesuffix(".from_config") if group == "sampler" else str(node._target_)
+    flows = {"euler": "FlowMatchEulerDiscreteScheduler", "heun": "FlowMatchHeunDiscreteScheduler",
+             "dpmsolver": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler"}
+    if target == "hiresrun.flow.scheduler_from":  # a factory: the diffusers class of its kind, in flow mode
+        target = f"diffusers.{flows[node.scheduler.kind]}"
+        assert built.config.get("use_flow_sigmas", True)
     expected = BaseModel if target == "hiresrun.models.load_model" else get_class(target)
     assert isinstance(built, expected), (group, option, type(built))
     if group == "sampler":
@@ -70,7 +79,8 @@ def test_option_composes_and_instantiates(group, option, tiny_model_dir, tiny_sd
         assert len(built.timesteps) >= node.num_steps
 
 
-NATIVE = {"sd15": 512, "sd21": 512, "sdxl": 1024, "dit": 256, "tiny-sd-mnist": 16, "tiny-mnist": 16}
+NATIVE = {"sd15": 512, "sd21": 512, "sdxl": 1024, "dit": 256, "tiny-sd-mnist": 16, "tiny-mnist": 16, "sd3": 1024,
+          "sd35": 1024, "flux-dev": 1024, "flux-schnell": 1024}
 
 
 def test_every_model_file_states_its_native_size_and_data_resolution_defaults_to_it(tmp_path):

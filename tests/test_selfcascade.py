@@ -160,10 +160,10 @@ def test_generated_pivots_are_base_samples_from_a_training_seed_space_made_once(
 SAMPLERS = Path(__file__).parents[1] / "conf" / "sampler"
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in SAMPLERS.glob("*.yaml")))
+@pytest.mark.parametrize("name", sorted(p.stem for p in SAMPLERS.glob("*.yaml") if not p.stem.startswith("flow_")))
 def test_every_sampler_strength_one_is_none_and_tuned_runs(name):
-    """With every conf/sampler: strength 1 reproduces method=none (so the mid-schedule start is the only change),
-    and tuning-free / tuned at strength 0.5 give images of the target size."""
+    """With every VP and EDM sampler (the flow ones: tests/test_flow.py): strength 1 reproduces method=none (so the
+    mid-schedule start is the only change), and tuning-free / tuned at strength 0.5 give images of the target size."""
     from omegaconf import OmegaConf
 
     from hiresrun import edm
@@ -188,7 +188,8 @@ def test_every_sampler_strength_one_is_none_and_tuned_runs(name):
         assert images.shape == (2, 1, 16, 16), (name, mode)
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in SAMPLERS.glob("*.yaml") if not p.stem.startswith("edm_")))
+@pytest.mark.parametrize("name", sorted(p.stem for p in SAMPLERS.glob("*.yaml")
+                                         if not p.stem.startswith(("edm_", "flow_"))))
 def test_the_low_resolution_branch_runs_on_every_call_above_its_gate(name, monkeypatch):
     """Tuned Self-Cascade runs the frozen UNet's low-resolution pass once per high-resolution call whose timestep is
     at or above `lr_branch_min_t`, on every sampler of the parametrization it accepts (VP timesteps; EDM bases are

@@ -11,11 +11,16 @@ from torch import Tensor, nn
 
 from hiresrun.methods.none import NoneMethod
 from hiresrun.models import BaseModel
-from hiresrun.support import ANY_UNET, Support
+from hiresrun.support import ANY_UNET, FLOW_TRANSFORMERS, Support
 
 
 def denoising_loss(net: nn.Module, scheduler, x0: Tensor, cond: dict | None = None) -> Tensor:
-    """DDPM's simple loss (Ho et al. 2020, eq. 14) with the target the scheduler predicts (eps, v or x0)."""
+    """DDPM's simple loss (Ho et al. 2020, eq. 14) with the target the scheduler predicts (eps, v or x0); on a
+    flow-matching scheduler the rectified-flow loss (flow.training_loss)."""
+    from hiresrun import flow
+
+    if flow.is_flow_scheduler(scheduler):
+        return flow.training_loss(net, scheduler, x0, cond)
     eps = torch.randn_like(x0)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
     x_t = scheduler.add_noise(x0, eps, t)
@@ -30,15 +35,19 @@ class Finetune(NoneMethod):
     """All weights trainable, trained at the target resolution; sampled like `none`."""
 
     trains = True
-    supports = Support(unets=ANY_UNET, why="the loss reads the UNet's single eps/v output; a DiT's learned-variance "
-                                           "channels are not trained here",
+    supports = Support(unets=ANY_UNET + FLOW_TRANSFORMERS, flow=True,  # flow models: the rectified-flow loss
+                       why="the loss reads the UNet's single eps/v output; a DiT's learned-variance channels are not "
+                           "trained here",
                        edm=False, why_edm="its loss is DDPM's on the VP grid; EDM's weighted loss is not built")
 
     def wrap(self, base: BaseModel) -> nn.Module:
         from diffusers import DDPMScheduler
 
+        from hiresrun import flow
+
         self.base = base
-        self.train_scheduler = DDPMScheduler.from_config(base.scheduler_config)
+        self.train_scheduler = flow.training_scheduler(base.scheduler_config) if base.flow else \
+            DDPMScheduler.from_config(base.scheduler_config)
         return base.unet.train().requires_grad_(True)
 
     def loss(self, net: nn.Module, batch: dict) -> dict[str, Tensor]:

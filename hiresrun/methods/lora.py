@@ -15,7 +15,7 @@ from torch import nn
 from hiresrun.errors import UsageError
 from hiresrun.methods.finetune import Finetune
 from hiresrun.models import BaseModel
-from hiresrun.support import ANY_UNET, Support
+from hiresrun.support import ANY_UNET, FLOW_TRANSFORMERS, Support
 
 # The attention projections of diffusers' Attention: query, key, value and output (Self-Cascade's LoRA baselines).
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -24,8 +24,9 @@ ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 class LoRA(Finetune):
     """Finetune's loss and sampling on the frozen base plus rank-`rank` adapters on `targets`."""
 
-    supports = Support(unets=ANY_UNET, why="the loss reads the UNet's single eps/v output; a DiT's learned-variance "
-                                           "channels are not trained here",
+    supports = Support(unets=ANY_UNET + FLOW_TRANSFORMERS, flow=True,  # flow models: the rectified-flow loss
+                       why="the loss reads the UNet's single eps/v output; a DiT's learned-variance channels are not "
+                           "trained here",
                        edm=False, why_edm="its loss is DDPM's on the VP grid; EDM's weighted loss is not built")
 
     def __init__(self, resolution: int,
