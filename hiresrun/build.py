@@ -224,6 +224,11 @@ def sampler_scheduler(cfg: DictConfig, base, method=None):
     if base.flow and not flow.is_flow_scheduler(scheduler):
         raise UsageError(f"sampler={choice(cfg, 'sampler')} integrates a VP (eps/v) model; {type(base.unet).__name__} "
                          f"is a flow-matching model: use sampler=flow_euler, flow_dpmsolver or flow_unipc")
+    if base.flow and base.resolution_shift:
+        if type(scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":
+            raise UsageError(f"model.resolution_shift=true is built on sampler=flow_euler (diffusers' shift there); "
+                             f"sampler={choice(cfg, 'sampler')} takes its shift at construction: use flow_euler")
+        scheduler.hiresrun_native_tokens = (base.resolution // base.latent_factor // flow.TOKEN_SIDE) ** 2
     edm_sampler = type(scheduler).__name__.startswith("EDM")
     if base.parametrization == "edm" and not edm_sampler:
         raise UsageError(f"model.parametrization=edm needs an EDM sampler (sampler=edm_heun, edm_euler or "

@@ -190,16 +190,35 @@ def mu(config, tokens: int) -> float:
                                  get("base_shift", 0.5), get("max_shift", 1.15)))
 
 
+def resolution_alpha(scheduler, x: Tensor) -> float:
+    """`model.resolution_shift`'s factor for a pass over latents shaped like `x`: alpha = sqrt(tokens / native
+    tokens), the side ratio to the native image (1 at or below it, and without the knob). The resolution-dependent
+    shift of Esser et al. 2024 (SD3, sec. 5.3.2), which is simple diffusion's shifted schedule in flow form: a shift by
+    alpha scales the noise-to-signal ratio sigma / (1 - sigma) by alpha, i.e. log-SNR by -2 log alpha."""
+    native = getattr(scheduler, "hiresrun_native_tokens", None)
+    tokens = (x.shape[-2] // TOKEN_SIDE) * (x.shape[-1] // TOKEN_SIDE)
+    return max(tokens / native, 1.0) ** 0.5 if native else 1.0
+
+
 def set_timesteps(scheduler, num_steps: int, x: Tensor) -> None:
     """The scheduler's grid for a loop over latents shaped like `x`, as the model's pipeline sets it: FLUX-style
     schedulers (dynamic shifting) on sigmas linspace(1, 1/N, N) with mu from x's token count; SD3-style ones on their
-    own grid with their fixed shift; every other scheduler as before."""
-    if not is_flow_scheduler(scheduler) or not getattr(scheduler.config, "use_dynamic_shifting", False):
+    own grid with their fixed shift; every other scheduler as before. Under `model.resolution_shift` the shift is
+    multiplied by `resolution_alpha` (fixed shift: shift alpha; dynamic: mu + ln alpha)."""
+    if not is_flow_scheduler(scheduler):
         scheduler.set_timesteps(num_steps, device=x.device)
         return
+    alpha = resolution_alpha(scheduler, x)
+    if not getattr(scheduler.config, "use_dynamic_shifting", False):
+        if hasattr(scheduler, "hiresrun_native_tokens"):  # FlowMatchEuler (build.sampler_scheduler allows no other)
+            scheduler.set_shift(float(scheduler.config.shift) * alpha)
+        scheduler.set_timesteps(num_steps, device=x.device)
+        return
+    import math
+
     import numpy as np
 
-    shift = mu(scheduler.config, (x.shape[-2] // TOKEN_SIDE) * (x.shape[-1] // TOKEN_SIDE))
+    shift = mu(scheduler.config, (x.shape[-2] // TOKEN_SIDE) * (x.shape[-1] // TOKEN_SIDE)) + math.log(alpha)
     if type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler":
         scheduler.set_timesteps(num_steps, device=x.device, sigmas=np.linspace(1.0, 1 / num_steps, num_steps),
                                 mu=shift)

@@ -52,6 +52,7 @@ class BaseModel:
     parametrization: str = "standard"    # standard (eps/v/x0 on the scheduler's VP grid) | edm (EDM's F, sigma)
     default_prompts: str | None = None   # text models: prompts used when neither prompts= nor sample.prompt is set
     trained_on: str | None = None        # the data the weights learned (mnist, laion, imagenet); None: not stated
+    resolution_shift: bool = False       # flow models: the schedule's shift times the side ratio to the native size
 
     @property
     def flow(self) -> str | None:
@@ -449,7 +450,7 @@ def load_model(path: str, revision: str | None = None, init: str = "pretrained",
                sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0,
                prompts: str | None = None, resolution: int | None = None,
                trained_on: str | None = None, denoiser: str | None = None, space: str | None = None,
-               positions: str = "extrapolate") -> BaseModel:
+               positions: str = "extrapolate", resolution_shift: bool = False) -> BaseModel:
     """Load the base model. `init=scratch` builds the same architecture with fresh weights (pretrain).
     `conditioning=auto`: text when the folder is a text-to-image pipeline, class when the UNet has a class
     embedding, else none. `resolution`: the native size a model file states (data.resolution's default), refused
@@ -457,7 +458,8 @@ def load_model(path: str, revision: str | None = None, init: str = "pretrained",
     `denoiser` / `space`: what the option's released model is (denoiser class, pixel or latent), read by the support
     checks only while no config file of the model is on this machine (support.model_facts); the files always win,
     so `model.path=` pointing elsewhere needs no change to them. `positions`: how a flow transformer places tokens
-    above its native size (hiresrun/flow.py; extrapolate | interpolate | ntk)."""
+    above its native size (hiresrun/flow.py; extrapolate | interpolate | ntk); `resolution_shift`: a flow model's
+    schedule shifted by the side ratio to its native size (flow.resolution_alpha)."""
     del denoiser, space  # declarations for support.model_facts; loading reads the files
     if init not in ("pretrained", "scratch"):
         raise UsageError(f"model.init={init}: choose pretrained or scratch")
@@ -534,7 +536,11 @@ def load_model(path: str, revision: str | None = None, init: str = "pretrained",
 
     if flow.family(unet):
         flow.configure(unet, str(positions), resolution // base.latent_factor)
-    elif positions != "extrapolate":
+        base.resolution_shift = bool(resolution_shift)
+    elif resolution_shift:
+        raise UsageError(f"model.resolution_shift=true shifts a flow-matching model's schedule (SD3, FLUX); {path} has "
+                         f"a {type(unet).__name__}: for a VP model the same idea is method=simple's shifted schedule")
+    if not flow.family(unet) and positions != "extrapolate":
         raise UsageError(f"model.positions={positions}: position handling applies to flow transformers (SD3, FLUX); "
                          f"{path} has a {type(unet).__name__}; drop it")
     if _is_transformer(unet) and conditioning == "class":  # DiT's label embedding keeps its null row last

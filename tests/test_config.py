@@ -79,8 +79,8 @@ def test_option_composes_and_instantiates(group, option, tiny_model_dir, tiny_sd
         assert len(built.timesteps) >= node.num_steps
 
 
-NATIVE = {"sd15": 512, "sd21": 512, "sdxl": 1024, "dit": 256, "tiny-sd-mnist": 16, "tiny-mnist": 16, "sd3": 1024,
-          "sd35": 1024, "flux-dev": 1024, "flux-schnell": 1024}
+NATIVE = {"sd15": 512, "sd21": 512, "sdxl": 1024, "dit": 256, "tiny-sd-mnist": 16, "tiny-mnist": 16,
+          "tiny-flux-mnist": 16, "sd3": 1024, "sd35": 1024, "flux-dev": 1024, "flux-schnell": 1024}
 
 
 def test_every_model_file_states_its_native_size_and_data_resolution_defaults_to_it(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import accelerator_options, compose
@@ -317,3 +318,33 @@ def test_finetune_and_lora_train_on_flux_and_resume_exactly(method, tiny_schnell
     _, images = sample(tiny_schnell_dir, tmp_path / "s", f"method={method}", "sample.prompt=a 7",
                        "sample.max_sequence_length=8", f"ckpt_path={ckpt}", resolution=32)
     assert images.shape == (2, 3, 32, 32)
+
+
+def test_resolution_shift_multiplies_the_shift_by_the_side_ratio(tiny_sd3_dir, tiny_flux_dir, tmp_path):
+    """model.resolution_shift: at the native size the run is bit for bit the plain one; at 2x SD3's grid is its fixed
+    shift times alpha = 2 (sigma' = 6 s / (1 + 5 s) on the scheduler's unshifted grid), FLUX's is mu + ln 2; a
+    non-flow model or another flow sampler is refused."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    common = ["sample.prompt=a 7", "sample.max_sequence_length=8"]
+    _, plain = sample(tiny_sd3_dir, tmp_path / "p", *common)
+    _, shifted = sample(tiny_sd3_dir, tmp_path / "s", *common, "model.resolution_shift=true")
+    assert torch.equal(plain, shifted)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.hiresrun_native_tokens = 16
+    flow.set_timesteps(scheduler, 4, torch.zeros(1, 4, 16, 16))  # 64 tokens: alpha 2
+    # the scheduler's grid: linspace(sigma_max, sigma_min) of its 1,000 training sigmas (shifted by 3 at construction)
+    s = torch.from_numpy(np.linspace(1.0, 3 * 0.001 / (1 + 2 * 0.001), 4)).float()
+    assert torch.allclose(scheduler.sigmas[:-1], 6 * s / (1 + 5 * s), atol=1e-6)
+    dynamic = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256)
+    reference = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256)
+    dynamic.hiresrun_native_tokens = 16
+    flow.set_timesteps(dynamic, 4, torch.zeros(1, 4, 16, 16))
+    shift = flow.mu(reference.config, 64) + math.log(2)
+    reference.set_timesteps(4, sigmas=np.linspace(1.0, 0.25, 4), mu=shift)
+    assert torch.allclose(dynamic.sigmas, reference.sigmas)
+    _, double = sample(tiny_flux_dir, tmp_path / "f2", *common, "model.resolution_shift=true", resolution=32)
+    _, double_plain = sample(tiny_flux_dir, tmp_path / "f1", *common, resolution=32)
+    assert not torch.equal(double, double_plain)
+    with pytest.raises(ONE_LINE, match="use flow_euler"):
+        sample(tiny_sd3_dir, tmp_path / "u", *common, "model.resolution_shift=true", "sampler=flow_unipc")

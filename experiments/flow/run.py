@@ -65,6 +65,8 @@ def highres(args) -> None:
     arms = [("none, positions extrapolate (32 px directly)", out / "none", [*s32, "+method=none"]),
             ("none, positions interpolate", out / "interpolate", [*s32, "+method=none", "model.positions=interpolate"]),
             ("none, positions ntk", out / "ntk", [*s32, "+method=none", "model.positions=ntk"]),
+            ("none, resolution shift (simple diffusion's schedule shift)", out / "shift",
+             [*s32, "+method=none", "model.resolution_shift=true"]),
             ("upsample (16 px, bicubic in latent space)", out / "upsample", [*s32, "+method=upsample"])]
     arms += [(f"Self-Cascade tuning-free, strength {s}", out / f"selfcascade-{s}",
               [*s32, "+method=selfcascade", "method.mode=tuning_free", f"method.strength={s}"])
