@@ -76,8 +76,8 @@ def pairs(overrides: list[str]) -> list[tuple[str, str, str | None]]:
 # The support table's order (any other option follows, sorted), its rows besides the named model options
 # (model=diffusers facts no option file states), and the method settings tried where a method's defaults are refused.
 ORDER = ["tiny-mnist", "tiny-sd-mnist", "tiny-flux-mnist", "sd15", "sd21", "sdxl", "dit", "sd3", "sd35", "flux-dev",
-         "flux-schnell", "none", "upsample", "attnsf", "scalecrafter", "demofusion", "hidiffusion", "finetune", "lora", "selfcascade",
-         "simple", "pagoda"]
+         "flux-schnell", "none", "upsample", "attnsf", "scalecrafter", "demofusion", "hidiffusion", "finetune", "lora",
+         "selfcascade", "simple", "pagoda"]
 EXTRA_ROWS = {"EDM UNet: `diffusers`, `model.parametrization=edm`": ("UNet2DModel", "pixel", False, True)}
 VARIANTS = {"selfcascade": ("method.mode=tuning_free", "tuning-free")}
 
