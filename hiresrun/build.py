@@ -48,7 +48,7 @@ def choice(cfg: DictConfig, group: str) -> str:
     # composed outside Hydra's run (tests, scripts): the option file with this target (the sampler: its step rule)
     from importlib.resources import files
 
-    key = "scheduler._target_" if group == "sampler" else "_target_"
+    key = "scheduler" if group == "sampler" else "_target_"  # a sampler's whole node (the flow ones share a target)
     target = OmegaConf.select(cfg, f"{group}.{key}")
     folder = files("hiresrun.conf").joinpath(group)
     for f in sorted((p for p in folder.iterdir() if p.name.endswith(".yaml")), key=lambda p: p.name):

@@ -348,3 +348,22 @@ def test_resolution_shift_multiplies_the_shift_by_the_side_ratio(tiny_sd3_dir, t
     assert not torch.equal(double, double_plain)
     with pytest.raises(ONE_LINE, match="use flow_euler"):
         sample(tiny_sd3_dir, tmp_path / "u", *common, "model.resolution_shift=true", "sampler=flow_unipc")
+
+
+def test_calibrate_searches_flow_families_and_caches_count_their_share(tiny_flux_dir, tmp_path):
+    """`hiresrun calibrate` with calibrate.families on FLUX: fewer flow-Euler steps, AdaptiveDiffusion and diffusers'
+    First Block Cache against the full-step images; a cache that skips blocks costs less than its NFE."""
+    import json
+
+    cfg = compose(["task=calibrate", "model=diffusers", f"model.path={tiny_flux_dir}", "sampler=flow_euler",
+                   "sampler.num_steps=8", "sample.prompt=a 7", "sample.max_sequence_length=8", "logger=none",
+                   "calibrate.seeds=0-1", "sample.batch_size=2", "calibrate.families=[steps,adaptive,cache]",
+                   "calibrate.grid.steps.num_steps=[4]", "calibrate.grid.adaptive.delta=[0.05]",
+                   "calibrate.grid.cache.threshold=[10]", "target.psnr=10", "trainer.enable_progress_bar=false"],
+                  tmp_path / "cal")
+    run.run(cfg)
+    front = json.loads((tmp_path / "cal" / "front.json").read_text())
+    points = {p["family"]: p for p in front["points"]}
+    assert set(points) == {"steps", "adaptive", "cache"} and front["full"]["sampler"] == "flow_euler"
+    assert points["steps"]["nfe_per_image"] == 4
+    assert points["cache"]["cost_per_image"] < points["cache"]["nfe_per_image"]  # the skipped blocks' share
