@@ -63,6 +63,8 @@ def studies(root: str) -> dict[str, list[str]]:
                           f"--out {root}/classguidance" for init in ("normal", "zero")],
         "tinysd": [f"{PY} experiments/tinysd/run.py {study} --n 500 --out {root}/tinysd"
                    for study in ("guidance", "selfcascade", "adaptive", "unet")],
+        "flow": [f"{PY} experiments/flow/run.py {study} --out {root}/flow"
+                 for study in ("guidance", "highres", "caches")],
         "accelerators": [f"{PY} experiments/accelerators/run.py --out {root}/accelerators"],
         "pagoda": [f"{PY} experiments/pagoda/run.py --n 500 --out {root}/pagoda",
                    f"{PY} experiments/pagoda/run.py --sweep --out {root}/pagoda"],
