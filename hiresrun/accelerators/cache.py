@@ -1,4 +1,4 @@
-"""accelerator=cache: diffusers' own cache hooks on a transformer base (DiT), configured, not copied.
+"""accelerator=cache: diffusers' own cache hooks on a transformer base (DiT, SD3, FLUX), configured, not copied.
 
 `accelerator.kind` picks one of diffusers' cache configs and its `apply_*` function (`diffusers.hooks`):
 
