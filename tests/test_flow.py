@@ -165,14 +165,17 @@ def test_selfcascade_renoises_the_pivot_along_the_flow(tiny_flux_dir, tmp_path):
     assert metrics["nfe_per_image"] == 6 + 3  # the pivot's 6 steps, then the target's last 3
 
 
-def test_pairs_run_or_are_refused_by_their_declarations(tiny_flux_dir, tmp_path):
-    """Every method x accelerator on FLUX: refused in one line exactly where the declarations say (a UNet-only
-    option by its denoiser list, an option not built for flow models by its `flow` flag), else it runs (each runnable
-    method with no accelerator, each runnable accelerator with method=none)."""
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_pairs_run_or_are_refused_by_their_declarations(family, tiny_flux_dir, tiny_sd3_dir, tmp_path):
+    """Every method x accelerator on FLUX and on SD3: refused in one line exactly where the declarations say (a
+    UNet-only option by its denoiser list, an option not built for flow models by its `flow` flag), else it runs (each
+    runnable method with no accelerator, each runnable accelerator with method=none)."""
     from conftest import CONF
     from hydra.utils import get_class
 
-    common = ["model=diffusers", f"model.path={tiny_flux_dir}", "sampler=flow_euler", "data.resolution=32",
+    folder, denoiser = {"flux": (tiny_flux_dir, "FluxTransformer2DModel"),
+                        "sd3": (tiny_sd3_dir, "SD3Transformer2DModel")}[family]
+    common = ["model=diffusers", f"model.path={folder}", "sampler=flow_euler", "data.resolution=32",
               "sample.num_samples=1", "sampler.num_steps=3", "logger=none", "sample.prompt=a 7",
               "sample.max_sequence_length=8"]
     methods = {f.stem: ["method.mode=tuning_free"] if f.stem == "selfcascade" else []
@@ -184,8 +187,8 @@ def test_pairs_run_or_are_refused_by_their_declarations(tiny_flux_dir, tmp_path)
         m = get_class(node._target_).declared(node)
         for accelerator, anode in accelerators.items():
             a = get_class(anode._target_).declared(anode)
-            reason = support.refusal(method, m, accelerator, a, "m", "FluxTransformer2DModel", "latent", True)
-            expect_refused = any(not s.flow or "FluxTransformer2DModel" not in s.unets for s in (m, a)) or (
+            reason = support.refusal(method, m, accelerator, a, "m", denoiser, "latent", True)
+            expect_refused = any(not s.flow or denoiser not in s.unets for s in (m, a)) or (
                 m.views and a.level in ("steps", "blocks"))
             assert bool(reason) == expect_refused, (method, accelerator)
             (refused if reason else ran).add((method, accelerator))
@@ -197,7 +200,7 @@ def test_pairs_run_or_are_refused_by_their_declarations(tiny_flux_dir, tmp_path)
     cfg = compose([*common, "accelerator=deepcache"], tmp_path / "refused")
     with pytest.raises(Unsupported) as err:
         support.check(cfg, "none", "deepcache")  # the run's own check says the same, in one line
-    assert "\n" not in str(err.value) and "FluxTransformer2DModel" in str(err.value)
+    assert "\n" not in str(err.value) and denoiser in str(err.value)
     assert {a for _, a in ran} == {"none", "adaptive", "stepskip", "cache"}
     assert {m for m, _ in ran} == {"none", "upsample", "selfcascade", "finetune", "lora"}
     assert ("demofusion", "none") in refused and ("simple", "none") in refused and ("none", "tome") in refused
