@@ -20,6 +20,7 @@ from hiresrun.errors import UsageError
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bad-input.md"
 TRAIN = ["task=train", "method=finetune"]
 TEXT = ["model.path=tiny-sd-mnist", "model.resolution=null"]  # the embedded text model, for prompt files
+FLUX = ["model.path=tiny-flux-mnist", "model.resolution=null", "sample.prompt=seven", "sampler=flow_euler"]  # flow
 # (overrides after the tiny model's fast settings, a regular expression the line must match). `{imgs}`: a folder of
 # six 16 px greyscale images; `{tmp}`: the test's folder. `cli:` cases go through the command line's composition.
 CASES = [
@@ -130,6 +131,18 @@ CASES = [
     ([*TEXT, "prompts={tmp}/long.csv"], r"not a readable CSV file \(field larger than field limit"),
     ([*TEXT, "prompts={tmp}/big-seed.jsonl"], r"line 1 has seed=1099511627776; seeds are whole numbers"),
     ([*TEXT, "prompts={tmp}/bool-seed.jsonl"], r"line 1 has seed=True"),
+    # flow-matching models (the embedded FLUX-shaped base): sizes, guidance, T5 length, samplers, declarations
+    ([*FLUX, "data.resolution=18"], r"not divisible by 4, the model's downsampling factor"),
+    ([*FLUX, "sample.true_cfg_scale=3"], r"needs a negative prompt to guide away from"),
+    ([*FLUX, "sample.max_sequence_length=64"], r"the T5 tokenizer takes 1 \.\. 16 tokens"),
+    ([*FLUX, "sample.guidance_scale=3"], r"has no guidance input and would ignore it"),
+    ([*FLUX[:3]], r"integrates a VP \(eps/v\) model; FluxTransformer2DModel is a flow-matching model"),
+    ([*FLUX, "sampler=flow_heun"], r"no resolution-dependent shift"),
+    ([*FLUX, "accelerator=deepcache"], r"accelerator=deepcache needs a UNet2DModel or UNet2DConditionModel"),
+    ([*FLUX, "method=demofusion"], r"does not drive flow-matching transformers"),
+    ([*FLUX, "model.positions=sideways"], r"model.positions=sideways: choose extrapolate \| interpolate \| ntk"),
+    ([*TEXT, "sample.true_cfg_scale=2"], r"is FLUX's true classifier-free guidance"),
+    (["model.resolution_shift=true"], r"shifts a flow-matching model's schedule"),
     (["accelerator=adaptive", "accelerator.calibration={tmp}/bad-calibration.json"], r"not a `hiresrun calibrate` "
                                                                                      r"file"),
     (["cli:", "sampler.num_step=10"], r"sampler.num_step is not a key of sampler; did you mean sampler.num_steps\?"),

@@ -1,4 +1,4 @@
-"""accelerator=cache: diffusers' own cache hooks on a transformer base (DiT, SD3, FLUX), configured, not copied.
+"""accelerator=cache: diffusers' own cache hooks on a transformer base (DiT, FLUX), configured, not copied.
 
 `accelerator.kind` picks one of diffusers' cache configs and its `apply_*` function (`diffusers.hooks`):
 
@@ -32,7 +32,7 @@ from torch import nn
 from hiresrun.accelerators import Accelerator, FlopShare
 from hiresrun.errors import UsageError
 from hiresrun.models import ModelFn
-from hiresrun.support import FLOW_TRANSFORMERS, TRANSFORMERS, Support
+from hiresrun.support import TRANSFORMERS, Support
 
 KINDS = {"first_block": ("FirstBlockCacheConfig", "apply_first_block_cache"),
          "taylorseer": ("TaylorSeerCacheConfig", "apply_taylorseer_cache"),
@@ -60,9 +60,11 @@ class _Handle:
 class DiffusersCache(Accelerator):
     """One of diffusers' cache configs on the transformer, with a cache context per call."""
 
-    supports = Support(unets=TRANSFORMERS + FLOW_TRANSFORMERS, needs_steps=True, level="blocks", flow=True,
+    # SD3 is left out: its last joint block returns no text stream (context_pre_only), which diffusers' block hooks
+    # subtract from (SD3Transformer2DModel is not one of diffusers' CacheMixin models either)
+    supports = Support(unets=TRANSFORMERS + ("FluxTransformer2DModel",), needs_steps=True, level="blocks", flow=True,
                        whole_batches=True,  # one batch's state
-                       why="diffusers' cache hooks wrap a transformer's blocks")
+                       why="diffusers' cache hooks wrap a DiT's or FLUX's transformer blocks")
 
     def __init__(self, kind: str = "first_block",   # first_block | taylorseer | magcache | pab
                  threshold: float = 0.05,           # first_block, magcache: the skip threshold; 0 never skips
@@ -117,7 +119,7 @@ class DiffusersCache(Accelerator):
         if self.neutral:
             return []
         transformer = getattr(net, "unet", net)
-        kinds = TRANSFORMERS + FLOW_TRANSFORMERS
+        kinds = self.supports.unets
         if type(transformer).__name__ not in kinds:
             raise UsageError(f"accelerator=cache needs a transformer base ({' or '.join(kinds)}); got "
                              f"{type(transformer).__name__}: use accelerator=deepcache on UNets")
