@@ -284,8 +284,9 @@ class Conditioner:
                              f"guidance input and would ignore it; drop it (true CFG: sample.true_cfg_scale with "
                              f"sample.negative_prompt)")
         if not flux and self.true_cfg_scale != 1.0:
-            raise UsageError(f"sample.true_cfg_scale={true_cfg_scale} is FLUX's true classifier-free guidance; "
-                             f"model.path={base.source} guides with sample.guidance_scale: use that")
+            kind = text.kind if text is not None else type(base.unet).__name__
+            raise UsageError(f"sample.true_cfg_scale={true_cfg_scale} is FLUX's true classifier-free guidance; this "
+                             f"model (a {kind}) guides with sample.guidance_scale: use that")
         if flux and (not math.isfinite(self.true_cfg_scale) or self.true_cfg_scale < 1):
             raise UsageError(f"sample.true_cfg_scale={true_cfg_scale}: must be a number >= 1 (1 = off)")
         if flux and self.true_cfg_scale > 1 and negative_prompt is None:
