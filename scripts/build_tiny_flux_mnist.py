@@ -25,6 +25,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from build_tiny_sd_mnist import install  # the same copy of a pretrain run's exported denoiser
 
 SD = Path(__file__).resolve().parents[1] / "hiresrun" / "assets" / "tiny-sd-mnist"
 MAX_LENGTH = 16  # T5 tokens per prompt, </s> included (the longest template needs 6)
@@ -86,15 +87,6 @@ def assemble(folder: Path, seed: int) -> None:
     (folder / "hiresrun.json").write_text(json.dumps({"resolution": 16}, indent=1) + "\n")
 
 
-def install(folder: Path, run_dir: Path) -> None:
-    """The pretrain run's exported transformer (EMA weights, `<run>/model/transformer`) into the folder."""
-    src = Path(run_dir) / "model" / "transformer"
-    if not (src / "config.json").is_file():
-        raise SystemExit(f"{src}: no exported transformer; point at a finished `hiresrun pretrain` run folder")
-    shutil.rmtree(folder / "transformer")
-    shutil.copytree(src, folder / "transformer")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("step", choices=["assemble", "install"])
@@ -105,7 +97,7 @@ def main() -> None:
     if a.step == "assemble":
         assemble(a.folder, a.seed)
     else:
-        install(a.folder, a.run_dir)
+        install(a.folder, a.run_dir, "transformer")  # tiny-sd-mnist's step, for the transformer
 
 
 if __name__ == "__main__":

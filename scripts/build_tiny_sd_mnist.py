@@ -146,13 +146,14 @@ def word_vocabulary(words: list[str]) -> tuple[dict[str, int], list[str]]:
     return vocab, list(dict.fromkeys(merges))
 
 
-def install(folder: Path, run_dir: Path) -> None:
-    """The pretrain run's exported UNet (EMA weights, `<run>/model/unet`) into the folder."""
-    src = Path(run_dir) / "model" / "unet"
+def install(folder: Path, run_dir: Path, part: str = "unet") -> None:
+    """The pretrain run's exported denoiser (EMA weights, `<run>/model/<part>`: unet, or a flow model's transformer)
+    into the folder."""
+    src = Path(run_dir) / "model" / part
     if not (src / "config.json").is_file():
-        raise SystemExit(f"{src}: no exported UNet; point at a finished `hiresrun pretrain` run folder")
-    shutil.rmtree(folder / "unet")
-    shutil.copytree(src, folder / "unet")
+        raise SystemExit(f"{src}: no exported {part}; point at a finished `hiresrun pretrain` run folder")
+    shutil.rmtree(folder / part)
+    shutil.copytree(src, folder / part)
 
 
 def main() -> None:
