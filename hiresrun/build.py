@@ -217,9 +217,6 @@ def sampler_scheduler(cfg: DictConfig, base, method=None):
                          f"timesteps; sample with at most {trained} steps")
     from hiresrun import flow
 
-    if base.flow and not flow.type_is_flow(config):
-        raise UsageError(f"{type(base.unet).__name__} is a flow-matching model, but the method's schedule is "
-                         f"{config.get('_class_name')}; it samples on the model's own flow schedule")
     scheduler = instantiate(cfg.sampler.scheduler)(config)
     if base.flow and not flow.is_flow_scheduler(scheduler):
         raise UsageError(f"sampler={choice(cfg, 'sampler')} integrates a VP (eps/v) model; {type(base.unet).__name__} "

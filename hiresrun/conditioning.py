@@ -132,10 +132,12 @@ class TextEncoder:
         self.pipe = pipe
         self.kind = type(pipe).__name__
         self.xl = self.kind == "StableDiffusionXLPipeline"
-        self.flow = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}.get(self.kind)
-        names = ("tokenizer", "tokenizer_2", "tokenizer_3")
-        self.tokenizers = [t for t in (getattr(pipe, n, None) for n in names) if t is not None]
-        self.encoders = [e for e in (getattr(pipe, f"text_encoder{n[9:]}", None) for n in names) if e is not None]
+        from hiresrun.flow import FLOW_PIPELINES
+
+        self.flow = FLOW_PIPELINES.get(self.kind)
+        suffixes = ("", "_2", "_3")  # SD: one CLIP; SDXL: two; FLUX: CLIP and T5; SD3: two CLIPs and T5
+        self.tokenizers = [t for t in (getattr(pipe, f"tokenizer{k}", None) for k in suffixes) if t is not None]
+        self.encoders = [e for e in (getattr(pipe, f"text_encoder{k}", None) for k in suffixes) if e is not None]
         # T5's tokens (sample.max_sequence_length): the pipeline's default, or the T5 tokenizer's own limit where that
         # is shorter (the embedded tiny-flux-mnist's word-level tokenizer takes 16)
         self.max_sequence_length = min(MAX_SEQUENCE[self.kind], self.t5_limit) if self.flow else None
@@ -158,7 +160,9 @@ class TextEncoder:
             part = loader.from_pretrained(root / name)
             parts[name] = part.eval().requires_grad_(False) if name.startswith("text_encoder") else part
         scheduler = diffusers.DDIMScheduler.from_config(scheduler_config)
-        if kind in ("StableDiffusion3Pipeline", "FluxPipeline"):  # encode_prompt only: the loop is hiresrun's
+        from hiresrun.flow import FLOW_PIPELINES
+
+        if kind in FLOW_PIPELINES:  # encode_prompt only: the loop is hiresrun's
             flow = diffusers.FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
             pipe = getattr(diffusers, kind)(vae=vae, transformer=unet, scheduler=flow, **parts)
         elif kind == "StableDiffusionXLPipeline":

@@ -32,15 +32,16 @@ from torch import Tensor, nn
 
 from hiresrun.errors import UsageError
 
-FLOW_TRANSFORMERS = ("SD3Transformer2DModel", "FluxTransformer2DModel")
-FLOW_PIPELINES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}  # denoiser class -> family
+FLOW_TRANSFORMERS = tuple(FAMILIES)  # support.FLOW_TRANSFORMERS (kept free of torch for composition)
+FLOW_PIPELINES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}  # pipeline class -> family
 POSITIONS = ("extrapolate", "interpolate", "ntk")
 TOKEN_SIDE = 2  # latent pixels per token side: FLUX packs 2x2, SD3's released transformers use patch_size 2
 
 
 def family(net: nn.Module) -> str | None:
     """"sd3" | "flux" for a flow-matching transformer, None otherwise."""
-    return {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}.get(type(net).__name__)
+    return FAMILIES.get(type(net).__name__)
 
 
 def latent_channels(net: nn.Module) -> int:
