@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import cli
 from PIL import Image
 
@@ -146,6 +147,7 @@ def test_a_broken_model_config_is_one_line_and_full_error_shows_traceback(tmp_pa
     assert proc.returncode != 0 and "Traceback" in proc.stderr  # the exception itself, as Python ends on it
 
 
+@pytest.mark.slow  # a -m sweep of +method/+accelerator runs fast in tests/test_matrix.py (refused_alone...)
 def test_multirun_sweeps_plus_method(tiny_model_dir, tmp_path):
     proc = cli("sample", "-m", "+method=none,upsample", "model=diffusers", f"model.path={tiny_model_dir}",
                "data.resolution=16", "sampler.num_steps=2", "sample.num_samples=2", "logger=none",
