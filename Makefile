@@ -28,11 +28,15 @@ install: $(STAMP)  ## make .venv (or VENV=<dir>) and install hiresrun editable w
 demo: install  ## sample the embedded 16x16 MNIST model at 32x32 with method none and upsample; print the table
 	$(PY) scripts/demo.py
 
-test: install  ## run the fast offline test suite (CPU, a few minutes)
-	$(PY) -m pytest -q
+# The suite runs in two worker processes (pytest-xdist), one per core, each torch op on one thread
+# (tests/conftest.py): most tests are short and single-threaded in Python, so two at once halve the wall time.
+TEST_WORKERS ?= 2
+
+test: install  ## run the fast offline test suite (CPU, a few minutes; TEST_WORKERS=0 runs it in one process)
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 test-all: install  ## run every test, including the slow ones (DDP with 2 processes, long pipelines)
-	$(PY) -m pytest -q -m 'not gpu'
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m 'not gpu'
 
 lint: install  ## ruff check
 	$(VENV)/bin/ruff check hiresrun tests scripts bench

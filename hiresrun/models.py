@@ -46,6 +46,7 @@ class BaseModel:
     text: object | None = None           # text models: conditioning.TextEncoder (the pipeline's encode_prompt)
     vae_shift: float = 0.0               # the VAE config's shift_factor (SD3-style VAEs; SD/SDXL have none)
     vae_tile_above: int | None = None    # tiled VAE decode/encode for images larger than this side (pixels)
+    vae_tile_size: int | None = None     # the tiles' side in image pixels (None: the VAE's own sample_size)
     caption_dropout: float = 0.0         # training: share of captions replaced by "" (serves unguided calls)
     null_class: int | None = None        # class models: the label the model was trained with as "no class"
     label_dropout: float = 0.0           # training: share of labels replaced by null_class (class guidance)
@@ -158,6 +159,9 @@ class BaseModel:
 
     def _tiling(self, side: int) -> None:
         on = self.vae_tile_above is not None and side > self.vae_tile_above
+        if on and self.vae_tile_size is not None:  # diffusers' AutoencoderKL reads these two at each tiled call
+            self.vae.tile_sample_min_size = int(self.vae_tile_size)
+            self.vae.tile_latent_min_size = int(self.vae_tile_size) // self.latent_factor
         (self.vae.enable_tiling if on else self.vae.disable_tiling)()
 
     def encode(self, image: Tensor) -> Tensor:
@@ -446,7 +450,8 @@ def _fetch(path: str, revision: str | None) -> Path:
 
 def load_model(path: str, revision: str | None = None, init: str = "pretrained", vae: str | None = None,
                vae_scale: float | None = None, conditioning: str = "auto",
-               vae_tile_above: int | None = None, null_class: int | None = None, parametrization: str = "standard",
+               vae_tile_above: int | None = None, vae_tile_size: int | None = None, null_class: int | None = None,
+               parametrization: str = "standard",
                sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0,
                prompts: str | None = None, resolution: int | None = None,
                trained_on: str | None = None, denoiser: str | None = None, space: str | None = None,
@@ -473,6 +478,9 @@ def load_model(path: str, revision: str | None = None, init: str = "pretrained",
     if vae_tile_above is not None and vae_tile_above < 1:
         raise UsageError(f"model.vae_tile_above={vae_tile_above}: give an image side in px (tiles above it), or null "
                          f"for no tiling")
+    if vae_tile_size is not None and (vae_tile_size < 8 or vae_tile_size % 8):
+        raise UsageError(f"model.vae_tile_size={vae_tile_size}: give the tiles' side in image px, a multiple of 8 "
+                         f"(e.g. 512), or null for the VAE's own size")
     root = _resolve(path) or _fetch(path, revision)
     unet_dir = denoiser_dir(root)
     if not (unet_dir / "config.json").is_file():
@@ -527,7 +535,8 @@ def load_model(path: str, revision: str | None = None, init: str = "pretrained",
     base = BaseModel(unet=unet, scheduler_config=schedule, resolution=resolution,
                      channels=channels, weights_hash=digest, source=str(root), vae=autoencoder,
                      vae_scale=scale, conditioning=conditioning, text=text, vae_shift=float(shift),
-                     vae_tile_above=vae_tile_above, parametrization=parametrization, trained_on=trained_on)
+                     vae_tile_above=vae_tile_above, vae_tile_size=vae_tile_size, parametrization=parametrization,
+                     trained_on=trained_on)
     if prompts is not None:
         if text is None:
             raise UsageError(f"model.prompts={prompts}: {path} takes no text; drop it")

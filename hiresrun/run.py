@@ -36,8 +36,11 @@ from hiresrun.models import count_params, save_pipeline
 def sample(cfg: DictConfig) -> dict | None:
     """Generate images with a method (and accelerator) into the run folder batch by batch (hiresrun/store.py:
     resumable, shardable), then score the whole seed set once: grid, metrics, manifest."""
+    from hiresrun import memory
+
     run_dir = Path(cfg.paths.run_dir)
     shard = store.parse_shard(cfg.sample.get("shard"))
+    planned = memory.check(cfg)  # a size the device cannot hold is refused before any weight is loaded
     sampler, ckpt = build_sampler(cfg)
     base, conditioner = sampler.method.base, sampler.conditioner
     from_file = conditioner.prompts.seeds if conditioner.prompts is not None else None
@@ -53,7 +56,7 @@ def sample(cfg: DictConfig) -> dict | None:
                          f"smaller sample.batch_size")
     folder = store.Store(run_dir)  # everything that can refuse the run has run: now the folder is written
     info = {"identity": store.identity(cfg, base.weights_hash, ckpt), "checkpoint": ckpt,
-            **sampling_record(cfg, base, conditioner, seeds)}
+            **sampling_record(cfg, base, conditioner, seeds), "memory": planned}
     folder.check(info)  # a refusal here leaves the folder as it was (open checks again under its lock)
     first = int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
     claim = folder.claim(shard) if first else None  # one process per shard of a folder (DDP: its global rank 0)
@@ -217,6 +220,7 @@ def finish(info: dict, folders: list[Path], out_dir: Path, logger=None, batches=
         "sec_per_image": share("seconds") / len(seed_list), **info["choices"],
         "num_steps": int(cfg.sampler.num_steps),
         "peak_memory_mb": max(rec.get("peak_memory_mb", 0.0) for rec, _, _ in given),
+        **({"estimated_peak_mb": info["memory"]["estimated_peak_mb"]} if info.get("memory") else {}),
         "protocol": {"n": len(seed_list), "seeds": outputs.seed_ranges(seed_list),
                      "model_weights_sha256": b["weights_sha256"], "checkpoint": info.get("checkpoint"),
                      "world_size": worlds[-1],
@@ -225,6 +229,8 @@ def finish(info: dict, folders: list[Path], out_dir: Path, logger=None, batches=
                      "sec_per_image": "wall seconds of method.sample summed over batches (all ranks, shards and "
                                       "resumed parts) / images",
                      "peak_memory_mb": outputs.PEAK_MEMORY + "; the largest over the processes that made the images",
+                     **({"estimated_peak_mb": "hiresrun/memory.py's upper bound from the config files, made before "
+                                              "loading: " + json.dumps(info["memory"])} if info.get("memory") else {}),
                      "nfe_per_image": "denoiser steps per image; unet_passes_per_image counts 2 per guided step",
                      "cost_per_image": "nfe_per_image in full-evaluation units: a cache's partial call counts its "
                                        "measured FLOP share of a full call (accelerator=deepcache)",

@@ -134,10 +134,28 @@ FRONT_SEARCH = ("every point of each family's grid (calibrate.grid) on the calib
                 "network evaluations per image; fidelity to the full-step outputs of the run's own sampler and steps")
 
 
+JOINT = " x "  # `steps:dpmsolver x deepcache`: every step count of the sampler with every setting of the accelerator
+
+
+def parts(family: str) -> tuple[str | None, str | None]:
+    """(the `steps[:<sampler>]` part or None, the accelerator part or None) of a family; a joint family has both."""
+    names = " ".join(family.split()).split(JOINT)  # the word x between spaces joins; names never hold spaces
+    steps = [n for n in names if n.split(":")[0] == "steps"]
+    rest = [n for n in names if n.split(":")[0] != "steps"]
+    if len(names) > 2 or len(steps) > 1 or len(rest) > 1:
+        raise UsageError(f"calibrate.families has '{family}': a joint family is one steps[:<sampler>] and one "
+                         f"accelerator (or list a-b), e.g. 'steps:dpmsolver x deepcache'")
+    return (steps[0] if steps else None), (rest[0] if rest else None)
+
+
 def family_points(family: str, grid: dict) -> list[dict]:
-    """The knob settings of one family: the product of its grid's lists (`steps:<sampler>` uses the `steps` grid)."""
+    """The knob settings of one family: the product of its grid's lists (`steps:<sampler>` uses the `steps` grid; a
+    joint family `steps:<sampler> x <accelerator>` the product of both grids: {num_steps, <accelerator knobs>})."""
     from itertools import product
 
+    steps, acc = parts(family)
+    if steps and acc:
+        return [{**a, **b} for a in family_points(steps, grid) for b in family_points(acc, grid)]
     own = grid.get(family.split(":")[0])
     if own is None:
         raise UsageError(f"calibrate.families has {family} but calibrate.grid has no {family.split(':')[0]} entry; "
@@ -160,6 +178,11 @@ def build_setting(family: str, knobs: dict, cfg: DictConfig):
     from hiresrun.build import CHAIN, accelerator_from
     from hiresrun.schema import options
 
+    steps, acc = parts(family)
+    if steps and acc:  # the sampler and step count of the steps part, the accelerator of the other
+        _, sampler = build_setting(steps, {"num_steps": knobs["num_steps"]}, cfg)
+        built, _ = build_setting(acc, {k: v for k, v in knobs.items() if k != "num_steps"}, cfg)
+        return built, sampler
     if family.split(":")[0] == "steps":
         sampler = cfg.sampler
         if ":" in family:
@@ -204,6 +227,10 @@ def pareto(points: list[dict], fidelity_key: str, higher_better: bool) -> list[i
 def overrides_of(point: dict) -> list[str]:
     """The command-line overrides that sample with a point's setting."""
     family, knobs = point["family"], point["knobs"]
+    steps, acc = parts(family)
+    if steps and acc:
+        return (overrides_of({"family": steps, "knobs": {"num_steps": knobs["num_steps"]}})
+                + overrides_of({"family": acc, "knobs": {k: v for k, v in knobs.items() if k != "num_steps"}}))
     if family.split(":")[0] == "steps":
         sampler = [f"sampler={family.split(':')[1]}"] if ":" in family else []
         return sampler + [f"sampler.num_steps={knobs['num_steps']}"]

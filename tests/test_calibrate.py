@@ -4,6 +4,7 @@ again), delta = 0 when only the full run keeps it, the file round-trips, and a f
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -176,7 +177,8 @@ def test_pareto_keeps_exactly_the_undominated_points():
 @pytest.fixture(scope="module")
 def front_run(tiny_model_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("front") / "run"
-    extra = ["target.psnr=30", "calibrate.families=[steps,steps:dpmsolver,stepskip,deepcache,adaptive-deepcache]",
+    extra = ["target.psnr=30", "calibrate.families=[steps,steps:dpmsolver,stepskip,deepcache,adaptive-deepcache,"
+             "steps:dpmsolver x deepcache]",
              "calibrate.grid.steps.num_steps=[12,6]", "calibrate.grid.stepskip.every=[2]",
              "calibrate.grid.deepcache.interval=[1,2]", "calibrate.grid.adaptive-deepcache.adaptive.delta=[0.3]",
              "calibrate.grid.adaptive-deepcache.deepcache.interval=[2]", "accelerator=none"]
@@ -207,6 +209,18 @@ def test_the_front_measures_each_setting_against_the_full_run(front_run):
     assert both["nfe_per_image"] < 12 and both["cost_per_image"] < both["nfe_per_image"]
     assert both["overrides"] == ["+accelerator=[adaptive,deepcache]", "accelerator.adaptive.delta=0.3",
                                  "accelerator.adaptive.decision_scope=batch", "accelerator.deepcache.interval=2"]
+    # a joint family: each step count of the sampler with each accelerator setting; interval 1 is the sampler alone
+    joint = {(n, i): points[("steps:dpmsolver x deepcache", json.dumps({"interval": i, "num_steps": n},
+                                                                        sort_keys=True))]
+             for n in (6, 12) for i in (1, 2)}
+    alone = points[("steps:dpmsolver", '{"num_steps": 6}')]
+    assert {k: joint[6, 1][k] for k in ("cost_per_image", "psnr_to_ref", "lpips_to_ref")} == \
+        {k: alone[k] for k in ("cost_per_image", "psnr_to_ref", "lpips_to_ref")}
+    reuse = joint[6, 2]
+    assert reuse["nfe_per_image"] == 6 and 3 < reuse["cost_per_image"] < 6  # 3 full calls + 3 at the branch's share
+    assert joint[12, 2]["cost_per_image"] == pytest.approx(2 * reuse["cost_per_image"])
+    assert reuse["overrides"] == ["sampler=dpmsolver", "sampler.num_steps=6", "+accelerator=deepcache",
+                                  "accelerator.interval=2"]
     # the front and the answer follow from the points
     from hiresrun.tune import pareto
 
@@ -235,4 +249,9 @@ def test_a_family_without_a_grid_or_option_is_one_line(tiny_model_dir, tmp_path)
         calibrate(tiny_model_dir, tmp_path / "r", "target.psnr=30", "calibrate.families=[banana]")
     with pytest.raises(UsageError, match="calibrate.families has steps:banana: no sampler option banana"):
         calibrate(tiny_model_dir, tmp_path / "r", "target.psnr=30", "calibrate.families=[steps:banana]")
+    with pytest.raises(UsageError, match=re.escape("a joint family is one steps[:<sampler>] and one accelerator")):
+        calibrate(tiny_model_dir, tmp_path / "r", "target.psnr=30", "calibrate.families=[steps x steps:dpmsolver]")
+    with pytest.raises(UsageError, match="calibrate.families has banana: banana is not an accelerator option"):
+        calibrate(tiny_model_dir, tmp_path / "r", "target.psnr=30", "calibrate.families=[steps:ddim x banana]",
+                  "+calibrate.grid.banana={k: [1]}")
     assert not (tmp_path / "r" / "front.json").exists()

@@ -36,6 +36,9 @@ MODELS = {"pixel16": ["data.resolution=16"],                    # tiny-mnist at 
           "tinysd16": ["experiment=tinysd/sample16"]}           # the latent text-to-image base, guidance 3
 FAMILIES = ["steps", "steps:dpmsolver", "steps:euler", "deepcache", "stepskip", "adaptive", "adaptive-deepcache",
             "stepskip-deepcache"]
+# Joint families (hiresrun/tune.py): every step count of a sampler with every setting of a reuse accelerator, as
+# DeepCache's and AdaptiveDiffusion's papers combine fewer steps with their reuse.
+JOINT = ["steps x deepcache", "steps x adaptive", "steps:dpmsolver x deepcache", "steps:dpmsolver x adaptive"]
 EXTRA = {"tinysd16": ["tome"]}  # families only a UNet2DConditionModel serves (ToMe through tomesd)
 PEERS = ("steps", "steps:dpmsolver", "steps:euler", "deepcache")  # what a user has without hiresrun
 GRID = ["calibrate.grid.steps.num_steps=[50,30,20,15,10,8,6,5,4]", "calibrate.grid.adaptive.delta=[0.01,0.02,0.05,0.1]",
@@ -46,11 +49,16 @@ GRID = ["calibrate.grid.steps.num_steps=[50,30,20,15,10,8,6,5,4]", "calibrate.gr
         "calibrate.grid.stepskip-deepcache.deepcache.interval=[2,3]", "calibrate.grid.tome.ratio=[0.3,0.5,0.7]"]
 PSNR, LPIPS = 32.0, 0.05                    # the issue's fidelity target
 GOAL_PEER, GOAL_DDIM = 1.3, 3.0             # hiresrun's best vs the best peer, and vs 50-step DDIM (wall)
+GOAL_JOINT = 1.3                            # the best joint setting vs the best single family (wall)
 FID_COLUMNS = ("fid", "kid", "digit_acc", "prompt_acc", "nfe_per_image", "cost_per_image")
 
 
 def families(model: str) -> list[str]:
-    return FAMILIES + EXTRA.get(model, [])
+    return FAMILIES + EXTRA.get(model, []) + JOINT
+
+
+def joint(family: str) -> bool:
+    return " x " in family
 
 
 def hiresrun(*args: str) -> None:
@@ -115,6 +123,11 @@ def study(name: str, args, out: Path) -> dict:
         goal = {"hiresrun": hiresrun_best["family"], "peer": peer_best["family"],
                 "vs_peer": hiresrun_best["speedup_wall"] / peer_best["speedup_wall"],
                 "vs_ddim50": hiresrun_best["speedup_wall"]}
+    joint_best = max((p for f, p in best.items() if joint(f)), key=lambda p: p["speedup_wall"], default=None)
+    single_best = max((p for f, p in best.items() if not joint(f)), key=lambda p: p["speedup_wall"], default=None)
+    if goal and joint_best and single_best:
+        goal.update(joint=joint_best["family"], single=single_best["family"],
+                    joint_vs_single=joint_best["speedup_wall"] / single_best["speedup_wall"])
     return {"front": str(front_dir / "front.json"), "full": front["full"], "hardware": front["hardware"],
             "seeds": front["seeds"], "points": points, "best": best, "fid": fid, "goal": goal,
             "wall_front": [points[i] for i in pareto([{**p, "cost_per_image": 1 / p["speedup_wall"]} for p in points],
@@ -134,7 +147,7 @@ def plot(name: str, r: dict, path: Path) -> None:
         ps = [p for p in r["points"] if p["family"] == fam]
         keep = pareto([{**p, "cost_per_image": 1 / p["speedup_wall"]} for p in ps], "psnr_to_ref", True)
         line = sorted((ps[i] for i in keep), key=lambda p: p["speedup_wall"])
-        style = "--" if fam in PEERS else "-"
+        style = "--" if fam in PEERS else ":" if joint(fam) else "-"
         ax.plot([p["speedup_wall"] for p in line], [p["psnr_to_ref"] for p in line], "o" + style, label=fam,
                 markersize=4)
     ax.axhline(PSNR, color="0.75")
@@ -143,7 +156,7 @@ def plot(name: str, r: dict, path: Path) -> None:
     ax.set_xlabel("wall-clock speed-up over 50-step DDIM (same process, interleaved)")
     ax.set_ylabel("PSNR to the 50-step DDIM images (dB)")
     ax.set_title(f"{name}: each family's front, seeds {r['seeds']}, {r['hardware']}", fontsize=9)
-    ax.legend(fontsize=7, title="dashed: peers", title_fontsize=7)
+    ax.legend(fontsize=6, title="dashed: peers; dotted: joint", title_fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -170,6 +183,9 @@ def table(name: str, r: dict) -> str:
         lines += ["", f"Best hiresrun setting ({g['hiresrun']}) vs the best peer ({g['peer']}): "
                       f"**{g['vs_peer']:.2f}x** (goal {GOAL_PEER}x); vs 50-step DDIM: **{g['vs_ddim50']:.2f}x** "
                       f"(goal {GOAL_DDIM}x)."]
+        if "joint" in g:
+            lines += ["", f"Best joint setting ({g['joint']}) vs the best single family ({g['single']}): "
+                          f"**{g['joint_vs_single']:.2f}x** (goal {GOAL_JOINT}x)."]
     return "\n".join(lines)
 
 
