@@ -110,7 +110,8 @@ def unet_elements(config: dict, side: int, eager: bool) -> int:
 
 def transformer_elements(config: dict, side: int, eager: bool) -> int:
     """Elements alive at the peak of one transformer call: one block's working set over all tokens (the residual
-    stream, q/k/v, the feed-forward's 4x hidden and their temporaries: 24 widths per token), plus the text tokens of joint attention."""
+    stream, q/k/v, the feed-forward's 4x hidden and their temporaries: 24 widths per token), plus the text tokens of
+    joint attention."""
     patch = int(config.get("patch_size") or 2)
     heads = int(config.get("num_attention_heads") or 16)
     width = heads * int(config.get("attention_head_dim") or 72)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli, compose
 
 from hiresrun.errors import UsageError
-from conftest import cli, compose
 
 ASSET = Path(__file__).resolve().parents[1] / "hiresrun" / "assets" / "tiny-sd-mnist"
 
