@@ -108,15 +108,23 @@ MIXED = {"32-true": None, "32": None, "bf16-mixed": torch.bfloat16, "16-mixed": 
 
 def sample_here(sampler: sampling.Sampler, todo: list[list[int]], device: torch.device, precision: str,
                 signals) -> None:
-    """The batches of a one-device sample run, in order, each written by the sampler's sink as it is made (its
-    progress too); a signal stops after the batch in flight (signals.SampleSignals)."""
+    """The batches of a one-device sample run, in order, each handed to the sampler's sink as it is made (written,
+    featurized and reported by its background thread while the next batch samples); a signal stops after the batch
+    in flight, once everything made is on disk (signals.SampleSignals)."""
     sampler.autocast = MIXED[str(precision)]
     sampler.net.to(device).eval()
-    with signals:
-        for seeds in todo:
-            with torch.inference_mode():
-                sampler.batch(seeds)
-            signals.after_batch(len(seeds))
+    sink = sampler.sink
+    sink.background = sink.writer is not None
+    try:
+        with signals:
+            for seeds in todo:
+                with torch.inference_mode():
+                    sampler.batch(seeds)
+                if signals.signum is not None:
+                    sink.flush()  # the count the signal reports is of images on disk
+                signals.after_batch(len(seeds))
+    finally:
+        sink.close()  # whatever stopped the loop, the batches already made reach the disk
 
 
 def _sample_into(cfg: DictConfig, folder: store.Store, info: dict, sampler: sampling.Sampler,

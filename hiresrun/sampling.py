@@ -165,12 +165,73 @@ class Sink:
     """Where a sample run's batches go as soon as they exist (hiresrun/store.py): `writer.write(seeds, images,
     facts)` saves the images and the batch record and returns the PNGs' hashes; `facts(seeds)` adds per-image facts
     (prompt, label); `featurize(seeds, images, hashes, device)` caches the batch's Inception rows
-    (metrics/generated.py); `progress(n)` is told each batch. Any of them may be None."""
+    (metrics/generated.py); `progress(n)` is told each batch. Any of them may be None.
+
+    `background=True` hands each batch to one writer thread (`put`) and returns at once, so PNG encoding, hashing,
+    the record and the features of batch k overlap the sampling of batch k+1 (PNG's zlib and the networks release
+    the GIL). At most `depth` batches wait; `flush()` waits for all of them and raises what the thread raised. The
+    order on disk is the same as without it: a batch's PNGs, then its record, batch after batch."""
 
     writer: object = None
     facts: Callable[[list[int]], dict] | None = None
     featurize: Callable | None = None
     progress: Callable[[int], None] | None = None
+    background: bool = False
+    depth: int = 2
+
+    def handle(self, seeds: list[int], images: Tensor, facts: dict, device) -> None:
+        """Write one batch, cache its features, report it (in the caller's thread)."""
+        hashes = self.writer.write(seeds, images, facts)
+        if self.featurize is not None:
+            self.featurize(seeds, images, hashes, device)
+        if self.progress is not None:
+            self.progress(len(seeds))
+
+    def put(self, seeds: list[int], images: Tensor, facts: dict, device) -> None:
+        if not self.background:
+            return self.handle(seeds, images, facts, device)
+        import queue
+        import threading
+
+        if getattr(self, "_queue", None) is None:
+            self._queue, self._error = queue.Queue(maxsize=self.depth), None
+            self._thread = threading.Thread(target=self._work, name="hiresrun-writer", daemon=True)
+            self._thread.start()
+        self._raise()
+        self._queue.put((seeds, images, facts, device))
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is not None and self._error is None:  # after a failure nothing more is written
+                    self.handle(*item)
+            except BaseException as e:  # noqa: BLE001 - handed to the sampling thread by flush / put
+                self._error = e
+            finally:
+                self._queue.task_done()
+            if item is None:
+                return
+
+    def _raise(self) -> None:
+        if getattr(self, "_error", None) is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def flush(self) -> None:
+        """Every batch handed over is on disk (or its error raised here)."""
+        if getattr(self, "_queue", None) is not None:
+            self._queue.join()
+        self._raise()
+
+    def close(self) -> None:
+        """flush, then end the thread."""
+        if getattr(self, "_queue", None) is not None:
+            self._queue.join()
+            self._queue.put(None)
+            self._thread.join()
+            self._queue = None
+        self._raise()
 
 
 class Sampler:
@@ -246,9 +307,5 @@ class Sampler:
         per_image = self.accelerator.per_image(mark, seeds)
         if per_image is not None:
             facts["accelerator"] = per_image
-        hashes = sink.writer.write(seeds, out["images"], facts)
-        if sink.featurize is not None:
-            sink.featurize(seeds, out["images"], hashes, device)
-        if sink.progress is not None:
-            sink.progress(len(seeds))
+        sink.put(seeds, out["images"], facts, device)
         return out

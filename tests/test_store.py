@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from hiresrun import progress, store
 from hiresrun.outputs import load_images
@@ -386,3 +387,42 @@ def test_a_long_phase_says_its_progress_in_lines_without_a_terminal(capsys):
     assert len(lines) == 10 and lines[0].startswith("hiresrun: real-set patch features (x) 10/100 crops, ")
     assert " crops/s, ETA " in lines[0] and lines[-1].startswith("hiresrun: real-set patch features (x) 100/100 crops")
     assert lines[-1].endswith("ETA 0 s")
+
+
+def test_the_background_writer_keeps_the_order_and_hands_its_error_to_the_sampling_thread():
+    """Sink(background=True): batches reach the writer in the order they were made; a write that fails stops all
+    later writes and is raised in the sampling thread (at the next hand-over or at close), never lost."""
+    from hiresrun.errors import DataError
+    from hiresrun.sampling import Sink
+
+    written, featurized = [], []
+
+    class Writer:
+        def write(self, seeds, images, facts):
+            if seeds[0] == 4:
+                raise DataError("disk full")
+            written.append(list(seeds))
+            return ["h"] * len(seeds)
+
+    sink = Sink(writer=Writer(), featurize=lambda seeds, *_: featurized.append(list(seeds)), background=True)
+    raised = []
+    for batch in ([0, 1], [2, 3], [4, 5], [6, 7], [8, 9]):
+        try:
+            sink.put(batch, torch.zeros(2, 1, 2, 2, dtype=torch.uint8), {}, "cpu")
+        except DataError as e:
+            raised.append(e)
+            break
+    try:
+        sink.close()
+    except DataError as e:
+        raised.append(e)
+    assert [str(e) for e in raised] == ["disk full"]
+    assert written == featurized == [[0, 1], [2, 3]]  # nothing after the failed batch
+    ok = Sink(writer=type("W", (), {"write": lambda self, s, i, f: written.append(list(s)) or ["h"] * len(s)})(),
+              background=True)
+    written.clear()
+    for batch in ([0], [1], [2], [3], [4]):
+        ok.put(batch, torch.zeros(1, 1, 2, 2, dtype=torch.uint8), {}, "cpu")
+    ok.flush()
+    assert written == [[0], [1], [2], [3], [4]]
+    ok.close()

@@ -90,8 +90,13 @@ def best_per_family(points: list[dict]) -> dict[str, dict]:
     return out
 
 
-def study(name: str, args, out: Path) -> dict:
+def study(name: str, args, out: Path, previous: dict | None = None) -> dict:
+    """One model's front, then FID for each family's fastest setting meeting the target. An arm whose exact command
+    (family and overrides) `previous` (results.json's entry, same FID protocol) already scored is not sampled again:
+    CPU sampling is deterministic per seed, so its numbers are the ones a rerun would give."""
     model = MODELS[name]
+    protocol = fid_protocol(args)
+    known = (previous or {}).get("fid", {}) if (previous or {}).get("protocol", {}).get("fid") == protocol else {}
     folder = out / name
     front_dir = folder / "front"
     if not (front_dir / "front.json").is_file():
@@ -105,6 +110,10 @@ def study(name: str, args, out: Path) -> dict:
     arms = {"DDIM 50 (full)": ["sampler=ddim", "sampler.num_steps=50"]}
     arms.update({f"{fam}: {' '.join(p['overrides'])}": p["overrides"] for fam, p in best.items()})
     for arm, overrides in arms.items():
+        if arm in known and not args.no_reuse:
+            print(f"reused from results.json: {arm}", flush=True)
+            fid[arm] = known[arm]
+            continue
         name = arm.split(": ")[0]  # the family (steps:dpmsolver keeps its sampler) or the full run
         run_dir = folder / "fid" / name.replace(" ", "_").replace("(", "").replace(")", "").replace(":", "_")
         base = [] if overrides[0].startswith("sampler") else ["sampler=ddim", "sampler.num_steps=50"]
@@ -132,6 +141,11 @@ def study(name: str, args, out: Path) -> dict:
             "seeds": front["seeds"], "points": points, "best": best, "fid": fid, "goal": goal,
             "wall_front": [points[i] for i in pareto([{**p, "cost_per_image": 1 / p["speedup_wall"]} for p in points],
                                                      "psnr_to_ref", True)]}
+
+
+def fid_protocol(args) -> str:
+    return (f"n = {args.n_fid}, seeds 0..{args.n_fid - 1}, Inception pool3, clean resize, vs the 1,000 held-out digits "
+            f"at the model's size")
 
 
 def plot(name: str, r: dict, path: Path) -> None:
@@ -197,16 +211,16 @@ def main() -> int:
     p.add_argument("--n-fid", type=int, default=500, help="images per FID arm (seeds 0..n-1)")
     p.add_argument("--out", default="/tmp/hiresrun-accelerators")
     p.add_argument("--tables", action="store_true", help="only rewrite README tables and plots from results.json")
+    p.add_argument("--no-reuse", action="store_true", help="sample every FID arm, even one results.json has scored")
     args = p.parse_args()
     path = HERE / "results.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
     if not args.tables:
         for name in args.models:
-            results[name] = study(name, args, Path(args.out))
+            results[name] = study(name, args, Path(args.out), results.get(name))
             results[name]["protocol"] = {
                 "reference": "50-step DDIM of the same seeds", "target": {"psnr": PSNR, "lpips": LPIPS},
-                "fid": f"n = {args.n_fid}, seeds 0..{args.n_fid - 1}, Inception pool3, clean resize, vs the 1,000 "
-                       f"held-out digits at the model's size", "families": families(name), "grid": GRID}
+                "fid": fid_protocol(args), "families": families(name), "grid": GRID}
             path.write_text(json.dumps(results, indent=2) + "\n")
     for name, r in results.items():
         plot(name, r, HERE / f"front_{name}.png")
