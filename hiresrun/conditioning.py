@@ -157,7 +157,8 @@ class TextEncoder:
             if library is None:
                 continue
             loader = library_class(library, class_name, f"model.path={root}: model_index.json's {name}")
-            part = loader.from_pretrained(root / name)
+            dtype = {"dtype": torch.float32} if name.startswith("text_encoder") else {}  # fp32, as the denoiser
+            part = loader.from_pretrained(root / name, **dtype)
             parts[name] = part.eval().requires_grad_(False) if name.startswith("text_encoder") else part
         scheduler = diffusers.DDIMScheduler.from_config(scheduler_config)
         from hiresrun.flow import FLOW_PIPELINES

@@ -490,7 +490,9 @@ def load_model(path: str, revision: str | None = None, init: str = "pretrained",
     if init == "scratch":
         unet, digest = cls.from_config(cls.load_config(unet_dir)), "scratch"
     else:
-        unet, digest = cls.from_pretrained(unet_dir, low_cpu_mem_usage=False), weights_hash(unet_dir)
+        # fp32 whatever the files hold (bf16 / fp16 folders too): mixed precision is the sampler's autocast
+        unet = cls.from_pretrained(unet_dir, low_cpu_mem_usage=False, torch_dtype=torch.float32)
+        digest = weights_hash(unet_dir)
     autoencoder = _load_vae(root, vae)
     config = getattr(autoencoder, "config", None)
     scale = vae_scale if vae_scale is not None else getattr(config, "scaling_factor", 1.0)
@@ -594,7 +596,8 @@ def _load_vae(root: Path, vae: str | None) -> nn.Module | None:
         return None
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(folder, low_cpu_mem_usage=False).eval().requires_grad_(False)
+    return AutoencoderKL.from_pretrained(folder, low_cpu_mem_usage=False, torch_dtype=torch.float32).eval() \
+        .requires_grad_(False)
 
 
 def count_params(module: nn.Module, trainable: bool = True) -> int:

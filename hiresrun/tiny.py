@@ -9,6 +9,7 @@ of characters and a few word starts): nothing downloads. Weights are random (see
 not for quality.
 
     python -m hiresrun.tiny sd <folder>      # or sdxl, dit, sd3, flux, or clip (a tiny CLIP for clip_score runs)
+    python -m hiresrun.tiny sdxl <folder> --full   # a full-size replica of a released model (hiresrun/replica.py)
 """
 
 from __future__ import annotations
@@ -237,9 +238,15 @@ def flux(folder: str | Path, sample_size: int = 8, guidance_embeds: bool = True,
 
 
 if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[3] == "--full":  # a full-size replica of a released model (hiresrun/replica.py)
+        from hiresrun import replica
+
+        print(replica.write(sys.argv[1], sys.argv[2]))
+        sys.exit(0)
     builders = {"clip": clip, "dit": dit, "sd3": sd3, "flux": flux, "flux-schnell":
                 lambda where: flux(where, guidance_embeds=False)}
     if len(sys.argv) != 3 or sys.argv[1] not in (*builders, "sd", "sdxl"):
-        sys.exit("usage: python -m hiresrun.tiny sd|sdxl|dit|sd3|flux|flux-schnell|clip <folder>")
+        sys.exit("usage: python -m hiresrun.tiny sd|sdxl|dit|sd3|flux|flux-schnell|clip <folder>\n"
+                 "       python -m hiresrun.tiny sd15|sd21-base|sdxl|sd3-medium|flux-dev|flux-schnell <folder> --full")
     kind, where = sys.argv[1], sys.argv[2]
     print(builders[kind](where) if kind in builders else build(where, kind))
