@@ -99,7 +99,8 @@ RELEASED = {
     },
     "flux-dev": {
         "pipeline": "FluxPipeline", "native": 1024,
-        "source": "black-forest-labs/FLUX.1-dev (transformer, vae, text_encoder, text_encoder_2, scheduler config.json)",
+        "source": "black-forest-labs/FLUX.1-dev (transformer, vae, text_encoder, text_encoder_2, scheduler "
+                  "config.json)",
         "transformer": ("FluxTransformer2DModel", {
             "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
             "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768,

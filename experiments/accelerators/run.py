@@ -119,6 +119,9 @@ def study(name: str, args, out: Path, previous: dict | None = None) -> dict:
         base = [] if overrides[0].startswith("sampler") else ["sampler=ddim", "sampler.num_steps=50"]
         command = [*model, *QUIET, *base, *overrides, "metrics=default", "metrics.patch_fid=false",
                    f"sample.num_samples={args.n_fid}", "sample.save_images=false"]
+        if args.fronts_only and not same_run(run_dir, command):  # FID only where results.json or a folder has it
+            print(f"not scored (--fronts-only): {arm}", flush=True)
+            continue
         if not same_run(run_dir, command):
             if run_dir.exists():  # another setting of this family ran here before: keep it aside
                 run_dir.rename(run_dir.with_name(f"{run_dir.name}-old-{len(list(run_dir.parent.glob('*-old-*')))}"))
@@ -176,6 +179,10 @@ def plot(name: str, r: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def num(value, digits: int) -> str:
+    return "not scored" if value is None else f"{value:.{digits}f}"
+
+
 def table(name: str, r: dict) -> str:
     lines = [f"**{name}** (front on seeds {r['seeds']}, {r['hardware']}; FID/KID: {r['protocol']['fid']})", "",
              "| family | fastest setting meeting the target | wall speed-up | cost speed-up | PSNR | LPIPS | FID | "
@@ -188,10 +195,10 @@ def table(name: str, r: dict) -> str:
         if p is None:
             lines.append(f"| {fam} | none meets it | | | | | | |")
             continue
-        f = next((v for k, v in r["fid"].items() if k.startswith(f"{fam}: ")), {})
+        f = next((v for k, v in r["fid"].items() if k.startswith(f"{fam}: ")), {"fid": None, "kid": None})
         lines.append(f"| {fam}{' (peer)' if fam in PEERS else ''} | `{' '.join(p['overrides'])}` | "
                      f"{p['speedup_wall']:.2f} | {p['speedup_cost']:.2f} | {p['psnr_to_ref']:.1f} | "
-                     f"{p['lpips_to_ref']:.3f} | {f.get('fid', float('nan')):.2f} | {f.get('kid', float('nan')):.4f} |")
+                     f"{p['lpips_to_ref']:.3f} | {num(f.get('fid'), 2)} | {num(f.get('kid'), 4)} |")
     g = r["goal"]
     if g:
         lines += ["", f"Best hiresrun setting ({g['hiresrun']}) vs the best peer ({g['peer']}): "
@@ -212,6 +219,7 @@ def main() -> int:
     p.add_argument("--out", default="/tmp/hiresrun-accelerators")
     p.add_argument("--tables", action="store_true", help="only rewrite README tables and plots from results.json")
     p.add_argument("--no-reuse", action="store_true", help="sample every FID arm, even one results.json has scored")
+    p.add_argument("--fronts-only", action="store_true", help="score no new FID arm (the fronts and the reused arms)")
     args = p.parse_args()
     path = HERE / "results.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
