@@ -127,7 +127,7 @@ def pipeline_rows(rig: Rig, family: str, native: int, guidance: float) -> list[d
     for batch in (1, 4):
         seeds = list(range(batch))
         latent = side // 8 if not rig.smoke else side // 2
-        t, peak, out = timed(rig, lambda: ours.generate(seeds))
+        t, peak, out = timed(rig, lambda seeds=seeds: ours.generate(seeds))
         rows.append({"row": f"{family} {side} px batch {batch}", "who": "hiresrun", "images_per_s": batch / t,
                      "seconds": t, "peak_mb": peak})
         for name, pipe in pipes.items():
@@ -137,7 +137,7 @@ def pipeline_rows(rig: Rig, family: str, native: int, guidance: float) -> list[d
             autocast = torch.autocast(rig.device.type, dtype=torch.bfloat16,
                                       enabled=name == "fp32 + autocast" and not rig.smoke)
 
-            def call():
+            def call(pipe=pipe, seeds=seeds, latent=latent, autocast=autocast, batch=batch):
                 latents = sampling.noise(sampling.generators(seeds), (4, latent, latent)).to(rig.device)
                 with autocast:
                     images = pipe(["a photograph of a lighthouse at dusk"] * batch, latents=latents.to(pipe.dtype),
@@ -178,7 +178,7 @@ def vae_rows(rig: Rig) -> list[dict]:
             base.vae_tile_above = side // 2 if tiled else None
             est = memory.estimate(Path(base.source), side, 1, 1, 4, base.vae_tile_above, None)
 
-            def decode():
+            def decode(z=z):
                 with torch.inference_mode():
                     return base.decode(z)
 
@@ -197,7 +197,7 @@ def accelerator_rows(rig: Rig) -> list[dict]:
     t0, _, out0 = timed(rig, lambda: full.generate([0]))
     for acc in ("deepcache", "adaptive"):
         s = hiresrun_sampler(rig, "sdxl", side, 5.0, steps, f"+accelerator={acc}")
-        t, peak, out = timed(rig, lambda: s.generate([0]))
+        t, peak, out = timed(rig, lambda s=s: s.generate([0]))
         mark = s.accelerator.mark()  # the cost of one call (the timed ones came before)
         out = s.generate([0])
         per = s.accelerator.per_image(mark, [0])
