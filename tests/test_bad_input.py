@@ -121,6 +121,7 @@ CASES = [
     (["accelerator=stepskip", "accelerator.mask=[0,0]"], r"the first step is always computed; start the mask "
                                                          r"with 1"),
     (["model.vae_tile_above=-1"], r"model.vae_tile_above=-1: give an image side in px"),
+    (["model.vae_tile_size=100"], r"model.vae_tile_size=100: give the tiles' side in image px, a multiple of 8"),
     (["sample.guidance_scale=nan"], r"sample.guidance_scale=nan: must be a finite number"),
     (["reference={tmp}/missing"], r"reference=<tmp>/missing: no such folder"),
     (["metrics=default", "metrics.num_reference=0"], r"metrics.num_reference=0: must be at least 2"),
