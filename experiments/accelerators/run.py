@@ -53,8 +53,8 @@ GOAL_JOINT = 1.3                            # the best joint setting vs the best
 FID_COLUMNS = ("fid", "kid", "digit_acc", "prompt_acc", "nfe_per_image", "cost_per_image")
 
 
-def families(model: str) -> list[str]:
-    return FAMILIES + EXTRA.get(model, []) + JOINT
+def families(model: str, chosen: list[str] | None = None) -> list[str]:
+    return chosen or FAMILIES + EXTRA.get(model, []) + JOINT
 
 
 def joint(family: str) -> bool:
@@ -101,7 +101,8 @@ def study(name: str, args, out: Path, previous: dict | None = None) -> dict:
     front_dir = folder / "front"
     if not (front_dir / "front.json").is_file():
         hiresrun("calibrate", *model, *QUIET, "sampler=ddim", "sampler.num_steps=50", f"target.psnr={PSNR}",
-                 f"calibrate.families=[{','.join(families(name))}]", *GRID, f"calibrate.seeds={args.seeds}",
+                 f"calibrate.families=[{','.join(families(name, args.families))}]", *grid(args),
+                 f"calibrate.seeds={args.seeds}",
                  f"sample.batch_size={args.batch}", f"hydra.run.dir={front_dir}")
     front = json.loads((front_dir / "front.json").read_text())
     points = front["points"]
@@ -146,6 +147,14 @@ def study(name: str, args, out: Path, previous: dict | None = None) -> dict:
                                                      "psnr_to_ref", True)]}
 
 
+def grid(args) -> list[str]:
+    """GRID, with --steps replacing the step counts of every steps family (joint ones included)."""
+    if not args.steps:
+        return GRID
+    return [f"calibrate.grid.steps.num_steps=[{','.join(map(str, args.steps))}]" if g.startswith(
+        "calibrate.grid.steps.") else g for g in GRID]
+
+
 def fid_protocol(args) -> str:
     return (f"n = {args.n_fid}, seeds 0..{args.n_fid - 1}, Inception pool3, clean resize, vs the 1,000 held-out digits "
             f"at the model's size")
@@ -160,7 +169,7 @@ def plot(name: str, r: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.6, 4.8), dpi=100)
-    for fam in families(name):
+    for fam in r["protocol"].get("families", families(name)):
         ps = [p for p in r["points"] if p["family"] == fam]
         keep = pareto([{**p, "cost_per_image": 1 / p["speedup_wall"]} for p in ps], "psnr_to_ref", True)
         line = sorted((ps[i] for i in keep), key=lambda p: p["speedup_wall"])
@@ -220,15 +229,18 @@ def main() -> int:
     p.add_argument("--tables", action="store_true", help="only rewrite README tables and plots from results.json")
     p.add_argument("--no-reuse", action="store_true", help="sample every FID arm, even one results.json has scored")
     p.add_argument("--fronts-only", action="store_true", help="score no new FID arm (the fronts and the reused arms)")
+    p.add_argument("--families", nargs="+", help="the families of the front (default: all, joint ones included)")
+    p.add_argument("--steps", type=int, nargs="+", help="the step counts of the steps families (default: GRID's)")
+    p.add_argument("--results", type=Path, default=None, help="the results file (default: results.json here)")
     args = p.parse_args()
-    path = HERE / "results.json"
+    path = args.results or HERE / "results.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
     if not args.tables:
         for name in args.models:
             results[name] = study(name, args, Path(args.out), results.get(name))
             results[name]["protocol"] = {
                 "reference": "50-step DDIM of the same seeds", "target": {"psnr": PSNR, "lpips": LPIPS},
-                "fid": fid_protocol(args), "families": families(name), "grid": GRID}
+                "fid": fid_protocol(args), "families": families(name, args.families), "grid": grid(args)}
             path.write_text(json.dumps(results, indent=2) + "\n")
     for name, r in results.items():
         plot(name, r, HERE / f"front_{name}.png")
