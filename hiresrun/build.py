@@ -263,6 +263,10 @@ def build_sampler(cfg: DictConfig):
     sampler's scheduler and steps, the accelerator (its settings checked against the net and the method's loops) and
     the conditioning; what `hiresrun sample` runs and `hiresrun.load` returns. The net stays on the CPU."""
     base, method, net, ckpt = sampling_net(cfg)
+    if base.channels_last:  # UNets' convolutions run faster on GPUs in NHWC; images are the same up to rounding
+        base.unet.to(memory_format=torch.channels_last)
+    if base.compile:  # in place (nn.Module.compile): the module, its names and the accelerators' hooks stay as they are
+        base.unet.compile()
     conditioner = build_conditioner(cfg, base)
     accelerator = build_accelerator(cfg)
     accelerator.check(net, method.loop_steps(int(cfg.sampler.num_steps)))

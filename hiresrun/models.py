@@ -47,6 +47,8 @@ class BaseModel:
     vae_shift: float = 0.0               # the VAE config's shift_factor (SD3-style VAEs; SD/SDXL have none)
     vae_tile_above: int | None = None    # tiled VAE decode/encode for images larger than this side (pixels)
     vae_tile_size: int | None = None     # the tiles' side in image pixels (None: the VAE's own sample_size)
+    compile: bool = False                # sampling: torch.compile the denoiser (nn.Module.compile, in place)
+    channels_last: bool = False          # sampling: the denoiser's 4-D weights in channels-last memory format
     caption_dropout: float = 0.0         # training: share of captions replaced by "" (serves unguided calls)
     null_class: int | None = None        # class models: the label the model was trained with as "no class"
     label_dropout: float = 0.0           # training: share of labels replaced by null_class (class guidance)
@@ -451,7 +453,7 @@ def _fetch(path: str, revision: str | None) -> Path:
 def load_model(path: str, revision: str | None = None, init: str = "pretrained", vae: str | None = None,
                vae_scale: float | None = None, conditioning: str = "auto",
                vae_tile_above: int | None = None, vae_tile_size: int | None = None, null_class: int | None = None,
-               parametrization: str = "standard",
+               parametrization: str = "standard", compile: bool = False, channels_last: bool = False,
                sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0,
                prompts: str | None = None, resolution: int | None = None,
                trained_on: str | None = None, denoiser: str | None = None, space: str | None = None,
@@ -538,7 +540,7 @@ def load_model(path: str, revision: str | None = None, init: str = "pretrained",
                      channels=channels, weights_hash=digest, source=str(root), vae=autoencoder,
                      vae_scale=scale, conditioning=conditioning, text=text, vae_shift=float(shift),
                      vae_tile_above=vae_tile_above, vae_tile_size=vae_tile_size, parametrization=parametrization,
-                     trained_on=trained_on)
+                     trained_on=trained_on, compile=bool(compile), channels_last=bool(channels_last))
     if prompts is not None:
         if text is None:
             raise UsageError(f"model.prompts={prompts}: {path} takes no text; drop it")

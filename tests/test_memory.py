@@ -86,8 +86,8 @@ print(json.dumps(peak_memory_mb(cpu) - before))
 @pytest.mark.parametrize("what,side", [("unet", 256), ("vae", 512)])
 def test_the_estimate_bounds_the_measured_peak_and_is_not_loose(what, side):
     """One guided UNet call (256 px: 16,384 tokens in its attention level) and one VAE decode (512 px) of the embedded
-    latent model, each in a fresh process (its resident-set high-water mark, reset after loading, rises by what the call holds at its
-    peak): the estimate is above, within 3x."""
+    latent model, each in a fresh process (its resident-set high-water mark, reset after loading, rises by what the
+    call holds at its peak): the estimate is above, within 3x."""
     from hiresrun import memory
 
     out = subprocess.run([sys.executable, "-c", MEASURE, str(ASSET), str(side), what], capture_output=True,
