@@ -10,6 +10,8 @@ released architectures, random weights: the same compute and memory as the real 
                  Sampler (fp32 weights under bf16 autocast, trainer.precision=bf16-mixed) against diffusers'
                  pipeline twice: loaded in fp32 and run under the same autocast (the same numbers: images compared
                  pixel for pixel) and loaded in bf16 (how most users run it); images/s and CUDA peak memory
+    execution    SDXL batch 1 with model.channels_last and model.compile (torch.compile, in place), each alone and
+                 together, against plain hiresrun
     selfcascade  Self-Cascade tuning-free 1024 -> 2048 px (seconds per image, peak memory)
     vae          the VAE decode of one latent at 2048 and 4096 px, untiled and tiled (model.vae_tile_above), seconds
                  and peak memory beside hiresrun/memory.py's estimate
@@ -155,6 +157,23 @@ def pipeline_rows(rig: Rig, family: str, native: int, guidance: float) -> list[d
     return rows
 
 
+def execution_rows(rig: Rig) -> list[dict]:
+    """SDXL at its native size, batch 1: hiresrun plain, with model.channels_last, and (GPU) with model.compile (the
+    first call, which compiles, is the untimed warm-up)."""
+    side, rows, plain = rig.px(1024), [], None
+    variants = [("plain", ()), ("channels_last", ("model.channels_last=true",))]
+    if not rig.smoke:  # inductor on the CPU takes minutes for the tiny UNet; the slow test covers the knob
+        variants += [("compile", ("model.compile=true",)),
+                     ("compile + channels_last", ("model.compile=true", "model.channels_last=true"))]
+    for name, extra in variants:
+        s = hiresrun_sampler(rig, "sdxl", side, 5.0, *extra)
+        t, peak, _ = timed(rig, lambda s=s: s.generate([0]))
+        plain = plain or t
+        rows.append({"row": f"sdxl {side} px batch 1", "who": f"hiresrun, {name}", "images_per_s": 1 / t,
+                     "seconds": t, "peak_mb": peak, "x_plain_speed": plain / t})
+    return rows
+
+
 def selfcascade_row(rig: Rig) -> dict:
     side = rig.px(2048)
     s = hiresrun_sampler(rig, "sdxl", side, 5.0, "+method=selfcascade", "method.mode=tuning_free")
@@ -215,6 +234,7 @@ def markdown(record: dict) -> str:
     for r in record["rows"]:
         note = r.get("error") or ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()
                                           if k in ("x_hiresrun_speed", "max_abs_diff_uint8", "estimated_vae_mb",
+                                                   "x_plain_speed",
                                                    "speedup_wall", "speedup_cost", "cost_per_image"))
         ips = f"{r['images_per_s']:.2f}" if "images_per_s" in r else ""
         sec = f"{r['seconds']:.2f}" if "seconds" in r else ""
@@ -242,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         for family, native, guidance in (("sdxl", 1024, 5.0), ("sd15", 512, 7.5)):
             rows += pipeline_rows(rig, family, native, guidance)
             print(markdown({"device": "", "when": "", "torch": "", "command": "", "rows": rows[-6:]}), flush=True)
+        rows += execution_rows(rig)
         rows.append(guarded("selfcascade", lambda: selfcascade_row(rig)))
         rows += vae_rows(rig)
         rows += accelerator_rows(rig)
