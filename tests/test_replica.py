@@ -49,3 +49,21 @@ def test_a_written_replica_loads_in_diffusers_and_samples_one_step_in_hiresrun(t
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["nfe_per_image"] == 1 and metrics["estimated_peak_mb"] > 4000  # fp32 weights alone: 4.1 GB
+
+
+def test_a_folder_saved_in_bf16_loads_in_fp32_and_samples(tiny_sd_dir, tmp_path):
+    """Replicas (and many released folders) store bf16 / fp16 weights; hiresrun loads every part in fp32 (mixed
+    precision is the sampler's autocast), so the text encoder, UNet and VAE agree on the dtype."""
+    import diffusers
+    import torch
+
+    from hiresrun.models import load_model
+
+    half = tmp_path / "bf16"
+    diffusers.StableDiffusionPipeline.from_pretrained(tiny_sd_dir).to(torch.bfloat16).save_pretrained(half)
+    base = load_model(str(half))
+    assert {p.dtype for m in (base.unet, base.vae) for p in m.parameters()} == {torch.float32}
+    proc = cli("sample", "model=diffusers", f"model.path={half}", "data.resolution=16", "sampler.num_steps=2",
+               "sample.num_samples=2", "logger=none", "sample.prompt=a cat", f"hydra.run.dir={tmp_path / 'run'}",
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
