@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/gpu.py [--replicas /data/replicas] [--out bench/results/gpu.json]    # a CUDA GPU, < 8 min
     .venv/bin/python bench/gpu.py --smoke                                                      # CPU, tiny replicas
+    .venv/bin/python bench/gpu.py --rows pipeline vae        # a part (pipeline execution selfcascade vae accelerators)
 
 On a GPU it builds (once, into --replicas) full-size replicas of SDXL base and SD 1.5 (hiresrun/replica.py: the
 released architectures, random weights: the same compute and memory as the real models) and measures, bf16:
@@ -228,6 +229,10 @@ def accelerator_rows(rig: Rig) -> list[dict]:
     return rows
 
 
+ROWS = {"pipeline": None, "execution": execution_rows, "selfcascade": None, "vae": vae_rows,
+        "accelerators": accelerator_rows}
+
+
 def markdown(record: dict) -> str:
     lines = [f"{record['device']} ({record['when']}, {record['torch']}); `{record['command']}`", "",
              "| measurement | who | images/s | s | peak MB | ratio / note |", "|---|---|---|---|---|---|"]
@@ -249,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replicas", type=Path, default=None, help="where the replica folders are kept (default: temp)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--table", action="store_true", help="write the markdown table into bench/README.md")
+    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS),
+                    help="which groups of rows to run (default: all); a short GPU budget can take them in parts")
     args = ap.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
         print("bench/gpu.py: no CUDA device here; run it on a GPU machine, or --smoke for the CPU code path",
@@ -259,17 +266,20 @@ def main(argv: list[str] | None = None) -> int:
         rig = Rig(args.smoke, args.replicas or Path(tmp))
         start = time.perf_counter()
         rows = []
-        for family, native, guidance in (("sdxl", 1024, 5.0), ("sd15", 512, 7.5)):
-            rows += pipeline_rows(rig, family, native, guidance)
-            print(markdown({"device": "", "when": "", "torch": "", "command": "", "rows": rows[-6:]}), flush=True)
-        rows += execution_rows(rig)
-        rows.append(guarded("selfcascade", lambda: selfcascade_row(rig)))
-        rows += vae_rows(rig)
-        rows += accelerator_rows(rig)
+        for group in args.rows:
+            if group == "pipeline":
+                for family, native, guidance in (("sdxl", 1024, 5.0), ("sd15", 512, 7.5)):
+                    rows += pipeline_rows(rig, family, native, guidance)
+            elif group == "selfcascade":
+                rows.append(guarded("selfcascade", lambda: selfcascade_row(rig)))
+            else:
+                rows += ROWS[group](rig)
+            print(markdown({"device": "", "when": "", "torch": "", "command": "", "rows": rows}), flush=True)
     device = "CPU (smoke run: tiny replicas)" if args.smoke else torch.cuda.get_device_name(0)
     record = {"device": device, "when": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-              "command": "bench/gpu.py" + (" --smoke" if args.smoke else ""), "seconds": time.perf_counter() - start,
-              "rows": rows}
+              "command": "bench/gpu.py" + (" --smoke" if args.smoke else "") + (
+                  f" --rows {' '.join(args.rows)}" if args.rows != list(ROWS) else ""),
+              "seconds": time.perf_counter() - start, "rows": rows}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     table = markdown(record)
