@@ -182,8 +182,19 @@ def device_mb(device) -> float | None:
 
 def override_mb() -> float | None:
     """HIRESRUN_DEVICE_MEMORY_MB: the memory to plan for instead of the device's (a GPU shared with other jobs)."""
+    from hiresrun.errors import UsageError
+
     value = os.environ.get("HIRESRUN_DEVICE_MEMORY_MB")
-    return float(value) if value else None
+    if not value:
+        return None
+    try:
+        mb = float(value)
+    except ValueError:
+        mb = float("nan")
+    if not mb > 0:
+        raise UsageError(f"HIRESRUN_DEVICE_MEMORY_MB={value}: give the memory to plan for in MiB (e.g. 40000), or "
+                         f"unset it to use the device's own")
+    return mb
 
 
 # -- the refusal ---------------------------------------------------------------------------------------------------

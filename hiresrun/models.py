@@ -480,6 +480,9 @@ def load_model(path: str, revision: str | None = None, init: str = "pretrained",
     if vae_tile_above is not None and vae_tile_above < 1:
         raise UsageError(f"model.vae_tile_above={vae_tile_above}: give an image side in px (tiles above it), or null "
                          f"for no tiling")
+    for name, value in (("compile", compile), ("channels_last", channels_last)):
+        if not isinstance(value, bool):
+            raise UsageError(f"model.{name}={value}: choose true or false")
     if vae_tile_size is not None and (vae_tile_size < 8 or vae_tile_size % 8):
         raise UsageError(f"model.vae_tile_size={vae_tile_size}: give the tiles' side in image px, a multiple of 8 "
                          f"(e.g. 512), or null for the VAE's own size")
@@ -540,7 +543,7 @@ def load_model(path: str, revision: str | None = None, init: str = "pretrained",
                      channels=channels, weights_hash=digest, source=str(root), vae=autoencoder,
                      vae_scale=scale, conditioning=conditioning, text=text, vae_shift=float(shift),
                      vae_tile_above=vae_tile_above, vae_tile_size=vae_tile_size, parametrization=parametrization,
-                     trained_on=trained_on, compile=bool(compile), channels_last=bool(channels_last))
+                     trained_on=trained_on, compile=compile, channels_last=channels_last)
     if prompts is not None:
         if text is None:
             raise UsageError(f"model.prompts={prompts}: {path} takes no text; drop it")

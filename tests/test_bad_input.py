@@ -122,6 +122,7 @@ CASES = [
                                                          r"with 1"),
     (["model.vae_tile_above=-1"], r"model.vae_tile_above=-1: give an image side in px"),
     (["model.vae_tile_size=100"], r"model.vae_tile_size=100: give the tiles' side in image px, a multiple of 8"),
+    (["model.compile=banana"], r"model.compile=banana: choose true or false"),
     (["sample.guidance_scale=nan"], r"sample.guidance_scale=nan: must be a finite number"),
     (["reference={tmp}/missing"], r"reference=<tmp>/missing: no such folder"),
     (["metrics=default", "metrics.num_reference=0"], r"metrics.num_reference=0: must be at least 2"),

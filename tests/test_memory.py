@@ -140,6 +140,15 @@ def test_the_command_line_refuses_in_one_line_and_writes_nothing(tmp_path):
     assert "sample.memory_check=false" in lines[0] and not (tmp_path / "run").exists()
 
 
+def test_a_bad_memory_override_is_one_line_and_writes_nothing(tmp_path):
+    proc = cli("sample", *sd_overrides(tmp_path), f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
+               env={"HIRESRUN_DEVICE_MEMORY_MB": "abc"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("hiresrun: error: HIRESRUN_DEVICE_MEMORY_MB=abc: give the memory to plan for in MiB "
+                                   "(e.g. 40000), or unset it to use the device's own")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_run_records_its_estimate_beside_the_measured_peak(tmp_path):
     proc = cli("sample", *sd_overrides(tmp_path), f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
