@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -178,6 +178,10 @@ class Sink:
     progress: Callable[[int], None] | None = None
     background: bool = False
     depth: int = 2
+    _queue: object = field(default=None, init=False, repr=False, compare=False)
+    _thread: object = field(default=None, init=False, repr=False, compare=False)
+    _error: BaseException | None = field(default=None, init=False, repr=False, compare=False)  # not yet raised
+    _failed: bool = field(default=False, init=False, repr=False, compare=False)  # sticky: nothing more is written
 
     def handle(self, seeds: list[int], images: Tensor, facts: dict, device) -> None:
         """Write one batch, cache its features, report it (in the caller's thread)."""
@@ -193,8 +197,8 @@ class Sink:
         import queue
         import threading
 
-        if getattr(self, "_queue", None) is None:
-            self._queue, self._error = queue.Queue(maxsize=self.depth), None
+        if self._queue is None:
+            self._queue = queue.Queue(maxsize=self.depth)
             self._thread = threading.Thread(target=self._work, name="hiresrun-writer", daemon=True)
             self._thread.start()
         self._raise()
@@ -204,29 +208,29 @@ class Sink:
         while True:
             item = self._queue.get()
             try:
-                if item is not None and self._error is None:  # after a failure nothing more is written
+                if item is not None and not self._failed:  # after a failure nothing more is written
                     self.handle(*item)
             except BaseException as e:  # noqa: BLE001 - handed to the sampling thread by flush / put
-                self._error = e
+                self._error, self._failed = e, True
             finally:
                 self._queue.task_done()
             if item is None:
                 return
 
     def _raise(self) -> None:
-        if getattr(self, "_error", None) is not None:
+        if self._error is not None:
             error, self._error = self._error, None
             raise error
 
     def flush(self) -> None:
         """Every batch handed over is on disk (or its error raised here)."""
-        if getattr(self, "_queue", None) is not None:
+        if self._queue is not None:
             self._queue.join()
         self._raise()
 
     def close(self) -> None:
         """flush, then end the thread."""
-        if getattr(self, "_queue", None) is not None:
+        if self._queue is not None:
             self._queue.join()
             self._queue.put(None)
             self._thread.join()
