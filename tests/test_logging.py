@@ -16,11 +16,23 @@ import hiresrun
 from hiresrun import outputs
 
 
-def wandb_records(run_dir: Path) -> list:
-    """The protobuf records of an offline wandb run (its .wandb file: a leveldb-style log of 32 KB blocks)."""
+def wandb_records(run_dir: Path, wait: float = 30.0) -> list:
+    """The protobuf records of an offline wandb run (its .wandb file: a leveldb-style log of 32 KB blocks). wandb's
+    service process writes the file; under load it may still be flushing when the run returns, so the file is read
+    again until it ends with the run's exit record (at most `wait` seconds)."""
+    import time
+
+    deadline = time.monotonic() + wait
+    while True:
+        found = _records(next(run_dir.glob("wandb/offline-run-*/run-*.wandb")).read_bytes())
+        if (found and found[-1].WhichOneof("record_type") == "exit") or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
+def _records(raw: bytes) -> list:
     from wandb.proto import wandb_internal_pb2 as pb
 
-    raw = next(run_dir.glob("wandb/offline-run-*/run-*.wandb")).read_bytes()
     pos, block, found, part = 7, 32768, [], b""  # 7: wandb's file header
     while pos + 7 <= len(raw):
         if block - pos % block < 7:
