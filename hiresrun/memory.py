@@ -6,15 +6,15 @@ The estimate is an upper bound built from three terms, each a closed form in the
     weights     every parameter of the denoiser, the VAE and the text encoders, in fp32 (hiresrun loads fp32 weights and
                 samples under autocast), counted from the safetensors headers (the file size for other formats)
     denoiser    one network call at the target latent: the down path's skip tensors (kept for the up path) plus the
-                working set of the largest level (20 tensors of it; 24 more where it has transformer blocks), or
+                working set of the largest level (20 tensors of it; 40 more where it has transformer blocks), or
                 for a transformer the working set of one block over all tokens; x2 under classifier-free guidance.
                 Attention through scaled_dot_product_attention (diffusers' default processors) is linear in the token
                 count; explicit attention (Attn-SF's scaled logits) adds heads x N^2 scores
-    VAE decode  the decoder at the image size: 6 tensors of the largest (channels x pixels) of its levels (the
+    VAE decode  the decoder at the image size: 7 tensors of the largest (channels x pixels) of its levels (the
                 upsampled input of each level counted with the level's own), in fp32, plus the mid-block attention;
                 with tiling, the same at the tile size plus the decoded tiles and the image they are blended into
 
-The working-set factors (20 + 24, 6) are not derived op by op: they are fitted, with a margin, to the peaks measured
+The working-set factors (20 + 40, 7) are not derived op by op: they are fitted, with a margin, to the peaks measured
 on the embedded latent model at 256-512 px (tests/test_memory.py checks that the estimate bounds the measured peak and
 stays within 3x of it), where the forward's temporaries (group norms, activations, the skip concatenations, GEGLU's
 8x-wide projection, the attention kernel's contiguous copies) and the allocator's slack all count.
@@ -101,7 +101,7 @@ def unet_elements(config: dict, side: int, eager: bool) -> int:
         pixels = (side // 2 ** level) ** 2
         attends = "Attn" in str(down[level])
         skips += (int(layers[level]) + 1) * c * pixels
-        work = 20 * c * pixels + (24 * c * pixels if attends else 0)
+        work = 20 * c * pixels + (40 * c * pixels if attends else 0)
         if attends and eager:
             work += int(heads[level] or 8) * pixels * pixels
         working = max(working, work)
@@ -127,7 +127,7 @@ def vae_elements(config: dict, side: int, eager: bool) -> int:
     for j, c in enumerate(channels):
         pixels = (side // 2 ** (levels - 1 - j)) ** 2
         incoming = channels[j - 1] if j else c  # the upsampled output of the level below arrives at this size
-        peak = max(peak, 6 * max(c, incoming) * pixels)
+        peak = max(peak, 7 * max(c, incoming) * pixels)
     latent = (side // 2 ** (levels - 1)) ** 2
     if eager:
         peak = max(peak, latent * latent + 3 * channels[0] * latent)
